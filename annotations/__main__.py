@@ -1,0 +1,79 @@
+"""Command line for the store: `python -m annotations COMMAND ...` (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+
+from annotations.db import default_db_path, open_db
+from annotations.errors import AnnotationsError
+from annotations.formats import FORMATS, STYLES, export_pairs, import_file
+from annotations.store import ROLES, add_user, count_rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m annotations", description=__doc__)
+    parser.add_argument("--db", default=None, help="store file (default: $RANKLOOP_HOME/rankloop.db, ./data)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("import", help="import prompts or preference data")
+    p.add_argument("path", help="JSONL(.gz), CSV, parquet file or datasets folder")
+    p.add_argument("--format", required=True, choices=FORMATS, help="prompts | trl | hh (Anthropic transcripts)")
+    p.add_argument("--source", default=None, help="label stored with each prompt (default: import:FILENAME)")
+    p.add_argument("--no-queue", action="store_true", help="store prompts without queueing them for annotation")
+    p.add_argument("--mode", default="pairwise", choices=("pairwise", "ranking"), help="judgement mode of queued items")
+    p.add_argument("--k", type=int, default=2, help="answers per queued item (2-6; pairwise is always 2)")
+    p.add_argument("--overlap", type=int, default=1, help="judgements wanted per queued item")
+
+    p = commands.add_parser("export", help="export preference pairs in TRL's format")
+    p.add_argument("--format", default="trl", choices=("trl",))
+    p.add_argument("--out", required=True, help="OUT.jsonl, OUT.parquet, or a folder (datasets.save_to_disk)")
+    p.add_argument("--split", choices=("train", "heldout"), default=None, help="only this split (default: all)")
+    p.add_argument("--style", choices=STYLES, default="conversational")
+    p.add_argument("--with-meta", action="store_true", help="add id, weight, split and source columns")
+
+    p = commands.add_parser("add-user", help="create an account")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--password", default=None, help="default: $RANKLOOP_PASSWORD, else asked for")
+
+    commands.add_parser("stats", help="row counts of the main tables")
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        db = open_db(args.db or default_db_path())
+        if args.command == "import":
+            report = import_file(
+                db, args.path, args.format, source=args.source, queue=not args.no_queue,
+                mode=args.mode, k=args.k, overlap=args.overlap,
+            )
+            print(report.summary())
+        elif args.command == "export":
+            n = export_pairs(db, args.out, split=args.split, style=args.style, with_meta=args.with_meta)
+            print(f"exported {n} pairs to {args.out}")
+        elif args.command == "add-user":
+            password = args.password or os.environ.get("RANKLOOP_PASSWORD")
+            if not password:
+                if not sys.stdin.isatty():
+                    raise AnnotationsError("no password given: pass --password or set RANKLOOP_PASSWORD")
+                password = getpass.getpass(f"password for {args.name}: ")
+            add_user(db, args.name, args.role, password)
+            print(f"created {args.role} {args.name}")
+        elif args.command == "stats":
+            for table in ("users", "prompts", "items", "candidates", "judgements", "pairs", "ratings", "rounds", "policies"):
+                print(f"{table:12} {count_rows(db, table)}")
+    except AnnotationsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Import and export: prompts (JSONL/CSV), TRL preference data, Anthropic hh-rlhf transcripts.
+
+Import reads and validates the whole file first and only then writes, in one transaction:
+a malformed file raises `ImportFormatError` naming file, line and field, and leaves the
+database unchanged. Degenerate preference rows (identical or empty answers) are not errors
+of the file but useless as data: they are skipped and reported with their line numbers.
+
+Export writes TRL's conversational preference format (prompt as a list of messages, chosen
+and rejected as one assistant message each), which `DPOTrainer` and `RewardTrainer` take as
+is, to JSONL, parquet, or a `datasets.save_to_disk` folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from annotations.db import write_transaction
+from annotations.errors import ImportFormatError, InvalidInput
+from annotations.store import (
+    DEFAULT_HELDOUT_FRACTION,
+    MAX_ANSWER_CHARS,
+    add_prompt,
+    canonical_messages,
+    iter_pairs,
+    queue_items,
+)
+
+FORMATS = ("prompts", "trl", "hh")
+MAX_IMPORT_BYTES = 512 * 1024 * 1024
+MAX_IMPORT_ROWS = 2_000_000
+
+
+@dataclass
+class ImportReport:
+    """What an import did: rows read, rows stored, and the lines it skipped and why."""
+
+    path: str
+    format: str
+    rows: int = 0
+    prompts_created: int = 0
+    pairs_created: int = 0
+    items_queued: int = 0
+    duplicates: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.path}: read {self.rows} rows ({self.format}); "
+            f"{self.prompts_created} new prompts, {self.pairs_created} pairs, {self.items_queued} items queued"
+            + (f", {self.duplicates} already present" if self.duplicates else "")
+        ]
+        for line, reason in self.skipped:
+            lines.append(f"  skipped line {line}: {reason}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _check_size(path: Path) -> None:
+    if not path.exists():
+        raise ImportFormatError(path, None, "no such file")
+    size = path.stat().st_size if path.is_file() else 0
+    if size > MAX_IMPORT_BYTES:
+        raise ImportFormatError(path, None, f"file is {size} bytes; the import limit is {MAX_IMPORT_BYTES}")
+
+
+def _open_text_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except OSError as e:
+            raise ImportFormatError(path, None, f"not a valid gzip file ({e})") from None
+        if len(raw) > MAX_IMPORT_BYTES:
+            raise ImportFormatError(path, None, f"uncompressed size exceeds the limit of {MAX_IMPORT_BYTES} bytes")
+    return raw
+
+
+def _decode_lines(path: Path, raw: bytes):
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if number > MAX_IMPORT_ROWS:
+            raise ImportFormatError(path, number, f"more than {MAX_IMPORT_ROWS} rows")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ImportFormatError(path, number, f"invalid UTF-8 at byte {e.start}") from None
+        if text.strip():
+            yield number, text.lstrip("\ufeff")
+
+
+def read_jsonl(path: Path):
+    """Yield (line number, object) for each non-blank line of a JSONL (optionally .gz) file."""
+    for number, text in _decode_lines(path, _open_text_bytes(path)):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ImportFormatError(path, number, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ImportFormatError(path, number, f"expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
+def read_csv(path: Path):
+    raw = _open_text_bytes(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ImportFormatError(path, line, "invalid UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            # line_num is the line where the record ended (records may span lines).
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise ImportFormatError(path, reader.line_num, f"malformed CSV ({e})") from None
+
+
+def read_rows(path: Path):
+    """(line or row number, dict) from JSONL, JSONL.gz, CSV, parquet, or a datasets folder."""
+    path = Path(path)
+    _check_size(path)
+    name = path.name.lower()
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            dataset = load_from_disk(str(path))
+        except Exception as e:  # datasets raises many types for a bad folder
+            raise ImportFormatError(path, None, f"not a datasets folder ({e})") from None
+        for i, row in enumerate(dataset, start=1):
+            yield i, row
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise ImportFormatError(path, None, f"not a readable parquet file ({e})") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield i, row
+    elif name.endswith(".csv") or name.endswith(".csv.gz"):
+        yield from read_csv(path)
+    else:
+        yield from read_jsonl(path)
+
+
+# ---------------------------------------------------------------- parsing records
+
+
+def _prompt_messages(path, number, value, field_name):
+    if isinstance(value, str) and value.strip().startswith("[") and path.suffix.lower() == ".csv":
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ImportFormatError(path, number, f"malformed JSON messages ({e.msg})", field_name) from None
+    try:
+        return canonical_messages(value)
+    except InvalidInput as e:
+        raise ImportFormatError(path, number, str(e), field_name) from None
+
+
+def parse_prompt_row(path, number, row) -> dict:
+    if "messages" in row and row["messages"] not in (None, ""):
+        key = "messages"
+    elif "prompt" in row:
+        key = "prompt"
+    else:
+        raise ImportFormatError(path, number, "a prompt row needs a 'prompt' (text or messages) or 'messages' field")
+    messages = _prompt_messages(path, number, row[key], key)
+    tags = row.get("tags") or []
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ImportFormatError(path, number, "tags must be a list of strings or comma-separated text", "tags")
+    external_id = row.get("id")
+    return {"messages": messages, "tags": tags, "external_id": None if external_id is None else str(external_id)}
+
+
+def _answer_text(path, number, value, field_name, prompt_messages):
+    """The final assistant reply from a TRL chosen/rejected value (text, or messages)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        messages = value
+        if prompt_messages is not None and len(messages) > 1 and messages[: len(prompt_messages)] == prompt_messages:
+            messages = messages[len(prompt_messages):]
+        if len(messages) != 1 or not isinstance(messages[0], dict):
+            raise ImportFormatError(path, number, "expected exactly one assistant message", field_name)
+        message = messages[0]
+        if message.get("role") != "assistant":
+            raise ImportFormatError(path, number, f"role is {message.get('role')!r}, expected 'assistant'", field_name)
+        if not isinstance(message.get("content"), str):
+            raise ImportFormatError(path, number, "content must be text", field_name)
+        return message["content"]
+    raise ImportFormatError(path, number, f"must be text or a list of messages, not {type(value).__name__}", field_name)
+
+
+def parse_trl_row(path, number, row) -> dict:
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise ImportFormatError(path, number, f"'{key}' is missing", key)
+    prompt = row.get("prompt")
+    if prompt is None:
+        # Implicit prompt: chosen and rejected are full conversations sharing all but the last turn.
+        chosen, rejected = row["chosen"], row["rejected"]
+        if not (isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) >= 2):
+            raise ImportFormatError(path, number, "'prompt' is missing (and chosen/rejected are not full conversations)", "prompt")
+        if chosen[:-1] != rejected[:-1]:
+            raise ImportFormatError(path, number, "chosen and rejected conversations differ before the last turn", "rejected")
+        prompt, row = chosen[:-1], {"chosen": chosen[-1:], "rejected": rejected[-1:]}
+    messages = _prompt_messages(path, number, prompt, "prompt")
+    return {
+        "messages": messages,
+        "chosen": _answer_text(path, number, row["chosen"], "chosen", messages),
+        "rejected": _answer_text(path, number, row["rejected"], "rejected", messages),
+    }
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """Split an hh-rlhf transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into messages."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("text before the first 'Human:' turn")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if not messages:
+        raise ValueError("no 'Human:' or 'Assistant:' turns")
+    return messages
+
+
+def parse_hh_row(path, number, row) -> dict:
+    """Both transcripts must share every turn but the last assistant reply. A row that breaks
+    that shape, or whose prompt is unusable (an empty turn), is degenerate: it is returned
+    with a `problem` and skipped by the import, not treated as a broken file."""
+    turns = {}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if not isinstance(value, str):
+            raise ImportFormatError(path, number, "missing or not a transcript string", key)
+        try:
+            turns[key] = parse_hh_transcript(value)
+        except ValueError as e:
+            raise ImportFormatError(path, number, str(e), key) from None
+    chosen, rejected = turns["chosen"], turns["rejected"]
+    record = {"messages": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        record["problem"] = "a transcript does not end with an 'Assistant:' reply"
+    elif chosen[:-1] != rejected[:-1]:
+        record["problem"] = "the transcripts differ before the last reply (chosen has {} turns, rejected {})".format(
+            len(chosen), len(rejected))
+    else:
+        try:
+            record["messages"] = canonical_messages(chosen[:-1])
+        except InvalidInput as e:
+            record["problem"] = f"unusable prompt: {e}"
+    return record
+
+
+def degenerate_reason(record: dict) -> str | None:
+    """Why a preference record is useless as data, or None."""
+    if record.get("problem"):
+        return record["problem"]
+    chosen, rejected = record["chosen"], record["rejected"]
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            return f"empty {name} answer"
+    if chosen.strip() == rejected.strip():
+        return "chosen and rejected answers are identical"
+    if len(chosen) > MAX_ANSWER_CHARS or len(rejected) > MAX_ANSWER_CHARS:
+        return f"answer longer than {MAX_ANSWER_CHARS} characters"
+    return None
+
+
+PARSERS = {"prompts": parse_prompt_row, "trl": parse_trl_row, "hh": parse_hh_row}
+
+
+def parse_file(path, fmt: str) -> tuple[list[dict], list[tuple[int, str]], int]:
+    """Parse and validate a whole file. Returns (records, skipped lines, rows read)."""
+    if fmt not in PARSERS:
+        raise InvalidInput(f"format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
+    path = Path(path)
+    records, skipped, rows = [], [], 0
+    for number, row in read_rows(path):
+        rows += 1
+        record = PARSERS[fmt](path, number, row)
+        record["line"] = number
+        if fmt != "prompts":
+            reason = degenerate_reason(record)
+            if reason:
+                skipped.append((number, reason))
+                continue
+        records.append(record)
+    if rows == 0:
+        raise ImportFormatError(path, None, "the file holds no rows")
+    return records, skipped, rows
+
+
+# ---------------------------------------------------------------- import
+
+
+def import_file(
+    db,
+    path,
+    fmt: str,
+    *,
+    source: str | None = None,
+    queue: bool = True,
+    mode: str = "pairwise",
+    k: int = 2,
+    overlap: int = 1,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+) -> ImportReport:
+    """Import a file into the store, all or nothing.
+
+    Prompts are queued for annotation (as `mode` items with `k` answers) unless `queue` is
+    False. Preference rows become pairs with source 'import'; a pair already present (same
+    prompt, chosen and rejected) is not stored twice, so re-importing a file is harmless.
+    """
+    path = Path(path)
+    records, skipped, rows = parse_file(path, fmt)
+    report = ImportReport(path=str(path), format=fmt, rows=rows, skipped=skipped)
+    source = source or f"import:{path.name}"
+    batch = uuid.uuid4().hex[:12]
+    with write_transaction(db):
+        new_prompt_ids = []
+        for record in records:
+            prompt_id, created = add_prompt(
+                db, record["messages"], source=source, tags=record.get("tags", ()),
+                external_id=record.get("external_id"), heldout_fraction=heldout_fraction,
+            )
+            report.prompts_created += created
+            if fmt == "prompts":
+                if created:
+                    new_prompt_ids.append(prompt_id)
+                else:
+                    report.duplicates += 1
+                continue
+            exists = db.execute(
+                "SELECT 1 FROM pairs WHERE prompt_id = ? AND chosen = ? AND rejected = ? AND source = 'import'",
+                [prompt_id, record["chosen"], record["rejected"]],
+            ).fetchone()
+            if exists:
+                report.duplicates += 1
+                continue
+            db.execute(
+                "INSERT INTO pairs (prompt_id, chosen, rejected, source, import_batch) VALUES (?, ?, ?, 'import', ?)",
+                [prompt_id, record["chosen"], record["rejected"], batch],
+            )
+            report.pairs_created += 1
+        if queue and new_prompt_ids:
+            report.items_queued = len(queue_items(db, new_prompt_ids, mode=mode, k=k, overlap=overlap))
+    return report
+
+
+# ---------------------------------------------------------------- export
+
+STYLES = ("conversational", "standard")
+
+
+def pair_rows(db, *, split: str | None = None, style: str = "conversational", with_meta: bool = False) -> list[dict]:
+    """Pairs as TRL preference rows.
+
+    conversational: {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg]}
+    standard: {"prompt": text, "chosen": text, "rejected": text}, for single-turn user prompts
+    (a system message or several turns cannot be flattened without a template: use
+    conversational for those).
+    """
+    if style not in STYLES:
+        raise InvalidInput(f"style {style!r} is unknown: use one of {', '.join(STYLES)}")
+    rows = []
+    for pair in iter_pairs(db, split=split):
+        if style == "conversational":
+            row = {
+                "prompt": pair["messages"],
+                "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+                "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+            }
+        else:
+            if len(pair["messages"]) != 1:
+                raise InvalidInput(
+                    f"pair {pair['id']} has a {len(pair['messages'])}-message prompt; export it with --style conversational"
+                )
+            row = {"prompt": pair["messages"][0]["content"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
+        if with_meta:
+            row.update({"id": pair["id"], "weight": pair["weight"], "split": pair["split"], "source": pair["source"]})
+        rows.append(row)
+    return rows
+
+
+def write_rows(rows: list[dict], out) -> str:
+    """Write rows by the output's name: .jsonl, .parquet, or (anything else) a datasets folder."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = out.name.lower()
+    if name.endswith(".jsonl"):
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+        return "jsonl"
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), out)
+        return "parquet"
+    from datasets import Dataset
+
+    Dataset.from_list(rows).save_to_disk(str(out))
+    return "datasets"
+
+
+def export_pairs(db, out, *, split: str | None = None, style: str = "conversational", with_meta: bool = False) -> int:
+    rows = pair_rows(db, split=split, style=style, with_meta=with_meta)
+    if not rows:
+        raise InvalidInput("there are no pairs to export" + (f" in the {split} split" if split else ""))
+    write_rows(rows, out)
+    return len(rows)

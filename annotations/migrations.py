@@ -1,0 +1,168 @@
+"""The store's schema, as one sqlite-utils `Migrations` set.
+
+Rules: migrations only ever add. Never edit or renumber one that has been applied anywhere;
+write a new function with the next number instead. Each runs in its own transaction.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("rankloop")
+
+NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+
+
+def _sql(db, *statements: str) -> None:
+    for statement in statements:
+        db.execute(statement)
+
+
+@migrations()
+def m001_create_core(db):
+    """Users, prompts, items and their candidates, judgements, derived pairs, ratings."""
+    _sql(
+        db,
+        f"""CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL CHECK (role IN ('annotator', 'admin')),
+            password_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        f"""CREATE TABLE prompts (
+            id INTEGER PRIMARY KEY,
+            messages TEXT NOT NULL,            -- JSON list of {{role, content}}
+            content_hash TEXT NOT NULL UNIQUE, -- sha256 of the canonical messages JSON
+            source TEXT NOT NULL DEFAULT '',
+            external_id TEXT,
+            tags TEXT NOT NULL DEFAULT '[]',
+            split TEXT NOT NULL DEFAULT 'train' CHECK (split IN ('train', 'heldout')),
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        f"""CREATE TABLE items (
+            id INTEGER PRIMARY KEY,
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            mode TEXT NOT NULL DEFAULT 'pairwise' CHECK (mode IN ('pairwise', 'ranking')),
+            k INTEGER NOT NULL DEFAULT 2 CHECK (k BETWEEN 2 AND 6),
+            overlap INTEGER NOT NULL DEFAULT 1 CHECK (overlap >= 1),
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'ready', 'complete', 'retired')),
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        "CREATE INDEX items_status ON items(status)",
+        f"""CREATE TABLE candidates (
+            id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            text TEXT NOT NULL,
+            policy_version TEXT,               -- NULL for a human-written answer
+            author_id INTEGER REFERENCES users(id),
+            sampling TEXT NOT NULL DEFAULT '{{}}',
+            gen_seconds REAL,
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        "CREATE INDEX candidates_item ON candidates(item_id)",
+        f"""CREATE TABLE leases (
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            expires_at REAL NOT NULL,          -- unix time
+            PRIMARY KEY (item_id, user_id)
+        )""",
+        f"""CREATE TABLE judgements (
+            id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            mode TEXT NOT NULL,
+            ranking TEXT NOT NULL,             -- JSON tiers of candidate ids, best first
+            both_bad INTEGER NOT NULL DEFAULT 0,
+            shown_order TEXT NOT NULL,         -- JSON candidate ids in the order shown
+            decision_ms INTEGER,
+            idempotency_key TEXT UNIQUE,
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            UNIQUE (item_id, user_id)
+        )""",
+        f"""CREATE TABLE pairs (
+            id INTEGER PRIMARY KEY,
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            chosen TEXT NOT NULL,
+            rejected TEXT NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('judgement', 'import', 'arena')),
+            judgement_id INTEGER REFERENCES judgements(id),
+            chosen_candidate_id INTEGER REFERENCES candidates(id),
+            rejected_candidate_id INTEGER REFERENCES candidates(id),
+            user_id INTEGER REFERENCES users(id),
+            chosen_version TEXT,
+            rejected_version TEXT,
+            weight REAL NOT NULL DEFAULT 1.0,
+            import_batch TEXT,
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        "CREATE INDEX pairs_prompt ON pairs(prompt_id)",
+        f"""CREATE TABLE ratings (
+            id INTEGER PRIMARY KEY,
+            candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+            user_id INTEGER REFERENCES users(id),
+            value INTEGER NOT NULL,            -- +1 thumbs up, -1 thumbs down
+            source TEXT NOT NULL DEFAULT 'annotate',
+            judgement_id INTEGER REFERENCES judgements(id),
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+    )
+
+
+@migrations()
+def m002_create_rounds_and_policies(db):
+    """Training rounds and the model versions they register."""
+    _sql(
+        db,
+        f"""CREATE TABLE rounds (
+            id INTEGER PRIMARY KEY,
+            method TEXT NOT NULL,
+            config TEXT NOT NULL DEFAULT '{{}}',
+            data_hash TEXT,
+            n_pairs INTEGER,
+            parent_version TEXT,
+            version TEXT,
+            status TEXT NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            pid INTEGER,
+            progress REAL NOT NULL DEFAULT 0,
+            log_tail TEXT NOT NULL DEFAULT '',
+            metrics TEXT NOT NULL DEFAULT '{{}}',
+            error TEXT,
+            code_version TEXT,
+            created_by INTEGER REFERENCES users(id),
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            started_at TEXT,
+            finished_at TEXT
+        )""",
+        f"""CREATE TABLE policies (
+            version TEXT PRIMARY KEY,
+            kind TEXT NOT NULL DEFAULT 'policy' CHECK (kind IN ('policy', 'reward')),
+            parent TEXT,
+            method TEXT NOT NULL,
+            round_id INTEGER REFERENCES rounds(id),
+            path TEXT,                         -- adapter folder; NULL for the base
+            metrics TEXT NOT NULL DEFAULT '{{}}',
+            state TEXT NOT NULL DEFAULT 'candidate'
+                CHECK (state IN ('candidate', 'live', 'retired')),
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            promoted_at TEXT
+        )""",
+        # At most one live policy and one live reward model, enforced by the database itself.
+        "CREATE UNIQUE INDEX policies_one_live ON policies(kind) WHERE state = 'live'",
+        "INSERT INTO policies (version, kind, method, state) VALUES ('base', 'policy', 'base', 'live')",
+    )
+
+
+@migrations()
+def m003_create_settings(db):
+    """Key/value project settings (guidelines text, default judgement mode, K, overlap...)."""
+    _sql(
+        db,
+        f"""CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+    )

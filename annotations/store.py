@@ -1,0 +1,499 @@
+"""Operations on the store: users, prompts, the item queue, judgements and derived pairs.
+
+Every function that writes does so in one transaction (`write_transaction`), so a failure
+leaves the database as it was. Functions take a sqlite-utils `Database` as first argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from itertools import combinations
+from typing import Iterable, Sequence
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from annotations.db import write_transaction
+from annotations.errors import InvalidInput, NotFound, PermissionDenied
+
+ROLES = ("annotator", "admin")
+MESSAGE_ROLES = ("system", "user", "assistant")
+MAX_PROMPT_CHARS = 16_000
+MAX_ANSWER_CHARS = 16_000
+MAX_NAME_CHARS = 64
+PAIR_POLICIES = ("all", "best_vs_rest", "adjacent")
+DEFAULT_HELDOUT_FRACTION = 0.1
+DEFAULT_LEASE_SECONDS = 15 * 60
+
+_hasher = PasswordHasher()
+
+
+# ---------------------------------------------------------------- users
+
+
+def add_user(db, name: str, role: str, password: str) -> int:
+    """Create an account; the password is stored as an Argon2id hash."""
+    name = (name or "").strip()
+    if not name or len(name) > MAX_NAME_CHARS or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise InvalidInput(
+            f"user name {name!r} is not allowed: use 1-{MAX_NAME_CHARS} letters, digits, '-', '_' or '.'"
+        )
+    if role not in ROLES:
+        raise InvalidInput(f"role {role!r} is unknown: use one of {', '.join(ROLES)}")
+    if not password or len(password) < 8:
+        raise InvalidInput("password must be at least 8 characters long")
+    with write_transaction(db):
+        if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+            raise InvalidInput(f"user {name!r} already exists")
+        cursor = db.execute(
+            "INSERT INTO users (name, role, password_hash) VALUES (?, ?, ?)",
+            [name, role, _hasher.hash(password)],
+        )
+        return cursor.lastrowid
+
+
+def authenticate(db, name: str, password: str) -> dict | None:
+    """The user's row (without the hash) if name and password match, else None."""
+    row = db.execute(
+        "SELECT id, name, role, password_hash FROM users WHERE name = ?", [name or ""]
+    ).fetchone()
+    if row is None:
+        # Spend the same time as a real check, so names cannot be probed by timing.
+        try:
+            _hasher.verify(_DUMMY_HASH, password or "")
+        except (VerificationError, InvalidHashError):
+            pass
+        return None
+    try:
+        _hasher.verify(row[3], password or "")
+    except (VerificationError, InvalidHashError):
+        return None
+    return {"id": row[0], "name": row[1], "role": row[2]}
+
+
+_DUMMY_HASH = _hasher.hash("rankloop-dummy-password")
+
+
+def get_user(db, name: str) -> dict:
+    row = db.execute("SELECT id, name, role FROM users WHERE name = ?", [name or ""]).fetchone()
+    if row is None:
+        raise NotFound(f"no user named {name!r}")
+    return {"id": row[0], "name": row[1], "role": row[2]}
+
+
+def require_role(user: dict | None, *roles: str) -> dict:
+    """Raise PermissionDenied unless `user` holds one of `roles` (any role if none given)."""
+    if user is None:
+        raise PermissionDenied("log in first")
+    if roles and user["role"] not in roles:
+        raise PermissionDenied(f"this needs the {' or '.join(roles)} role; {user['name']} is {user['role']}")
+    return user
+
+
+def count_users(db) -> int:
+    return db.execute("SELECT count(*) FROM users").fetchone()[0]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def canonical_messages(messages) -> list[dict]:
+    """Validate a chat prompt and return it as a plain list of {role, content} dicts.
+
+    A prompt is either a non-empty string (one user turn) or a list of turns ending with
+    the user's, with roles from system/user/assistant and non-empty text content.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("a prompt must be a non-empty string or a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidInput(f"message {i} is not an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in MESSAGE_ROLES:
+            raise InvalidInput(f"message {i} has role {role!r}; use one of {', '.join(MESSAGE_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidInput(f"message {i} content must be text, not {type(content).__name__}")
+        if not content.strip():
+            raise InvalidInput(f"message {i} ({role}) is empty")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise InvalidInput("the last message of a prompt must be the user's")
+    total = sum(len(m["content"]) for m in out)
+    if total > MAX_PROMPT_CHARS:
+        raise InvalidInput(f"prompt is {total} characters long; the limit is {MAX_PROMPT_CHARS}")
+    return out
+
+
+def content_hash(messages: list[dict]) -> str:
+    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def split_for(hash_hex: str, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> str:
+    """Deterministic train/held-out split from the prompt's content hash: the same prompt
+    always lands in the same split, on every machine and every import."""
+    bucket = int(hash_hex[:8], 16) / 0xFFFFFFFF
+    return "heldout" if bucket < heldout_fraction else "train"
+
+
+def add_prompt(
+    db,
+    messages,
+    *,
+    source: str = "",
+    tags: Sequence[str] = (),
+    external_id: str | None = None,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+) -> tuple[int, bool]:
+    """Store a prompt (deduplicated by content). Returns (prompt id, created)."""
+    messages = canonical_messages(messages)
+    digest = content_hash(messages)
+    with write_transaction(db):
+        row = db.execute("SELECT id FROM prompts WHERE content_hash = ?", [digest]).fetchone()
+        if row:
+            return row[0], False
+        cursor = db.execute(
+            "INSERT INTO prompts (messages, content_hash, source, external_id, tags, split)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                json.dumps(messages, ensure_ascii=False),
+                digest,
+                source,
+                external_id,
+                json.dumps(list(tags)),
+                split_for(digest, heldout_fraction),
+            ],
+        )
+        return cursor.lastrowid, True
+
+
+def get_prompt(db, prompt_id: int) -> dict:
+    row = db.execute("SELECT id, messages, split, source FROM prompts WHERE id = ?", [prompt_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no prompt {prompt_id}")
+    return {"id": row[0], "messages": json.loads(row[1]), "split": row[2], "source": row[3]}
+
+
+# ---------------------------------------------------------------- items and candidates
+
+
+def queue_items(db, prompt_ids: Iterable[int], *, mode: str = "pairwise", k: int = 2, overlap: int = 1) -> list[int]:
+    """Queue prompts for annotation; their candidates are generated later (status pending)."""
+    if mode not in ("pairwise", "ranking"):
+        raise InvalidInput(f"mode {mode!r} is unknown: use pairwise or ranking")
+    if mode == "pairwise":
+        k = 2
+    if not 2 <= k <= 6:
+        raise InvalidInput(f"K={k} is out of range: an item shows 2 to 6 answers")
+    if overlap < 1:
+        raise InvalidInput("overlap must be at least 1")
+    ids = []
+    with write_transaction(db):
+        for prompt_id in prompt_ids:
+            cursor = db.execute(
+                "INSERT INTO items (prompt_id, mode, k, overlap) VALUES (?, ?, ?, ?)",
+                [prompt_id, mode, k, overlap],
+            )
+            ids.append(cursor.lastrowid)
+    return ids
+
+
+def pending_items(db, limit: int = 10) -> list[dict]:
+    """Items still waiting for their candidates, oldest first."""
+    rows = db.execute(
+        "SELECT items.id, items.k, prompts.messages FROM items JOIN prompts ON prompts.id = items.prompt_id"
+        " WHERE items.status = 'pending' ORDER BY items.id LIMIT ?",
+        [limit],
+    ).fetchall()
+    return [{"id": r[0], "k": r[1], "messages": json.loads(r[2])} for r in rows]
+
+
+def count_items(db, status: str) -> int:
+    return db.execute("SELECT count(*) FROM items WHERE status = ?", [status]).fetchone()[0]
+
+
+def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
+    """Attach generated answers to a pending item and mark it ready.
+
+    Each candidate is {text, policy_version, sampling (dict), gen_seconds}.
+    """
+    with write_transaction(db):
+        row = db.execute("SELECT status, k FROM items WHERE id = ?", [item_id]).fetchone()
+        if row is None:
+            raise NotFound(f"no item {item_id}")
+        status, k = row
+        if status != "pending":
+            raise InvalidInput(f"item {item_id} is {status}, not pending")
+        if len(candidates) != k:
+            raise InvalidInput(f"item {item_id} needs {k} candidates, got {len(candidates)}")
+        ids = []
+        for c in candidates:
+            text = c["text"][:MAX_ANSWER_CHARS]
+            cursor = db.execute(
+                "INSERT INTO candidates (item_id, text, policy_version, sampling, gen_seconds)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [item_id, text, c.get("policy_version"), json.dumps(c.get("sampling", {})), c.get("gen_seconds")],
+            )
+            ids.append(cursor.lastrowid)
+        db.execute("UPDATE items SET status = 'ready' WHERE id = ?", [item_id])
+        return ids
+
+
+def _item_payload(db, item_id: int) -> dict:
+    item = db.execute(
+        "SELECT items.id, items.mode, items.k, items.prompt_id, prompts.messages FROM items"
+        " JOIN prompts ON prompts.id = items.prompt_id WHERE items.id = ?",
+        [item_id],
+    ).fetchone()
+    if item is None:
+        raise NotFound(f"no item {item_id}")
+    candidates = [
+        {"id": r[0], "text": r[1], "policy_version": r[2]}
+        for r in db.execute(
+            "SELECT id, text, policy_version FROM candidates WHERE item_id = ? AND policy_version IS NOT NULL"
+            " ORDER BY id",
+            [item_id],
+        ).fetchall()
+    ]
+    return {
+        "id": item[0],
+        "mode": item[1],
+        "k": item[2],
+        "prompt_id": item[3],
+        "messages": json.loads(item[4]),
+        "candidates": candidates,
+    }
+
+
+def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS, now: float | None = None) -> dict | None:
+    """Lease the next item this user should judge, or None if nothing is ready.
+
+    An item is handed to a user at most once, and only while its judgements plus the
+    unexpired leases of other users stay below its overlap, so two annotators never fill
+    the same slot. A user who asks again before judging gets the item they already hold
+    (a reloaded page shows the same item); an abandoned lease expires and frees the slot.
+    """
+    now = time.time() if now is None else now
+    with write_transaction(db):
+        db.execute("DELETE FROM leases WHERE expires_at <= ?", [now])
+        held = db.execute(
+            "SELECT leases.item_id FROM leases JOIN items ON items.id = leases.item_id"
+            " WHERE leases.user_id = ? AND items.status = 'ready' ORDER BY leases.expires_at LIMIT 1",
+            [user_id],
+        ).fetchone()
+        if held:
+            item_id = held[0]
+        else:
+            row = db.execute(
+                """SELECT items.id FROM items
+                   WHERE items.status = 'ready'
+                     AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id AND j.user_id = :user)
+                     AND (SELECT count(*) FROM judgements j WHERE j.item_id = items.id)
+                       + (SELECT count(*) FROM leases l WHERE l.item_id = items.id) < items.overlap
+                   ORDER BY items.id LIMIT 1""",
+                {"user": user_id},
+            ).fetchone()
+            if row is None:
+                return None
+            item_id = row[0]
+        db.execute(
+            "INSERT OR REPLACE INTO leases (item_id, user_id, expires_at) VALUES (?, ?, ?)",
+            [item_id, user_id, now + lease_seconds],
+        )
+        return _item_payload(db, item_id)
+
+
+def release_lease(db, user_id: int, item_id: int) -> None:
+    with write_transaction(db):
+        db.execute("DELETE FROM leases WHERE user_id = ? AND item_id = ?", [user_id, item_id])
+
+
+# ---------------------------------------------------------------- judgements and pairs
+
+
+def derive_pairs(ranking: Sequence[Sequence[int]], policy: str = "all") -> list[tuple[int, int]]:
+    """Turn a ranking into (chosen, rejected) pairs of candidate ids.
+
+    `ranking` is a list of tiers, best first; answers within a tier are tied and give no
+    pair between them. Policies:
+      - all: every answer beats every answer in every lower tier;
+      - best_vs_rest: the top tier beats every other answer;
+      - adjacent: each tier beats the tier just below it.
+    """
+    if policy not in PAIR_POLICIES:
+        raise InvalidInput(f"pair policy {policy!r} is unknown: use one of {', '.join(PAIR_POLICIES)}")
+    tiers = [list(t) for t in ranking if len(t)]
+    pairs = []
+    for i, j in combinations(range(len(tiers)), 2):
+        if policy == "best_vs_rest" and i != 0:
+            continue
+        if policy == "adjacent" and j != i + 1:
+            continue
+        pairs.extend((a, b) for a in tiers[i] for b in tiers[j])
+    return pairs
+
+
+def _validate_ranking(ranking, candidate_ids: set[int]) -> list[list[int]]:
+    if not isinstance(ranking, (list, tuple)) or not ranking:
+        raise InvalidInput("ranking must be a non-empty list of tiers (lists of candidate ids)")
+    tiers = []
+    seen = []
+    for tier in ranking:
+        if isinstance(tier, int):
+            tier = [tier]
+        if not isinstance(tier, (list, tuple)) or not tier:
+            raise InvalidInput("each tier of a ranking must be a non-empty list of candidate ids")
+        ids = [int(c) for c in tier]
+        tiers.append(ids)
+        seen.extend(ids)
+    if sorted(seen) != sorted(candidate_ids) or len(seen) != len(set(seen)):
+        raise InvalidInput(
+            f"the ranking must place each of the item's answers exactly once: got {sorted(seen)}, "
+            f"expected {sorted(candidate_ids)}"
+        )
+    return tiers
+
+
+def submit_judgement(
+    db,
+    user_id: int,
+    item_id: int,
+    ranking: Sequence[Sequence[int]],
+    *,
+    shown_order: Sequence[int],
+    both_bad: bool = False,
+    decision_ms: int | None = None,
+    idempotency_key: str | None = None,
+    pair_policy: str = "all",
+) -> dict:
+    """Store one judgement and the pairs it implies, atomically.
+
+    Returns {"judgement_id", "pairs", "duplicate"}. A retried submission with the same
+    idempotency key returns the first one's result and stores nothing new. "Both bad"
+    stores no pair but a thumbs-down rating for every answer.
+    """
+    with write_transaction(db):
+        if idempotency_key:
+            row = db.execute(
+                "SELECT id, user_id FROM judgements WHERE idempotency_key = ?", [idempotency_key]
+            ).fetchone()
+            if row:
+                if row[1] != user_id:
+                    raise InvalidInput("this idempotency key belongs to another user's submission")
+                n = db.execute("SELECT count(*) FROM pairs WHERE judgement_id = ?", [row[0]]).fetchone()[0]
+                return {"judgement_id": row[0], "pairs": n, "duplicate": True}
+        item = db.execute("SELECT status, mode, prompt_id, overlap FROM items WHERE id = ?", [item_id]).fetchone()
+        if item is None:
+            raise NotFound(f"no item {item_id}")
+        status, mode, prompt_id, overlap = item
+        if status != "ready":
+            raise InvalidInput(f"item {item_id} is {status}; it takes no more judgements")
+        if db.execute("SELECT 1 FROM judgements WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
+            raise InvalidInput(f"you have already judged item {item_id}")
+        candidates = {
+            r[0]: {"text": r[1], "version": r[2]}
+            for r in db.execute(
+                "SELECT id, text, policy_version FROM candidates WHERE item_id = ?", [item_id]
+            ).fetchall()
+        }
+        tiers = _validate_ranking(ranking, set(candidates))
+        if sorted(shown_order) != sorted(candidates):
+            raise InvalidInput("shown_order must list each of the item's answers once")
+        cursor = db.execute(
+            "INSERT INTO judgements (item_id, user_id, mode, ranking, both_bad, shown_order, decision_ms,"
+            " idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [item_id, user_id, mode, json.dumps(tiers), int(both_bad), json.dumps(list(shown_order)),
+             decision_ms, idempotency_key],
+        )
+        judgement_id = cursor.lastrowid
+        pairs = [] if both_bad else derive_pairs(tiers, pair_policy)
+        for chosen, rejected in pairs:
+            db.execute(
+                "INSERT INTO pairs (prompt_id, chosen, rejected, source, judgement_id, chosen_candidate_id,"
+                " rejected_candidate_id, user_id, chosen_version, rejected_version)"
+                " VALUES (?, ?, ?, 'judgement', ?, ?, ?, ?, ?, ?)",
+                [prompt_id, candidates[chosen]["text"], candidates[rejected]["text"], judgement_id,
+                 chosen, rejected, user_id, candidates[chosen]["version"], candidates[rejected]["version"]],
+            )
+        if both_bad:
+            for candidate_id in candidates:
+                db.execute(
+                    "INSERT INTO ratings (candidate_id, user_id, value, source, judgement_id)"
+                    " VALUES (?, ?, -1, 'both_bad', ?)",
+                    [candidate_id, user_id, judgement_id],
+                )
+        db.execute("DELETE FROM leases WHERE item_id = ? AND user_id = ?", [item_id, user_id])
+        done = db.execute("SELECT count(*) FROM judgements WHERE item_id = ?", [item_id]).fetchone()[0]
+        if done >= overlap:
+            db.execute("UPDATE items SET status = 'complete' WHERE id = ?", [item_id])
+        return {"judgement_id": judgement_id, "pairs": len(pairs), "duplicate": False}
+
+
+def pairwise_ranking(choice: str, first: int, second: int) -> tuple[list[list[int]], bool]:
+    """Map a quick pairwise choice on answers shown as A=`first`, B=`second` to (ranking, both_bad)."""
+    if choice == "A":
+        return [[first], [second]], False
+    if choice == "B":
+        return [[second], [first]], False
+    if choice == "tie":
+        return [[first, second]], False
+    if choice == "both_bad":
+        return [[first, second]], True
+    raise InvalidInput(f"choice {choice!r} is unknown: use A, B, tie or both_bad")
+
+
+def count_rows(db, table: str) -> int:
+    if table not in ("users", "prompts", "items", "candidates", "judgements", "pairs", "ratings", "rounds", "policies"):
+        raise InvalidInput(f"unknown table {table!r}")
+    return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def iter_pairs(db, split: str | None = None) -> Iterable[dict]:
+    """Every preference pair with its prompt messages, oldest first; `split` filters by the
+    prompt's train/held-out split."""
+    sql = (
+        "SELECT pairs.id, prompts.messages, pairs.chosen, pairs.rejected, pairs.weight, prompts.split,"
+        " pairs.source FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id"
+    )
+    params = []
+    if split:
+        sql += " WHERE prompts.split = ?"
+        params.append(split)
+    for row in db.execute(sql + " ORDER BY pairs.id", params).fetchall():
+        yield {
+            "id": row[0],
+            "messages": json.loads(row[1]),
+            "chosen": row[2],
+            "rejected": row[3],
+            "weight": row[4],
+            "split": row[5],
+            "source": row[6],
+        }
+
+
+# ---------------------------------------------------------------- policies
+
+
+def live_version(db, kind: str = "policy") -> str | None:
+    row = db.execute("SELECT version FROM policies WHERE kind = ? AND state = 'live'", [kind]).fetchone()
+    return row[0] if row else None
+
+
+def get_setting(db, key: str, default=None):
+    row = db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+    return json.loads(row[0]) if row else default
+
+
+def set_setting(db, key: str, value) -> None:
+    with write_transaction(db):
+        db.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
+            " updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            [key, json.dumps(value)],
+        )
+
