@@ -1,0 +1,60 @@
+"""Launch the rankloop web app: `python -m app` (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    parser.add_argument("--home", default=os.environ.get("RANKLOOP_HOME", "data"),
+                        help="data folder: store, models, versions (default: $RANKLOOP_HOME or ./data)")
+    parser.add_argument("--base", default=None, help="base model folder (default: the prepared SmolLM2)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("RANKLOOP_SERVE_THREADS", "2")),
+                        help="torch threads for serving")
+    parser.add_argument("--prefetch", type=int, default=4, help="ready items to keep ahead of annotators (0: off)")
+    parser.add_argument("--no-demo", action="store_true", help="do not queue the demo prompts on an empty store")
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    home = Path(args.home).resolve()
+    os.environ["RANKLOOP_HOME"] = str(home)
+
+    from align.models import ModelError, default_base_path, is_prepared, prepare_base
+    from app.server import create_app, launch
+
+    base = Path(args.base) if args.base else default_base_path(home)
+    if not args.base and not is_prepared(base):
+        print(f"Preparing the default base model in {base} (once, about 30 s)...", flush=True)
+        prepare_base(base)
+    try:
+        ctx, demo, auth, created_admin = create_app(
+            home, base, threads=args.threads, prefetch=args.prefetch, demo_prompts=not args.no_demo
+        )
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if created_admin:
+        name, password = created_admin
+        print(f"\nFirst admin account created: user {name!r}, password {password!r}\n"
+              "(shown once; set RANKLOOP_ADMIN_PASSWORD to choose it)\n", flush=True)
+    print(f"rankloop: http://{args.host}:{args.port}", flush=True)
+    launch(demo, auth, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Background generation of candidates, so annotators never wait on the model.
+
+One daemon thread keeps up to `target_ready` items ready beyond those already handed out:
+it takes the oldest pending item, samples its K answers from the live version in one batch,
+and stores them. It sleeps when enough items are ready and wakes when an item is judged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from annotations import store
+from annotations.errors import AnnotationsError
+
+logger = logging.getLogger(__name__)
+
+
+class Prefetcher:
+    def __init__(self, connect, server, *, target_ready: int = 4, sampling=None, poll_seconds: float = 5.0):
+        self._connect = connect  # () -> a store connection for this thread
+        self.server = server
+        self.target_ready = target_ready
+        self.sampling = sampling
+        self.poll_seconds = poll_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.generated = 0
+        self.last_error: str | None = None
+
+    def start(self) -> "Prefetcher":
+        self._thread = threading.Thread(target=self._run, name="rankloop-prefetch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _unclaimed_ready(self, db) -> int:
+        # Ready items nobody has leased or judged yet: the buffer that hides generation time.
+        return db.execute(
+            "SELECT count(*) FROM items WHERE status = 'ready'"
+            " AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.item_id = items.id)"
+            " AND NOT EXISTS (SELECT 1 FROM judgements WHERE judgements.item_id = items.id)"
+        ).fetchone()[0]
+
+    def fill_once(self, db) -> bool:
+        """Generate candidates for one pending item if the buffer is low. True if it did."""
+        if self._unclaimed_ready(db) >= self.target_ready:
+            return False
+        pending = store.pending_items(db, limit=1)
+        if not pending:
+            return False
+        item = pending[0]
+        generations = self.server.generate(item["messages"], n=item["k"], sampling=self.sampling)
+        store.add_candidates(
+            db,
+            item["id"],
+            [
+                {"text": g.text, "policy_version": g.version, "sampling": g.sampling,
+                 "gen_seconds": g.seconds / len(generations)}
+                for g in generations
+            ],
+        )
+        self.generated += 1
+        return True
+
+    def _run(self) -> None:
+        db = self._connect()
+        while not self._stop.is_set():
+            try:
+                worked = self.fill_once(db)
+                self.last_error = None
+            except AnnotationsError as e:  # the item changed under us (retired, filled): move on
+                logger.warning("prefetch: %s", e)
+                worked = True
+            except Exception as e:  # keep the thread alive; the error shows on the admin page
+                logger.exception("prefetch failed")
+                self.last_error = f"{type(e).__name__}: {e}"
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()

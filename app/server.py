@@ -1,0 +1,47 @@
+"""Assembling the app: store, policy server, prefetcher, authenticator and UI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from annotations import open_db
+from app import bootstrap, handlers
+from app.auth import Authenticator
+from app.prefetch import Prefetcher
+from app.serving import PolicyServer, configure_threads
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True):
+    """Returns (context, blocks, authenticator, created_admin or None). Starts the prefetcher."""
+    from app.ui import build_ui
+
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    db_path = home / "rankloop.db"
+    db = open_db(db_path)
+    created_admin = bootstrap.ensure_admin(db)
+    if demo_prompts:
+        bootstrap.seed_demo_prompts(db)
+    db.close()
+
+    configure_threads(threads)
+    ctx = handlers.AppContext(db_path=db_path)
+    ctx.server = PolicyServer(base)
+    if prefetch > 0:
+        ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch).start()
+    demo = build_ui(ctx)
+    return ctx, demo, Authenticator(ctx.db), created_admin
+
+
+def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
+    """Start serving (queue, login, shortcuts). With block=False, returns once listening."""
+    from app.ui import SHORTCUTS_JS
+
+    demo.queue(default_concurrency_limit=8)
+    return demo.launch(
+        server_name=host, server_port=port, auth=auth.check_login, auth_message="Log in to rankloop",
+        ssr_mode=False, show_error=True, js=SHORTCUTS_JS, prevent_thread_lock=not block, quiet=not block,
+    )

@@ -1,0 +1,157 @@
+"""PolicyServer: the base model loaded once, policy versions as LoRA adapters over it.
+
+Generation is serialised by one lock: on 2 cores, two concurrent generations only slow each
+other down, and the lock is also what makes adapter swaps safe. A swap (`set_live`) only
+changes which version the *next* generation uses; a generation in flight keeps the version
+it started with, and every result records the version that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from align.models import load_causal_lm, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+BASE_VERSION = "base"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings for one request."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 96
+
+    def __post_init__(self):
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature {self.temperature} is out of range: use 0 (greedy) to 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p {self.top_p} is out of range: use a value in (0, 1]")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty {self.repetition_penalty} is out of range: use 1 to 2")
+        if not 1 <= self.max_new_tokens <= 1024:
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} is out of range: use 1 to 1024")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    text: str
+    version: str
+    seconds: float
+    sampling: dict
+
+
+class PolicyServer:
+    """Serves generations from the base model and any registered adapter version."""
+
+    def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024):
+        self.base_path = Path(base_path)
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.tokenizer.padding_side = "left"
+        self.model = load_causal_lm(self.base_path)
+        self.max_prompt_tokens = max_prompt_tokens
+        self._lock = threading.Lock()
+        self._adapters: dict[str, Path] = {}
+        self._live = BASE_VERSION
+
+    # ------------------------------------------------------------ versions
+
+    @property
+    def live_version(self) -> str:
+        return self._live
+
+    def versions(self) -> list[str]:
+        return [BASE_VERSION, *self._adapters]
+
+    def load_adapter(self, version: str, path: Path) -> None:
+        """Load a LoRA adapter folder as `version` (no-op if already loaded)."""
+        if version == BASE_VERSION or version in self._adapters:
+            return
+        from peft import PeftModel
+
+        path = Path(path)
+        with self._lock:
+            if not hasattr(self.model, "peft_config"):
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
+            else:
+                self.model.load_adapter(str(path), adapter_name=version)
+            self.model.eval()
+            self._adapters[version] = path
+        logger.info("loaded adapter %s from %s", version, path)
+
+    def set_live(self, version: str, path: Path | None = None) -> None:
+        """Make `version` the default for new generations (loading it first if needed)."""
+        if version != BASE_VERSION and version not in self._adapters:
+            if path is None:
+                raise KeyError(f"version {version} is not loaded and no adapter path was given")
+            self.load_adapter(version, path)
+        self._live = version
+
+    # ------------------------------------------------------------ generation
+
+    def _encode(self, messages: list[dict], n: int) -> dict:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        input_ids = ids["input_ids"][:, -self.max_prompt_tokens:]
+        attention = ids["attention_mask"][:, -self.max_prompt_tokens:]
+        return {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention.repeat(n, 1)}
+
+    def generate(self, messages: list[dict], n: int = 1, sampling: SamplingParams | None = None,
+                 version: str | None = None, seed: int | None = None) -> list[Generation]:
+        """`n` answers to one chat prompt, sampled in one batch, from `version` (default: live)."""
+        sampling = sampling or SamplingParams()
+        with self._lock:
+            version = version or self._live
+            if version != BASE_VERSION and version not in self._adapters:
+                raise KeyError(f"version {version} is not loaded")
+            inputs = self._encode(messages, n)
+            if seed is not None:
+                torch.manual_seed(seed)
+            start = time.perf_counter()
+            kwargs = dict(
+                max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                repetition_penalty=sampling.repetition_penalty,
+            )
+            if sampling.temperature > 0:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.inference_mode(), self._using(version):
+                out = self.model.generate(**inputs, **kwargs)
+            seconds = time.perf_counter() - start
+        prompt_len = inputs["input_ids"].shape[1]
+        texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        return [Generation(t.strip(), version, seconds, sampling.as_dict()) for t in texts]
+
+    def _using(self, version: str):
+        """Context in which the model runs as `version` (the caller holds the lock)."""
+        import contextlib
+
+        if not hasattr(self.model, "peft_config"):
+            return contextlib.nullcontext()
+        if version == BASE_VERSION:
+            return self.model.disable_adapter()
+        self.model.set_adapter(version)
+        return contextlib.nullcontext()
+
+
+def configure_threads(n: int | None) -> int:
+    """Set torch's intra-op threads for this process (serving and training share 2 cores)."""
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
