@@ -47,7 +47,35 @@ def real_base_dir():
     """The prepared default base model (SmolLM2-135M-Instruct); prepared on first use."""
     from align.models import default_base_path, is_prepared, prepare_base
 
-    path = default_base_path(REPO / "data")
+    path = default_base_path()  # $RANKLOOP_HOME/models/..., which `make test` prepares first
     if not is_prepared(path):
         prepare_base(path)
     return path
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium driven by Playwright (no browser download)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed: run `make browser` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def browser_login(page, url: str, name: str, password: str) -> None:
+    """Fill Gradio's login form and wait for the app to load."""
+    page.goto(url)
+    page.locator("input[type=text]").first.fill(name)
+    page.locator("input[type=password]").first.fill(password)
+    page.get_by_role("button", name="Login").click()

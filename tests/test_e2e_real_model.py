@@ -1,0 +1,71 @@
+"""End to end on the real default model: `python -m app` (what `make run` starts) serves the
+page, an annotator logs in with a real headless browser, judges one item by keyboard, and the
+store holds one judgement and one pair that the TRL export contains."""
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.app.conftest import free_port, wait_until
+from tests.conftest import REPO, browser_login
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def real_app(tmp_path_factory, real_base_dir):
+    home = tmp_path_factory.mktemp("real-home")
+    port = free_port()
+    env = {**os.environ, "RANKLOOP_HOME": str(home), "RANKLOOP_ADMIN_PASSWORD": "admin-password-1",
+           "PORT": str(port)}
+    subprocess.run([sys.executable, "-m", "annotations", "--db", str(home / "rankloop.db"), "add-user", "carol",
+                    "--role", "annotator", "--password", "carol-password-1"], check=True, env=env, cwd=REPO)
+    log = open(home / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "app", "--base", str(real_base_dir), "--prefetch", "2"],
+                               env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up():
+        assert process.poll() is None, (home / "app.log").read_text()[-3000:]
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout=180, interval=0.5, message="the app to serve its page")
+    yield url, home
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def test_annotator_judges_one_item_in_a_real_browser(real_app, browser):
+    from annotations.db import connect
+
+    url, home = real_app
+    page = browser.new_page()
+    browser_login(page, url, "carol", "carol-password-1")
+    page.wait_for_selector("#answer-a textarea", timeout=60_000)
+    # Candidates come from the prefetcher; "n" asks again until an item is ready.
+    wait_until(lambda: page.locator("#answer-a textarea").input_value() or page.keyboard.press("n"),
+               timeout=180, interval=2, message="an item with answers")
+    page.keyboard.press("1")  # A is better
+    page.wait_for_function("document.querySelector('#annotate-header').innerText.includes('Saved judgement')",
+                           timeout=60_000)
+    page.close()
+
+    db = connect(home / "rankloop.db")
+    assert db.execute("SELECT count(*) FROM judgements").fetchone()[0] == 1
+    pair = db.execute(
+        "SELECT chosen_version, rejected_version, chosen, rejected FROM pairs").fetchall()
+    assert len(pair) == 1 and pair[0][:2] == ("base", "base") and pair[0][2] and pair[0][3]
+
+    out = home / "export.jsonl"
+    subprocess.run([sys.executable, "-m", "annotations", "--db", str(home / "rankloop.db"), "export",
+                    "--out", str(out)], check=True, cwd=REPO)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["chosen"][0]["content"] == pair[0][2]
