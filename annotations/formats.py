@@ -18,6 +18,7 @@ import io
 import json
 import re
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,10 +75,10 @@ def _check_size(path: Path) -> None:
 
 def _open_text_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except OSError as e:
+        except (OSError, EOFError, zlib.error) as e:  # bad header, truncated, corrupt data
             raise ImportFormatError(path, None, f"not a valid gzip file ({e})") from None
         if len(raw) > MAX_IMPORT_BYTES:
             raise ImportFormatError(path, None, f"uncompressed size exceeds the limit of {MAX_IMPORT_BYTES} bytes")
@@ -105,6 +106,11 @@ def read_jsonl(path: Path):
             raise ImportFormatError(path, number, f"malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise ImportFormatError(path, number, f"expected a JSON object, got {type(row).__name__}")
+        if "\\u" in text:  # only an escape can smuggle in a lone surrogate, which is not Unicode text
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ImportFormatError(path, number, "a lone surrogate escape (\\ud800-\\udfff) is not text") from None
         yield number, row
 
 
@@ -157,7 +163,8 @@ def read_rows(path: Path):
 
 
 def _prompt_messages(path, number, value, field_name):
-    if isinstance(value, str) and value.strip().startswith("[") and path.suffix.lower() == ".csv":
+    # In CSV, a `messages` cell holds JSON; a `prompt` cell is always plain text (it may start with "[").
+    if isinstance(value, str) and field_name == "messages" and path.name.lower().endswith((".csv", ".csv.gz")):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:

@@ -166,3 +166,34 @@ def m003_create_settings(db):
             updated_at TEXT NOT NULL DEFAULT {NOW}
         )""",
     )
+
+
+@migrations()
+def m004_annotation_workflow(db):
+    """Skips, content flags, gold items, per-item decoding and policy versions."""
+    _sql(
+        db,
+        f"""CREATE TABLE skips (
+            id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            reason TEXT NOT NULL,
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            UNIQUE (item_id, user_id)
+        )""",
+        f"""CREATE TABLE flags (
+            id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            candidate_id INTEGER REFERENCES candidates(id),  -- NULL: the prompt itself
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            reason TEXT NOT NULL,
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        # Gold items carry a known ranking (JSON tiers of candidate ids); annotators are scored on them.
+        "ALTER TABLE items ADD COLUMN gold TEXT",
+        # Which policy versions answer this item (JSON list; NULL: the live one) and how to sample.
+        "ALTER TABLE items ADD COLUMN versions TEXT",
+        "ALTER TABLE items ADD COLUMN sampling TEXT",
+        "CREATE INDEX judgements_item ON judgements(item_id)",
+        "CREATE INDEX pairs_judgement ON pairs(judgement_id)",
+    )

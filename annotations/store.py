@@ -182,8 +182,21 @@ def get_prompt(db, prompt_id: int) -> dict:
 # ---------------------------------------------------------------- items and candidates
 
 
-def queue_items(db, prompt_ids: Iterable[int], *, mode: str = "pairwise", k: int = 2, overlap: int = 1) -> list[int]:
-    """Queue prompts for annotation; their candidates are generated later (status pending)."""
+def queue_items(
+    db,
+    prompt_ids: Iterable[int],
+    *,
+    mode: str = "pairwise",
+    k: int = 2,
+    overlap: int = 1,
+    versions: Sequence[str] | None = None,
+    sampling: dict | None = None,
+) -> list[int]:
+    """Queue prompts for annotation; their candidates are generated later (status pending).
+
+    `versions` asks for answers from these policy versions (split evenly over the K answers,
+    for contrast) instead of the live one; `sampling` overrides the decoding settings.
+    """
     if mode not in ("pairwise", "ranking"):
         raise InvalidInput(f"mode {mode!r} is unknown: use pairwise or ranking")
     if mode == "pairwise":
@@ -192,12 +205,17 @@ def queue_items(db, prompt_ids: Iterable[int], *, mode: str = "pairwise", k: int
         raise InvalidInput(f"K={k} is out of range: an item shows 2 to 6 answers")
     if overlap < 1:
         raise InvalidInput("overlap must be at least 1")
+    if versions is not None and not (1 <= len(versions) <= k):
+        raise InvalidInput(f"an item can contrast 1 to {k} versions, not {len(versions)}")
     ids = []
     with write_transaction(db):
         for prompt_id in prompt_ids:
+            if db.execute("SELECT 1 FROM prompts WHERE id = ?", [prompt_id]).fetchone() is None:
+                raise NotFound(f"no prompt {prompt_id}")
             cursor = db.execute(
-                "INSERT INTO items (prompt_id, mode, k, overlap) VALUES (?, ?, ?, ?)",
-                [prompt_id, mode, k, overlap],
+                "INSERT INTO items (prompt_id, mode, k, overlap, versions, sampling) VALUES (?, ?, ?, ?, ?, ?)",
+                [prompt_id, mode, k, overlap, json.dumps(list(versions)) if versions else None,
+                 json.dumps(sampling) if sampling else None],
             )
             ids.append(cursor.lastrowid)
     return ids
@@ -206,11 +224,16 @@ def queue_items(db, prompt_ids: Iterable[int], *, mode: str = "pairwise", k: int
 def pending_items(db, limit: int = 10) -> list[dict]:
     """Items still waiting for their candidates, oldest first."""
     rows = db.execute(
-        "SELECT items.id, items.k, prompts.messages FROM items JOIN prompts ON prompts.id = items.prompt_id"
+        "SELECT items.id, items.k, prompts.messages, items.versions, items.sampling FROM items"
+        " JOIN prompts ON prompts.id = items.prompt_id"
         " WHERE items.status = 'pending' ORDER BY items.id LIMIT ?",
         [limit],
     ).fetchall()
-    return [{"id": r[0], "k": r[1], "messages": json.loads(r[2])} for r in rows]
+    return [
+        {"id": r[0], "k": r[1], "messages": json.loads(r[2]), "versions": json.loads(r[3]) if r[3] else None,
+         "sampling": json.loads(r[4]) if r[4] else None}
+        for r in rows
+    ]
 
 
 def count_items(db, status: str) -> int:
@@ -293,6 +316,7 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                 """SELECT items.id FROM items
                    WHERE items.status = 'ready'
                      AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id AND j.user_id = :user)
+                     AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.item_id = items.id AND s.user_id = :user)
                      AND (SELECT count(*) FROM judgements j WHERE j.item_id = items.id)
                        + (SELECT count(*) FROM leases l WHERE l.item_id = items.id) < items.overlap
                    ORDER BY items.id LIMIT 1""",
@@ -348,7 +372,10 @@ def _validate_ranking(ranking, candidate_ids: set[int]) -> list[list[int]]:
             tier = [tier]
         if not isinstance(tier, (list, tuple)) or not tier:
             raise InvalidInput("each tier of a ranking must be a non-empty list of candidate ids")
-        ids = [int(c) for c in tier]
+        try:
+            ids = [int(c) for c in tier]
+        except (TypeError, ValueError):
+            raise InvalidInput(f"tier {tier!r} holds something that is not a candidate id") from None
         tiers.append(ids)
         seen.extend(ids)
     if sorted(seen) != sorted(candidate_ids) or len(seen) != len(set(seen)):
@@ -370,12 +397,16 @@ def submit_judgement(
     decision_ms: int | None = None,
     idempotency_key: str | None = None,
     pair_policy: str = "all",
+    human_text: str | None = None,
+    ratings: dict[int, int] | None = None,
 ) -> dict:
     """Store one judgement and the pairs it implies, atomically.
 
     Returns {"judgement_id", "pairs", "duplicate"}. A retried submission with the same
     idempotency key returns the first one's result and stores nothing new. "Both bad"
-    stores no pair but a thumbs-down rating for every answer.
+    stores no pair but a thumbs-down rating for every answer. `human_text`, an answer the
+    annotator wrote (or rewrote), is stored as a human-written candidate ranked above every
+    model answer. `ratings` maps candidate ids to +1 / -1 (thumbs, usable for KTO).
     """
     with write_transaction(db):
         if idempotency_key:
@@ -401,9 +432,31 @@ def submit_judgement(
                 "SELECT id, text, policy_version FROM candidates WHERE item_id = ?", [item_id]
             ).fetchall()
         }
-        tiers = _validate_ranking(ranking, set(candidates))
-        if sorted(shown_order) != sorted(candidates):
+        model_ids = {cid for cid, c in candidates.items() if c["version"] is not None}
+        candidates = {cid: c for cid, c in candidates.items() if cid in model_ids}
+        tiers = _validate_ranking(ranking, model_ids)
+        if sorted(shown_order) != sorted(model_ids):
             raise InvalidInput("shown_order must list each of the item's answers once")
+        ratings = dict(ratings or {})
+        for candidate_id, value in ratings.items():
+            if candidate_id not in model_ids or value not in (1, -1):
+                raise InvalidInput(f"rating {value!r} for answer {candidate_id} is invalid: rate the item's answers +1 or -1")
+        if human_text is not None:
+            human_text = human_text.strip()
+            if not human_text:
+                raise InvalidInput("the written answer is empty")
+            if len(human_text) > MAX_ANSWER_CHARS:
+                raise InvalidInput(f"the written answer is {len(human_text)} characters; the limit is {MAX_ANSWER_CHARS}")
+            if any(human_text == c["text"].strip() for c in candidates.values()):
+                human_text = None  # unchanged copy of a model answer: nothing new to prefer
+        if human_text is not None:
+            cursor = db.execute(
+                "INSERT INTO candidates (item_id, text, policy_version, author_id) VALUES (?, ?, NULL, ?)",
+                [item_id, human_text, user_id],
+            )
+            candidates[cursor.lastrowid] = {"text": human_text, "version": None}
+            # A human-written answer beats every model answer, even in a "both bad" judgement.
+            tiers = [[cursor.lastrowid], *tiers]
         cursor = db.execute(
             "INSERT INTO judgements (item_id, user_id, mode, ranking, both_bad, shown_order, decision_ms,"
             " idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -411,7 +464,11 @@ def submit_judgement(
              decision_ms, idempotency_key],
         )
         judgement_id = cursor.lastrowid
-        pairs = [] if both_bad else derive_pairs(tiers, pair_policy)
+        if both_bad:
+            # No model answer is preferred; only a written answer yields pairs (over each of them).
+            pairs = [(tiers[0][0], c) for c in model_ids] if human_text is not None else []
+        else:
+            pairs = derive_pairs(tiers, pair_policy)
         for chosen, rejected in pairs:
             db.execute(
                 "INSERT INTO pairs (prompt_id, chosen, rejected, source, judgement_id, chosen_candidate_id,"
@@ -421,17 +478,92 @@ def submit_judgement(
                  chosen, rejected, user_id, candidates[chosen]["version"], candidates[rejected]["version"]],
             )
         if both_bad:
-            for candidate_id in candidates:
-                db.execute(
-                    "INSERT INTO ratings (candidate_id, user_id, value, source, judgement_id)"
-                    " VALUES (?, ?, -1, 'both_bad', ?)",
-                    [candidate_id, user_id, judgement_id],
-                )
+            ratings.update({candidate_id: -1 for candidate_id in model_ids if candidate_id not in ratings})
+        for candidate_id, value in ratings.items():
+            db.execute(
+                "INSERT INTO ratings (candidate_id, user_id, value, source, judgement_id) VALUES (?, ?, ?, ?, ?)",
+                [candidate_id, user_id, value, "both_bad" if both_bad and value == -1 else "thumbs", judgement_id],
+            )
         db.execute("DELETE FROM leases WHERE item_id = ? AND user_id = ?", [item_id, user_id])
         done = db.execute("SELECT count(*) FROM judgements WHERE item_id = ?", [item_id]).fetchone()[0]
         if done >= overlap:
             db.execute("UPDATE items SET status = 'complete' WHERE id = ?", [item_id])
         return {"judgement_id": judgement_id, "pairs": len(pairs), "duplicate": False}
+
+
+SKIP_REASONS = ("unclear prompt", "cannot judge (expertise)", "unsafe content", "broken answers", "other")
+MAX_REASON_CHARS = 500
+
+
+def skip_item(db, user_id: int, item_id: int, reason: str) -> None:
+    """The user passes on this item: it is released and never offered to them again."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidInput(f"say why you skip: e.g. {', '.join(SKIP_REASONS)}")
+    with write_transaction(db):
+        if db.execute("SELECT 1 FROM items WHERE id = ?", [item_id]).fetchone() is None:
+            raise NotFound(f"no item {item_id}")
+        db.execute(
+            "INSERT OR IGNORE INTO skips (item_id, user_id, reason) VALUES (?, ?, ?)",
+            [item_id, user_id, reason[:MAX_REASON_CHARS]],
+        )
+        db.execute("DELETE FROM leases WHERE item_id = ? AND user_id = ?", [item_id, user_id])
+
+
+def flag_item(db, user_id: int, item_id: int, reason: str, candidate_ids: Sequence[int] = ()) -> int:
+    """Flag the prompt (no candidate ids) or some of its answers as unsafe or broken."""
+    reason = (reason or "").strip() or "unsafe"
+    with write_transaction(db):
+        known = {r[0] for r in db.execute("SELECT id FROM candidates WHERE item_id = ?", [item_id]).fetchall()}
+        if not known and db.execute("SELECT 1 FROM items WHERE id = ?", [item_id]).fetchone() is None:
+            raise NotFound(f"no item {item_id}")
+        for candidate_id in candidate_ids:
+            if candidate_id not in known:
+                raise InvalidInput(f"answer {candidate_id} does not belong to item {item_id}")
+        for candidate_id in list(candidate_ids) or [None]:
+            db.execute(
+                "INSERT INTO flags (item_id, candidate_id, user_id, reason) VALUES (?, ?, ?, ?)",
+                [item_id, candidate_id, user_id, reason[:MAX_REASON_CHARS]],
+            )
+        return len(candidate_ids) or 1
+
+
+GOLD_OVERLAP = 1_000_000
+
+
+def set_gold(db, item_id: int, ranking: Sequence[Sequence[int]]) -> None:
+    """Make an item gold: its known ranking scores annotators, and every annotator meets it."""
+    with write_transaction(db):
+        ids = {r[0] for r in db.execute(
+            "SELECT id FROM candidates WHERE item_id = ? AND policy_version IS NOT NULL", [item_id]).fetchall()}
+        if not ids:
+            raise NotFound(f"item {item_id} has no answers yet")
+        tiers = _validate_ranking(ranking, ids)
+        db.execute(
+            "UPDATE items SET gold = ?, overlap = ?, status = CASE WHEN status = 'complete' THEN 'ready' ELSE status END"
+            " WHERE id = ?",
+            [json.dumps(tiers), GOLD_OVERLAP, item_id],
+        )
+
+
+def retire_stale_items(db, live_version: str) -> int:
+    """Unjudged items whose answers came from a version other than the live one (and that
+    did not ask for specific versions) are retired and their prompts queued afresh, so the
+    next annotation round judges the current policy. Returns how many were requeued."""
+    with write_transaction(db):
+        rows = db.execute(
+            """SELECT items.id, items.prompt_id, items.mode, items.k, items.overlap FROM items
+               WHERE items.status IN ('ready') AND items.versions IS NULL AND items.gold IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id)
+                 AND EXISTS (SELECT 1 FROM candidates c WHERE c.item_id = items.id
+                             AND c.policy_version IS NOT NULL AND c.policy_version != ?)""",
+            [live_version],
+        ).fetchall()
+        for item_id, prompt_id, mode, k, overlap in rows:
+            db.execute("UPDATE items SET status = 'retired' WHERE id = ?", [item_id])
+            db.execute("DELETE FROM leases WHERE item_id = ?", [item_id])
+            queue_items(db, [prompt_id], mode=mode, k=k, overlap=overlap)
+        return len(rows)
 
 
 def pairwise_ranking(choice: str, first: int, second: int) -> tuple[list[list[int]], bool]:
