@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import string
+import tempfile
 import threading
 import time
 import uuid
@@ -17,10 +20,27 @@ from pathlib import Path
 
 from annotations import store
 from annotations.db import connect as connect_db
+from annotations.errors import InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 
 PAIRWISE_CHOICES = ("A", "B", "tie", "both_bad")
+LETTERS = string.ascii_uppercase[:6]
+DEFAULT_GUIDELINES = """\
+**How to judge.** Prefer the answer that is more helpful, honest and harmless, in that order of
+importance when they conflict. Judge the content, not the length: a short correct answer beats a
+long rambling one. If both answers are unacceptable, choose *both bad*; if you can write a
+clearly better answer, do so in the editor (it is stored as the best answer).
+
+**Ranking.** Type the answers best first, `>` between levels and `=` for ties: `B > A = C > D`.
+"""
+DEFAULT_SETTINGS = {
+    "mode": "pairwise",
+    "k": 4,
+    "overlap": 1,
+    "pair_policy": "all",
+    "sampling": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 96},
+}
 
 
 @dataclass
@@ -30,8 +50,8 @@ class AppContext:
     db_path: Path
     server: object = None  # app.serving.PolicyServer
     prefetcher: object = None  # app.prefetch.Prefetcher
-    pair_policy: str = "all"
     lease_seconds: float = store.DEFAULT_LEASE_SECONDS
+    export_dir: Path | None = None
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def db(self):
@@ -41,6 +61,21 @@ class AppContext:
             conn = self._local.db = connect_db(self.db_path)
         return conn
 
+    def setting(self, key: str):
+        return store.get_setting(self.db(), key, DEFAULT_SETTINGS.get(key))
+
+    def wake_prefetcher(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.wake()
+
+
+def _annotator(user):
+    return store.require_role(user, "annotator", "admin")
+
+
+def _admin(user):
+    return store.require_role(user, "admin")
+
 
 # ---------------------------------------------------------------- annotate
 
@@ -48,13 +83,12 @@ class AppContext:
 def next_item(ctx: AppContext, user: dict | None) -> dict | None:
     """Lease the next item for this annotator and return what the page shows, or None.
 
-    The answers are shown in a random order, which is returned (and later stored) as
-    `shown_order`; `key` is the idempotency key the submission of this view carries.
+    The answers are shown in a random order, labelled A, B, ...; that order is returned
+    (and later stored) as `shown_order`. `key` is the idempotency key its submission carries.
     """
-    user = store.require_role(user, "annotator", "admin")
+    user = _annotator(user)
     item = store.next_item(ctx.db(), user["id"], lease_seconds=ctx.lease_seconds)
-    if ctx.prefetcher is not None:
-        ctx.prefetcher.wake()
+    ctx.wake_prefetcher()
     if item is None:
         return None
     candidates = list(item["candidates"])
@@ -63,40 +97,266 @@ def next_item(ctx: AppContext, user: dict | None) -> dict | None:
         "item_id": item["id"],
         "mode": item["mode"],
         "messages": item["messages"],
-        "answers": [{"id": c["id"], "text": c["text"]} for c in candidates],
+        "answers": [{"id": c["id"], "text": c["text"], "letter": LETTERS[i]} for i, c in enumerate(candidates)],
         "shown_order": [c["id"] for c in candidates],
         "served_at": time.time(),
         "key": uuid.uuid4().hex,
     }
 
 
-def submit_pairwise(ctx: AppContext, user: dict | None, view: dict | None, choice: str) -> dict:
-    """Store an A/B/tie/both-bad judgement on the item shown in `view`.
+def parse_ranking(text: str, k: int) -> list[list[int]]:
+    """Parse a typed ranking over answers A.. into tiers of 0-based positions, best first.
 
-    A repeated submission of the same view (double click, retry) is stored once.
+    `B > A = C > D` (spaces optional, lower case fine); `BACD` is a strict order. Every
+    answer must appear exactly once.
     """
-    user = store.require_role(user, "annotator", "admin")
+    letters = LETTERS[:k]
+    compact = re.sub(r"\s+", "", (text or "").upper())
+    if not compact:
+        raise InvalidInput(f"type a ranking of {', '.join(letters)}, best first, e.g. {' > '.join(letters)}")
+    if not re.fullmatch(r"[A-Z>=,]+", compact):
+        raise InvalidInput("a ranking uses only answer letters, '>' between levels and '=' for ties")
+    if ">" not in compact and "=" not in compact and "," not in compact:
+        compact = ">".join(compact)
+    tiers, seen = [], []
+    for level in re.split(r"[>,]", compact):
+        members = [m for m in level.split("=")]
+        if not level or any(len(m) != 1 for m in members):
+            raise InvalidInput(f"cannot read {text!r}: write single letters such as B > A = C")
+        for m in members:
+            if m not in letters:
+                raise InvalidInput(f"there is no answer {m}: this item has {', '.join(letters)}")
+        tiers.append([letters.index(m) for m in members])
+        seen.extend(members)
+    duplicates = sorted({m for m in seen if seen.count(m) > 1})
+    missing = [m for m in letters if m not in seen]
+    if duplicates:
+        raise InvalidInput(f"{', '.join(duplicates)} appear(s) more than once in the ranking")
+    if missing:
+        raise InvalidInput(f"the ranking must place every answer: {', '.join(missing)} missing")
+    return tiers
+
+
+def _letters_to_ids(view: dict, letters) -> list[int]:
+    ids = []
+    for letter in letters or []:
+        position = LETTERS.find(str(letter).strip().upper()[:1])
+        if position < 0 or position >= len(view["shown_order"]):
+            raise InvalidInput(f"there is no answer {letter!r} on this item")
+        ids.append(view["shown_order"][position])
+    return ids
+
+
+def _ratings(view: dict, thumbs_up, thumbs_down) -> dict[int, int]:
+    up, down = _letters_to_ids(view, thumbs_up), _letters_to_ids(view, thumbs_down)
+    both = set(up) & set(down)
+    if both:
+        raise InvalidInput("an answer cannot get both a thumbs up and a thumbs down")
+    return {**{c: 1 for c in up}, **{c: -1 for c in down}}
+
+
+def _require_view(view):
     if not view or "item_id" not in view:
-        raise store.InvalidInput("there is no item on screen to judge; load the next item")
-    if choice not in PAIRWISE_CHOICES:
-        raise store.InvalidInput(f"choice {choice!r} is unknown: use one of {', '.join(PAIRWISE_CHOICES)}")
-    first, second = view["shown_order"][:2]
-    ranking, both_bad = store.pairwise_ranking(choice, first, second)
+        raise InvalidInput("there is no item on screen; load the next item")
+    return view
+
+
+def _submit(ctx, user, view, ranking, both_bad, edited, thumbs_up, thumbs_down):
     decision_ms = int((time.time() - view.get("served_at", time.time())) * 1000)
     result = store.submit_judgement(
         ctx.db(), user["id"], view["item_id"], ranking,
         shown_order=view["shown_order"], both_bad=both_bad, decision_ms=decision_ms,
-        idempotency_key=view.get("key"), pair_policy=ctx.pair_policy,
+        idempotency_key=view.get("key"), pair_policy=ctx.setting("pair_policy"),
+        human_text=(edited or None) if (edited or "").strip() else None,
+        ratings=_ratings(view, thumbs_up, thumbs_down),
     )
-    if ctx.prefetcher is not None:
-        ctx.prefetcher.wake()
+    ctx.wake_prefetcher()
     return result
 
 
+def submit_pairwise(ctx: AppContext, user: dict | None, view: dict | None, choice: str, *,
+                    edited: str | None = None, thumbs_up=(), thumbs_down=()) -> dict:
+    """Store an A / B / tie / both-bad judgement on the item in `view` (stored once, however
+    often the same view is submitted)."""
+    user = _annotator(user)
+    view = _require_view(view)
+    if choice not in PAIRWISE_CHOICES:
+        raise InvalidInput(f"choice {choice!r} is unknown: use one of {', '.join(PAIRWISE_CHOICES)}")
+    if len(view["shown_order"]) != 2:
+        raise InvalidInput("this item has more than two answers: submit a ranking")
+    first, second = view["shown_order"]
+    ranking, both_bad = store.pairwise_ranking(choice, first, second)
+    return _submit(ctx, user, view, ranking, both_bad, edited, thumbs_up, thumbs_down)
+
+
+def submit_ranking(ctx: AppContext, user: dict | None, view: dict | None, ranking_text: str, *,
+                   all_bad: bool = False, edited: str | None = None, thumbs_up=(), thumbs_down=()) -> dict:
+    """Store a full ranking (ties allowed) typed as letters, e.g. `B > A = C > D`; with
+    `all_bad`, no answer is preferred (every answer gets a thumbs down)."""
+    user = _annotator(user)
+    view = _require_view(view)
+    order = view["shown_order"]
+    if all_bad:
+        ranking = [list(order)]
+    else:
+        ranking = [[order[p] for p in tier] for tier in parse_ranking(ranking_text, len(order))]
+    return _submit(ctx, user, view, ranking, all_bad, edited, thumbs_up, thumbs_down)
+
+
+def skip(ctx: AppContext, user: dict | None, view: dict | None, reason: str) -> None:
+    user = _annotator(user)
+    view = _require_view(view)
+    store.skip_item(ctx.db(), user["id"], view["item_id"], reason)
+    ctx.wake_prefetcher()
+
+
+def flag(ctx: AppContext, user: dict | None, view: dict | None, letters=(), reason: str = "unsafe") -> int:
+    """Flag the prompt (no letters) or the given answers as unsafe; the item stays on screen."""
+    user = _annotator(user)
+    view = _require_view(view)
+    return store.flag_item(ctx.db(), user["id"], view["item_id"], reason, _letters_to_ids(view, letters))
+
+
+def best_answer_text(view: dict | None, ranking_text: str = "", choice: str | None = None) -> str:
+    """The text to start an edit from: the answer ranked (or chosen) best so far, else A."""
+    view = _require_view(view)
+    answers = view["answers"]
+    position = 0
+    if choice == "B":
+        position = 1
+    elif ranking_text and ranking_text.strip():
+        try:
+            position = parse_ranking(ranking_text, len(answers))[0][0]
+        except InvalidInput:
+            position = 0
+    return answers[position]["text"]
+
+
 def annotator_progress(ctx: AppContext, user: dict | None) -> dict:
-    user = store.require_role(user, "annotator", "admin")
+    user = _annotator(user)
     db = ctx.db()
     done = db.execute("SELECT count(*) FROM judgements WHERE user_id = ?", [user["id"]]).fetchone()[0]
-    ready = store.count_items(db, "ready")
-    pending = store.count_items(db, "pending")
-    return {"done": done, "ready": ready, "pending": pending}
+    today = db.execute(
+        "SELECT count(*) FROM judgements WHERE user_id = ? AND created_at >= date('now')", [user["id"]]
+    ).fetchone()[0]
+    return {"done": done, "today": today, "ready": store.count_items(db, "ready"),
+            "pending": store.count_items(db, "pending")}
+
+
+def guidelines(ctx: AppContext, user: dict | None) -> str:
+    _annotator(user)
+    return store.get_setting(ctx.db(), "guidelines", DEFAULT_GUIDELINES)
+
+
+# ---------------------------------------------------------------- admin: project settings
+
+
+def whoami(user: dict | None) -> dict:
+    return store.require_role(user)
+
+
+def save_guidelines(ctx: AppContext, user: dict | None, text: str) -> None:
+    _admin(user)
+    if len(text or "") > 50_000:
+        raise InvalidInput("guidelines are limited to 50,000 characters")
+    store.set_setting(ctx.db(), "guidelines", text or "")
+
+
+def project_settings(ctx: AppContext, user: dict | None) -> dict:
+    _admin(user)
+    return {key: ctx.setting(key) for key in DEFAULT_SETTINGS}
+
+
+def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: int, overlap: int,
+                          pair_policy: str, sampling: dict) -> dict:
+    """Validate and store the defaults for newly queued items and for deriving pairs."""
+    from app.serving import SamplingParams
+
+    _admin(user)
+    k, overlap = int(k), int(overlap)
+    if mode not in ("pairwise", "ranking"):
+        raise InvalidInput("mode must be pairwise or ranking")
+    if not 2 <= k <= 6:
+        raise InvalidInput("K must be between 2 and 6")
+    if overlap < 1 or overlap > 20:
+        raise InvalidInput("overlap must be between 1 and 20")
+    if pair_policy not in store.PAIR_POLICIES:
+        raise InvalidInput(f"pair policy must be one of {', '.join(store.PAIR_POLICIES)}")
+    try:
+        sampling = SamplingParams(**sampling).as_dict()
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(str(e)) from None
+    values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling}
+    for key, value in values.items():
+        store.set_setting(ctx.db(), key, value)
+    return values
+
+
+def queue_prompt(ctx: AppContext, user: dict | None, text: str, *, versions=(), mode=None, k=None,
+                 overlap=None) -> int:
+    """Queue one prompt typed by an admin; `versions` asks for answers from those versions."""
+    _admin(user)
+    prompt_id, _ = store.add_prompt(ctx.db(), text, source=f"admin:{user['name']}")
+    versions = [v for v in versions or [] if v]
+    for v in versions:
+        if ctx.db().execute("SELECT 1 FROM policies WHERE version = ? AND kind = 'policy'", [v]).fetchone() is None:
+            raise NotFound(f"no policy version {v!r}")
+    (item_id,) = store.queue_items(
+        ctx.db(), [prompt_id], mode=mode or ctx.setting("mode"), k=int(k or ctx.setting("k")),
+        overlap=int(overlap or ctx.setting("overlap")), versions=versions or None,
+    )
+    ctx.wake_prefetcher()
+    return item_id
+
+
+def import_upload(ctx: AppContext, user: dict | None, path: str, fmt: str) -> str:
+    """Import an uploaded file (the admin page's upload); returns the import summary."""
+    from annotations.formats import import_file
+
+    _admin(user)
+    if not path:
+        raise InvalidInput("choose a file to import")
+    report = import_file(
+        ctx.db(), Path(path), fmt, source=f"upload:{Path(path).name}",
+        mode=ctx.setting("mode"), k=int(ctx.setting("k")), overlap=int(ctx.setting("overlap")),
+    )
+    ctx.wake_prefetcher()
+    return report.summary()
+
+
+def export_download(ctx: AppContext, user: dict | None, *, split: str | None = None, file_format: str = "jsonl",
+                    **filters) -> tuple[str, int]:
+    """Write the TRL export to a fresh file in the export folder; returns (path, rows)."""
+    from annotations.formats import export_pairs
+
+    _admin(user)
+    if file_format not in ("jsonl", "parquet"):
+        raise InvalidInput("export format must be jsonl or parquet")
+    folder = Path(ctx.export_dir or tempfile.gettempdir()) / f"rankloop-export-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    out = folder / f"pairs{'-' + split if split else ''}.{file_format}"
+    n = export_pairs(ctx.db(), out, split=split or None, **filters)
+    return str(out), n
+
+
+def add_account(ctx: AppContext, user: dict | None, name: str, role: str, password: str) -> str:
+    _admin(user)
+    store.add_user(ctx.db(), name, role, password)
+    return f"created {role} {name}"
+
+
+def list_accounts(ctx: AppContext, user: dict | None) -> list[list]:
+    _admin(user)
+    return [list(r) for r in ctx.db().execute(
+        "SELECT users.name, users.role, (SELECT count(*) FROM judgements WHERE user_id = users.id), users.created_at"
+        " FROM users ORDER BY users.id").fetchall()]
+
+
+def mark_gold(ctx: AppContext, user: dict | None, view: dict | None, ranking_text: str) -> int:
+    """Make the item on screen gold, with the admin's typed ranking as its known answer."""
+    _admin(user)
+    view = _require_view(view)
+    order = view["shown_order"]
+    ranking = [[order[p] for p in tier] for tier in parse_ranking(ranking_text, len(order))]
+    store.set_gold(ctx.db(), view["item_id"], ranking)
+    return view["item_id"]

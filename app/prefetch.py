@@ -12,6 +12,7 @@ import threading
 
 from annotations import store
 from annotations.errors import AnnotationsError
+from app.serving import SamplingParams, ensure_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,15 @@ class Prefetcher:
         if not pending:
             return False
         item = pending[0]
-        generations = self.server.generate(item["messages"], n=item["k"], sampling=self.sampling)
+        sampling = SamplingParams(**(item["sampling"] or store.get_setting(db, "sampling", {}) or {}))
+        # Contrast items split their K answers over the requested versions; others use the live one.
+        versions = item["versions"] or [None]
+        counts = [item["k"] // len(versions) + (i < item["k"] % len(versions)) for i in range(len(versions))]
+        generations = []
+        for version, n in zip(versions, counts):
+            version = ensure_loaded(self.server, db, version)
+            generations += self.server.generate(item["messages"], n=n, sampling=self.sampling or sampling,
+                                                version=version)
         store.add_candidates(
             db,
             item["id"],

@@ -150,6 +150,18 @@ class PolicyServer:
         return contextlib.nullcontext()
 
 
+def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
+    """Make sure `version` (None: the live one) is loaded in `server`, reading its adapter
+    path from the store's registry. Returns the version name."""
+    if version is None or version == BASE_VERSION or version in server.versions():
+        return version or server.live_version
+    row = db.execute("SELECT path FROM policies WHERE version = ? AND kind = 'policy'", [version]).fetchone()
+    if row is None or not row[0]:
+        raise KeyError(f"no policy version {version!r} with an adapter in the registry")
+    server.load_adapter(version, Path(row[0]))
+    return version
+
+
 def configure_threads(n: int | None) -> int:
     """Set torch's intra-op threads for this process (serving and training share 2 cores)."""
     if n:

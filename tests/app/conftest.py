@@ -33,6 +33,12 @@ class RunningApp:
     url: str
     ctx: object
     home: Path
+    demo: object = None
+
+    def close(self):
+        if self.ctx.prefetcher:
+            self.ctx.prefetcher.stop()
+        self.demo.close()
 
     def db(self):
         from annotations.db import connect
@@ -40,26 +46,38 @@ class RunningApp:
         return connect(self.home / "rankloop.db")
 
 
-@pytest.fixture(scope="module")
-def running_app(tmp_path_factory, tiny_model_dir):
+def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, prompts: int = 0, prefetch: int = 3):
+    """Launch the app in this process on a free port; demo prompts are queued when `prompts`
+    is 0, else that many numbered prompts as `mode` items with `k` answers."""
     import os
 
     from annotations import store
     from app.server import create_app, launch
+    from app.serving import SamplingParams
 
-    home = tmp_path_factory.mktemp("app-home")
     os.environ["RANKLOOP_ADMIN_USER"], os.environ["RANKLOOP_ADMIN_PASSWORD"] = ADMIN
     try:
-        ctx, demo, auth, created = create_app(home, tiny_model_dir, threads=1, prefetch=3)
+        ctx, demo, auth, created = create_app(home, base, threads=1, prefetch=prefetch, demo_prompts=not prompts)
     finally:
         del os.environ["RANKLOOP_ADMIN_USER"], os.environ["RANKLOOP_ADMIN_PASSWORD"]
     assert created == ADMIN
+    ctx.prefetcher.sampling = SamplingParams(max_new_tokens=24)
+    db = ctx.db()
+    if prompts:
+        ids = [store.add_prompt(db, f"Test question number {i}: what do you think?")[0] for i in range(prompts)]
+        store.queue_items(db, ids, mode=mode, k=k)
     for name, password in ANNOTATORS:
-        store.add_user(ctx.db(), name, "annotator", password)
+        store.add_user(db, name, "annotator", password)
     port = free_port()
     launch(demo, auth, "127.0.0.1", port, block=False)
-    app = RunningApp(url=f"http://127.0.0.1:{port}/", ctx=ctx, home=home)
+    app = RunningApp(url=f"http://127.0.0.1:{port}/", ctx=ctx, home=home, demo=demo)
+    ctx.wake_prefetcher()
     wait_until(lambda: store.count_items(ctx.db(), "ready") >= 2, message="prefetched items")
+    return app
+
+
+@pytest.fixture(scope="module")
+def running_app(tmp_path_factory, tiny_model_dir):
+    app = start_app(tmp_path_factory.mktemp("app-home"), tiny_model_dir)
     yield app
-    ctx.prefetcher.stop()
-    demo.close()
+    app.close()

@@ -27,7 +27,7 @@ def test_annotator_judges_an_item_and_the_pair_is_stored(running_app):
                         message="an item for alice")
     item_id = int(header[0].split("**Item ")[1].split("**")[0])
     before = store.count_rows(running_app.db(), "pairs")
-    result = client.predict(api_name="/submit_A")
+    result = client.predict("", [], [], api_name="/submit_A")
     assert "Saved judgement" in result[0]
     db = running_app.db()
     assert store.count_rows(db, "pairs") == before + 1

@@ -1,0 +1,133 @@
+"""The admin tab: project settings, data in and out, accounts, gold items. Wiring only;
+every handler re-checks the admin role on the server."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app import handlers
+from app.pages.common import guard
+
+SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+def build(ctx, current_user, annotate_view):
+    with gr.Tab("Settings & data"):
+        gr.Markdown("### Project settings (apply to newly queued items)")
+        with gr.Row():
+            mode = gr.Radio(["pairwise", "ranking"], label="Judgement mode", elem_id="setting-mode")
+            k = gr.Slider(2, 6, step=1, label="Answers per ranking item (K)", elem_id="setting-k")
+            overlap = gr.Slider(1, 20, step=1, label="Judgements per item (overlap)", elem_id="setting-overlap")
+            pair_policy = gr.Radio(list(handlers.store.PAIR_POLICIES), label="Ranking → pairs policy")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, step=0.05, label="temperature")
+            top_p = gr.Slider(0.05, 1, step=0.05, label="top_p")
+            repetition_penalty = gr.Slider(1, 2, step=0.05, label="repetition_penalty")
+            max_new_tokens = gr.Slider(8, 512, step=8, label="max_new_tokens")
+        save_settings = gr.Button("Save settings", elem_id="save-settings")
+        settings_status = gr.Markdown()
+
+        gr.Markdown("### Guidelines shown to annotators (markdown)")
+        guidelines_text = gr.Textbox(lines=8, label="Guidelines", elem_id="guidelines-editor")
+        save_guidelines = gr.Button("Save guidelines")
+
+        gr.Markdown("### Import")
+        with gr.Row():
+            upload = gr.File(label="Prompts or preferences (JSONL, JSONL.gz, CSV, parquet)", type="filepath")
+            import_format = gr.Radio(["prompts", "trl", "hh"], value="prompts", label="Format")
+            import_button = gr.Button("Import", elem_id="import")
+        import_status = gr.Textbox(label="Import report", lines=4, interactive=False)
+
+        gr.Markdown("### Export preference pairs (TRL format)")
+        with gr.Row():
+            export_split = gr.Radio(["all", "train", "heldout"], value="all", label="Split")
+            export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="File format")
+            export_button = gr.Button("Export", elem_id="export")
+        export_file = gr.File(label="Download", interactive=False)
+
+        gr.Markdown("### Queue a prompt (optionally answered by specific versions, for contrast)")
+        with gr.Row():
+            queue_text = gr.Textbox(label="Prompt", scale=3)
+            queue_versions = gr.Dropdown([], multiselect=True, label="Versions (empty: live)", allow_custom_value=True)
+            queue_button = gr.Button("Queue")
+        queue_status = gr.Markdown()
+
+        gr.Markdown("### Gold item: make the item on your annotate tab gold, with this ranking as its answer")
+        with gr.Row():
+            gold_ranking = gr.Textbox(label="Known ranking, e.g. A > B", scale=3)
+            gold_button = gr.Button("Mark gold")
+        gold_status = gr.Markdown()
+
+        gr.Markdown("### Accounts")
+        with gr.Row():
+            new_name = gr.Textbox(label="Name")
+            new_role = gr.Radio(["annotator", "admin"], value="annotator", label="Role")
+            new_password = gr.Textbox(label="Password (8+ characters)", type="password")
+            add_button = gr.Button("Add account")
+        accounts = gr.Dataframe(headers=["name", "role", "judgements", "created"], interactive=False)
+
+    def load_settings(request: gr.Request):
+        def run():
+            user = current_user(request)
+            values = handlers.project_settings(ctx, user)
+            sampling = values["sampling"]
+            versions = [r[0] for r in ctx.db().execute("SELECT version FROM policies WHERE kind = 'policy'")]
+            return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
+                    *[sampling[key] for key in SAMPLING_KEYS], handlers.guidelines(ctx, user),
+                    gr.update(choices=versions), handlers.list_accounts(ctx, user))
+        return guard(run)
+
+    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, request: gr.Request):
+        def run():
+            values = handlers.save_project_settings(
+                ctx, current_user(request), mode=mode_v, k=k_v, overlap=overlap_v, pair_policy=policy_v,
+                sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)})
+            return f"Saved: {values}"
+        return guard(run)
+
+    def do_save_guidelines(text, request: gr.Request):
+        def run():
+            handlers.save_guidelines(ctx, current_user(request), text)
+            gr.Info("Guidelines saved.")
+        return guard(run)
+
+    def do_import(path, fmt, request: gr.Request):
+        return guard(lambda: handlers.import_upload(ctx, current_user(request), path, fmt))
+
+    def do_export(split, file_format, request: gr.Request):
+        def run():
+            path, n = handlers.export_download(ctx, current_user(request), split=None if split == "all" else split,
+                                               file_format=file_format)
+            gr.Info(f"Exported {n} pairs.")
+            return path
+        return guard(run)
+
+    def do_queue(text, versions, request: gr.Request):
+        def run():
+            item_id = handlers.queue_prompt(ctx, current_user(request), text, versions=versions)
+            return f"Queued item {item_id}."
+        return guard(run)
+
+    def do_gold(view_value, ranking_text, request: gr.Request):
+        def run():
+            item_id = handlers.mark_gold(ctx, current_user(request), view_value, ranking_text)
+            return f"Item {item_id} is gold."
+        return guard(run)
+
+    def do_add(name, role, password, request: gr.Request):
+        def run():
+            user = current_user(request)
+            gr.Info(handlers.add_account(ctx, user, name, role, password))
+            return handlers.list_accounts(ctx, user), "", ""
+        return guard(run)
+
+    setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens]
+    save_settings.click(do_save_settings, setting_inputs, settings_status, api_name="save_settings")
+    save_guidelines.click(do_save_guidelines, guidelines_text, None, api_name="save_guidelines")
+    import_button.click(do_import, [upload, import_format], import_status, api_name="import_file")
+    export_button.click(do_export, [export_split, export_format], export_file, api_name="export_pairs")
+    queue_button.click(do_queue, [queue_text, queue_versions], queue_status, api_name="queue_prompt")
+    gold_button.click(do_gold, [annotate_view, gold_ranking], gold_status, api_name="mark_gold")
+    add_button.click(do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
+                     api_name="add_account")
+    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts]

@@ -1,0 +1,156 @@
+"""The annotate tab: wiring of components to `app.handlers` (no logic of its own)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app import handlers
+from app.pages.common import guard, prompt_for_chatbot
+
+MAX_ANSWERS = len(handlers.LETTERS)
+
+SHORTCUTS_HELP = (
+    "**Keys** (outside text fields; `Esc` leaves a field): "
+    "pairwise **1** A better · **2** B better · **3** tie · **4** both bad — "
+    "ranking **r** type the ranking, then `Enter` to submit · **0** all bad — "
+    "**e** write a better answer · **c** copy the best answer into the editor (`Ctrl+Enter` submits from the editor) · "
+    "**u** / **d** thumbs up / down · **k** skip · **f** flag · **n** next item · **g** guidelines"
+)
+
+SKIP_CHOICES = list(handlers.store.SKIP_REASONS)
+
+
+def build(ctx, current_user):
+    """Create the annotate tab's components and events inside the current Blocks."""
+    view = gr.State(None)
+    header = gr.Markdown(elem_id="annotate-header")
+    with gr.Accordion("Guidelines", open=False, elem_id="guidelines-panel"):
+        guidelines = gr.Markdown(elem_id="guidelines")
+    prompt = gr.Chatbot(label="Prompt", height=240, elem_id="prompt")
+    answers = []
+    with gr.Row():
+        for i, letter in enumerate(handlers.LETTERS):
+            answers.append(gr.Textbox(label=f"Answer {letter}", lines=8, max_lines=24, interactive=False,
+                                      visible=i < 2, elem_id=f"answer-{letter.lower()}", min_width=220))
+    with gr.Row(visible=True, elem_id="pairwise-controls") as pairwise_row:
+        choose_a = gr.Button("A is better (1)", elem_id="choose-a", variant="primary")
+        choose_b = gr.Button("B is better (2)", elem_id="choose-b", variant="primary")
+        choose_tie = gr.Button("Tie (3)", elem_id="choose-tie")
+        choose_bad = gr.Button("Both bad (4)", elem_id="choose-both-bad", variant="stop")
+    with gr.Row(visible=False, elem_id="ranking-controls") as ranking_row:
+        ranking = gr.Textbox(label="Ranking, best first ('>' between levels, '=' for ties) — Enter submits",
+                             placeholder="e.g. B > A = C > D", elem_id="ranking", scale=4)
+        submit_ranking = gr.Button("Submit ranking", elem_id="submit-ranking", variant="primary", scale=1)
+        all_bad = gr.Button("All bad (0)", elem_id="all-bad", variant="stop", scale=1)
+    with gr.Row():
+        thumbs_up = gr.CheckboxGroup(choices=["A", "B"], label="Thumbs up (u)", elem_id="thumbs-up")
+        thumbs_down = gr.CheckboxGroup(choices=["A", "B"], label="Thumbs down (d)", elem_id="thumbs-down")
+    with gr.Row():
+        edited = gr.Textbox(label="Write a better answer (optional; stored as the best answer)", lines=4,
+                            elem_id="edited", scale=4)
+        copy_best = gr.Button("Copy best answer (c)", elem_id="copy-best", scale=1)
+    with gr.Row():
+        skip_reason = gr.Dropdown(SKIP_CHOICES, value=SKIP_CHOICES[0], label="Skip reason", elem_id="skip-reason")
+        skip_button = gr.Button("Skip (k)", elem_id="skip")
+        flag_letters = gr.CheckboxGroup(choices=["A", "B"], label="Flag as unsafe (none ticked: the prompt)",
+                                        elem_id="flag-letters")
+        flag_button = gr.Button("Flag (f)", elem_id="flag", variant="stop")
+        next_button = gr.Button("Next item (n)", elem_id="next-item")
+    gr.Markdown(SHORTCUTS_HELP)
+
+    def render(view_value, progress, note=""):
+        shown = view_value["answers"] if view_value else []
+        k = len(shown)
+        letters = [a["letter"] for a in shown]
+        if view_value:
+            head = (f"**Item {view_value['item_id']}** ({view_value['mode']}, {k} answers) · "
+                    f"your judgements: {progress['done']} (today {progress['today']}) · ready: {progress['ready']}")
+        else:
+            head = (f"No item is ready for you yet ({progress['pending']} being generated). "
+                    "Press **Next item** in a few seconds.")
+        pairwise = bool(view_value) and k == 2 and view_value["mode"] == "pairwise"
+        return [
+            view_value,
+            head + (f"\n\n{note}" if note else ""),
+            prompt_for_chatbot(view_value["messages"] if view_value else []),
+            *[gr.update(value=shown[i]["text"] if i < k else "", visible=i < max(k, 2)) for i in range(MAX_ANSWERS)],
+            gr.update(visible=pairwise or not view_value),
+            gr.update(visible=bool(view_value) and not pairwise),
+            "",  # ranking
+            "",  # edited
+            gr.update(choices=letters, value=[]),
+            gr.update(choices=letters, value=[]),
+            gr.update(choices=letters, value=[]),
+        ]
+
+    outputs = [view, header, prompt, *answers, pairwise_row, ranking_row, ranking, edited,
+               thumbs_up, thumbs_down, flag_letters]
+
+    def load(request: gr.Request):
+        def run():
+            user = current_user(request)
+            return render(handlers.next_item(ctx, user), handlers.annotator_progress(ctx, user))
+        return guard(run)
+
+    def after_submit(user, result):
+        note = f"Saved judgement {result['judgement_id']} ({result['pairs']} pair(s))."
+        return render(handlers.next_item(ctx, user), handlers.annotator_progress(ctx, user), note)
+
+    def make_pairwise(choice):
+        def submit(view_value, edited_text, up, down, request: gr.Request):
+            def run():
+                user = current_user(request)
+                result = handlers.submit_pairwise(ctx, user, view_value, choice, edited=edited_text,
+                                                  thumbs_up=up, thumbs_down=down)
+                return after_submit(user, result)
+            return guard(run)
+        submit.__name__ = f"submit_{choice}"
+        return submit
+
+    def submit_ranked(view_value, ranking_text, edited_text, up, down, request: gr.Request):
+        def run():
+            user = current_user(request)
+            result = handlers.submit_ranking(ctx, user, view_value, ranking_text, edited=edited_text,
+                                             thumbs_up=up, thumbs_down=down)
+            return after_submit(user, result)
+        return guard(run)
+
+    def submit_all_bad(view_value, edited_text, up, down, request: gr.Request):
+        def run():
+            user = current_user(request)
+            result = handlers.submit_ranking(ctx, user, view_value, "", all_bad=True, edited=edited_text,
+                                             thumbs_up=up, thumbs_down=down)
+            return after_submit(user, result)
+        return guard(run)
+
+    def do_skip(view_value, reason, request: gr.Request):
+        def run():
+            user = current_user(request)
+            handlers.skip(ctx, user, view_value, reason)
+            return render(handlers.next_item(ctx, user), handlers.annotator_progress(ctx, user),
+                          f"Skipped ({reason}).")
+        return guard(run)
+
+    def do_flag(view_value, letters, reason, request: gr.Request):
+        def run():
+            n = handlers.flag(ctx, current_user(request), view_value, letters, reason="unsafe")
+            gr.Info(f"Flagged {'the prompt' if not letters else ', '.join(letters)} ({n}).")
+        return guard(run)
+
+    def do_copy_best(view_value, ranking_text, request: gr.Request):
+        def run():
+            handlers.whoami(current_user(request))
+            return handlers.best_answer_text(view_value, ranking_text)
+        return guard(run)
+
+    extra = [edited, thumbs_up, thumbs_down]
+    for button, choice in ((choose_a, "A"), (choose_b, "B"), (choose_tie, "tie"), (choose_bad, "both_bad")):
+        button.click(make_pairwise(choice), [view, *extra], outputs, api_name=f"submit_{choice}")
+    submit_ranking.click(submit_ranked, [view, ranking, *extra], outputs, api_name="submit_ranking")
+    ranking.submit(submit_ranked, [view, ranking, *extra], outputs, api_visibility="undocumented")
+    all_bad.click(submit_all_bad, [view, *extra], outputs, api_name="submit_all_bad")
+    skip_button.click(do_skip, [view, skip_reason], outputs, api_name="skip")
+    flag_button.click(do_flag, [view, flag_letters, skip_reason], None, api_name="flag")
+    copy_best.click(do_copy_best, [view, ranking], [edited], api_name="copy_best")
+    next_button.click(load, None, outputs, api_name="next_item")
+    return {"load": load, "outputs": outputs, "guidelines": guidelines, "view": view}
