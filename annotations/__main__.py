@@ -11,6 +11,7 @@ import sys
 from annotations.db import default_db_path, open_db
 from annotations.errors import AnnotationsError
 from annotations.formats import FORMATS, STYLES, export_pairs, import_file
+from annotations.quality import WEIGHT_BY, agreement_report, format_report
 from annotations.store import ROLES, add_user, count_rows
 
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "heldout"), default=None, help="only this split (default: all)")
     p.add_argument("--style", choices=STYLES, default="conversational")
     p.add_argument("--with-meta", action="store_true", help="add id, weight, split and source columns")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="drop judged pairs whose item agreement (share of the item's judgements that agree) is below this")
+    p.add_argument("--min-annotator-accuracy", type=float, default=None,
+                   help="drop pairs from annotators whose gold accuracy is below this (no gold seen: kept)")
+    p.add_argument("--weight-by", choices=WEIGHT_BY, default=None,
+                   help="weight column (with --with-meta): stored weight times item agreement or annotator accuracy")
 
     p = commands.add_parser("add-user", help="create an account")
     p.add_argument("name")
@@ -41,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", default=None, help="default: $RANKLOOP_PASSWORD, else asked for")
 
     commands.add_parser("stats", help="row counts of the main tables")
+    commands.add_parser("quality", help="inter-annotator agreement, Krippendorff's alpha, gold accuracy")
     return parser
 
 
@@ -56,7 +64,11 @@ def main(argv=None) -> int:
             )
             print(report.summary())
         elif args.command == "export":
-            n = export_pairs(db, args.out, split=args.split, style=args.style, with_meta=args.with_meta)
+            n = export_pairs(
+                db, args.out, split=args.split, style=args.style, with_meta=args.with_meta,
+                min_agreement=args.min_agreement, min_annotator_accuracy=args.min_annotator_accuracy,
+                weight_by=args.weight_by,
+            )
             print(f"exported {n} pairs to {args.out}")
         elif args.command == "add-user":
             password = args.password or os.environ.get("RANKLOOP_PASSWORD")
@@ -69,6 +81,8 @@ def main(argv=None) -> int:
         elif args.command == "stats":
             for table in ("users", "prompts", "items", "candidates", "judgements", "pairs", "ratings", "rounds", "policies"):
                 print(f"{table:12} {count_rows(db, table)}")
+        elif args.command == "quality":
+            print(format_report(agreement_report(db)))
     except AnnotationsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

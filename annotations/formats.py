@@ -24,6 +24,7 @@ from pathlib import Path
 
 from annotations.db import write_transaction
 from annotations.errors import ImportFormatError, InvalidInput
+from annotations.quality import check_weight_by, pair_weights, select_pair_ids
 from annotations.store import (
     DEFAULT_HELDOUT_FRACTION,
     MAX_ANSWER_CHARS,
@@ -377,18 +378,40 @@ def import_file(
 STYLES = ("conversational", "standard")
 
 
-def pair_rows(db, *, split: str | None = None, style: str = "conversational", with_meta: bool = False) -> list[dict]:
+def pair_rows(
+    db,
+    *,
+    split: str | None = None,
+    style: str = "conversational",
+    with_meta: bool = False,
+    min_agreement: float | None = None,
+    min_annotator_accuracy: float | None = None,
+    weight_by: str | None = None,
+) -> list[dict]:
     """Pairs as TRL preference rows.
 
     conversational: {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg]}
     standard: {"prompt": text, "chosen": text, "rejected": text}, for single-turn user prompts
     (a system message or several turns cannot be flattened without a template: use
     conversational for those).
+
+    `min_agreement` and `min_annotator_accuracy` drop pairs as `quality.select_pair_ids` does.
+    `weight_by` ('agreement' or 'accuracy') replaces the stored weight with the one
+    `quality.pair_weights` gives; the weight is a column of the `with_meta` rows only.
     """
     if style not in STYLES:
         raise InvalidInput(f"style {style!r} is unknown: use one of {', '.join(STYLES)}")
+    check_weight_by(weight_by)
+    keep = None
+    if min_agreement is not None or min_annotator_accuracy is not None:
+        keep = select_pair_ids(db, min_agreement=min_agreement, min_annotator_accuracy=min_annotator_accuracy)
+    weights = {}
+    if weight_by is not None and with_meta:
+        weights = pair_weights(db, by_agreement=weight_by == "agreement", by_annotator_accuracy=weight_by == "accuracy")
     rows = []
     for pair in iter_pairs(db, split=split):
+        if keep is not None and pair["id"] not in keep:
+            continue
         if style == "conversational":
             row = {
                 "prompt": pair["messages"],
@@ -402,7 +425,8 @@ def pair_rows(db, *, split: str | None = None, style: str = "conversational", wi
                 )
             row = {"prompt": pair["messages"][0]["content"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
         if with_meta:
-            row.update({"id": pair["id"], "weight": pair["weight"], "split": pair["split"], "source": pair["source"]})
+            weight = weights.get(pair["id"], pair["weight"])
+            row.update({"id": pair["id"], "weight": weight, "split": pair["split"], "source": pair["source"]})
         rows.append(row)
     return rows
 
@@ -431,9 +455,27 @@ def write_rows(rows: list[dict], out) -> str:
     return "datasets"
 
 
-def export_pairs(db, out, *, split: str | None = None, style: str = "conversational", with_meta: bool = False) -> int:
-    rows = pair_rows(db, split=split, style=style, with_meta=with_meta)
+def export_pairs(
+    db,
+    out,
+    *,
+    split: str | None = None,
+    style: str = "conversational",
+    with_meta: bool = False,
+    min_agreement: float | None = None,
+    min_annotator_accuracy: float | None = None,
+    weight_by: str | None = None,
+) -> int:
+    """Write `pair_rows` (same options) to `out`; returns how many. No rows is an error."""
+    rows = pair_rows(
+        db, split=split, style=style, with_meta=with_meta, min_agreement=min_agreement,
+        min_annotator_accuracy=min_annotator_accuracy, weight_by=weight_by,
+    )
     if not rows:
-        raise InvalidInput("there are no pairs to export" + (f" in the {split} split" if split else ""))
+        filtered = min_agreement is not None or min_annotator_accuracy is not None
+        raise InvalidInput(
+            "there are no pairs to export" + (f" in the {split} split" if split else "")
+            + (" that pass the agreement/accuracy filters" if filtered else "")
+        )
     write_rows(rows, out)
     return len(rows)

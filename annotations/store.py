@@ -454,9 +454,10 @@ def submit_judgement(
                 "INSERT INTO candidates (item_id, text, policy_version, author_id) VALUES (?, ?, NULL, ?)",
                 [item_id, human_text, user_id],
             )
-            candidates[cursor.lastrowid] = {"text": human_text, "version": None}
+            human_id = cursor.lastrowid
+            candidates[human_id] = {"text": human_text, "version": None}
             # A human-written answer beats every model answer, even in a "both bad" judgement.
-            tiers = [[cursor.lastrowid], *tiers]
+            tiers = [[human_id], *tiers]
         cursor = db.execute(
             "INSERT INTO judgements (item_id, user_id, mode, ranking, both_bad, shown_order, decision_ms,"
             " idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -464,11 +465,12 @@ def submit_judgement(
              decision_ms, idempotency_key],
         )
         judgement_id = cursor.lastrowid
-        if both_bad:
-            # No model answer is preferred; only a written answer yields pairs (over each of them).
-            pairs = [(tiers[0][0], c) for c in model_ids] if human_text is not None else []
-        else:
-            pairs = derive_pairs(tiers, pair_policy)
+        model_tiers = tiers[1:] if human_text is not None else tiers
+        # The pair policy applies to the model answers; a written answer beats each of them
+        # whatever the policy. "Both bad" prefers no model answer to another.
+        pairs = [] if both_bad else derive_pairs(model_tiers, pair_policy)
+        if human_text is not None:
+            pairs = [(human_id, c) for tier in model_tiers for c in tier] + pairs
         for chosen, rejected in pairs:
             db.execute(
                 "INSERT INTO pairs (prompt_id, chosen, rejected, source, judgement_id, chosen_candidate_id,"
@@ -520,12 +522,12 @@ def flag_item(db, user_id: int, item_id: int, reason: str, candidate_ids: Sequen
         for candidate_id in candidate_ids:
             if candidate_id not in known:
                 raise InvalidInput(f"answer {candidate_id} does not belong to item {item_id}")
-        for candidate_id in list(candidate_ids) or [None]:
+        for candidate_id in list(dict.fromkeys(candidate_ids)) or [None]:
             db.execute(
                 "INSERT INTO flags (item_id, candidate_id, user_id, reason) VALUES (?, ?, ?, ?)",
                 [item_id, candidate_id, user_id, reason[:MAX_REASON_CHARS]],
             )
-        return len(candidate_ids) or 1
+        return len(set(candidate_ids)) or 1
 
 
 GOLD_OVERLAP = 1_000_000
@@ -539,6 +541,9 @@ def set_gold(db, item_id: int, ranking: Sequence[Sequence[int]]) -> None:
         if not ids:
             raise NotFound(f"item {item_id} has no answers yet")
         tiers = _validate_ranking(ranking, ids)
+        status = db.execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()[0]
+        if status == "retired":
+            raise InvalidInput(f"item {item_id} is retired; make a current item gold")
         db.execute(
             "UPDATE items SET gold = ?, overlap = ?, status = CASE WHEN status = 'complete' THEN 'ready' ELSE status END"
             " WHERE id = ?",
@@ -552,17 +557,19 @@ def retire_stale_items(db, live_version: str) -> int:
     next annotation round judges the current policy. Returns how many were requeued."""
     with write_transaction(db):
         rows = db.execute(
-            """SELECT items.id, items.prompt_id, items.mode, items.k, items.overlap FROM items
+            """SELECT items.id, items.prompt_id, items.mode, items.k, items.overlap, items.sampling FROM items
                WHERE items.status IN ('ready') AND items.versions IS NULL AND items.gold IS NULL
                  AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id)
                  AND EXISTS (SELECT 1 FROM candidates c WHERE c.item_id = items.id
                              AND c.policy_version IS NOT NULL AND c.policy_version != ?)""",
             [live_version],
         ).fetchall()
-        for item_id, prompt_id, mode, k, overlap in rows:
+        for item_id, prompt_id, mode, k, overlap, sampling in rows:
             db.execute("UPDATE items SET status = 'retired' WHERE id = ?", [item_id])
             db.execute("DELETE FROM leases WHERE item_id = ?", [item_id])
-            queue_items(db, [prompt_id], mode=mode, k=k, overlap=overlap)
+            # The fresh item keeps the decoding settings the admin asked for.
+            queue_items(db, [prompt_id], mode=mode, k=k, overlap=overlap,
+                        sampling=json.loads(sampling) if sampling else None)
         return len(rows)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import handlers
-from app.pages.common import guard
+from app.pages.common import endpoint, guard
 
 SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens")
 
@@ -122,12 +122,12 @@ def build(ctx, current_user, annotate_view):
         return guard(run)
 
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens]
-    save_settings.click(do_save_settings, setting_inputs, settings_status, api_name="save_settings")
-    save_guidelines.click(do_save_guidelines, guidelines_text, None, api_name="save_guidelines")
-    import_button.click(do_import, [upload, import_format], import_status, api_name="import_file")
-    export_button.click(do_export, [export_split, export_format], export_file, api_name="export_pairs")
-    queue_button.click(do_queue, [queue_text, queue_versions], queue_status, api_name="queue_prompt")
-    gold_button.click(do_gold, [annotate_view, gold_ranking], gold_status, api_name="mark_gold")
+    save_settings.click(do_save_settings, setting_inputs, settings_status, api_name=endpoint("save_settings", "admin"))
+    save_guidelines.click(do_save_guidelines, guidelines_text, None, api_name=endpoint("save_guidelines", "admin"))
+    import_button.click(do_import, [upload, import_format], import_status, api_name=endpoint("import_file", "admin"))
+    export_button.click(do_export, [export_split, export_format], export_file, api_name=endpoint("export_pairs", "admin"))
+    queue_button.click(do_queue, [queue_text, queue_versions], queue_status, api_name=endpoint("queue_prompt", "admin"))
+    gold_button.click(do_gold, [annotate_view, gold_ranking], gold_status, api_name=endpoint("mark_gold", "admin"))
     add_button.click(do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
-                     api_name="add_account")
+                     api_name=endpoint("add_account", "admin"))
     return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts]

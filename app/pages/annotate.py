@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import handlers
-from app.pages.common import guard, prompt_for_chatbot
+from app.pages.common import endpoint, guard, prompt_for_chatbot
 
 MAX_ANSWERS = len(handlers.LETTERS)
 
@@ -145,12 +145,12 @@ def build(ctx, current_user):
 
     extra = [edited, thumbs_up, thumbs_down]
     for button, choice in ((choose_a, "A"), (choose_b, "B"), (choose_tie, "tie"), (choose_bad, "both_bad")):
-        button.click(make_pairwise(choice), [view, *extra], outputs, api_name=f"submit_{choice}")
-    submit_ranking.click(submit_ranked, [view, ranking, *extra], outputs, api_name="submit_ranking")
+        button.click(make_pairwise(choice), [view, *extra], outputs, api_name=endpoint(f"submit_{choice}", "annotator"))
+    submit_ranking.click(submit_ranked, [view, ranking, *extra], outputs, api_name=endpoint("submit_ranking", "annotator"))
     ranking.submit(submit_ranked, [view, ranking, *extra], outputs, api_visibility="undocumented")
-    all_bad.click(submit_all_bad, [view, *extra], outputs, api_name="submit_all_bad")
-    skip_button.click(do_skip, [view, skip_reason], outputs, api_name="skip")
-    flag_button.click(do_flag, [view, flag_letters, skip_reason], None, api_name="flag")
-    copy_best.click(do_copy_best, [view, ranking], [edited], api_name="copy_best")
-    next_button.click(load, None, outputs, api_name="next_item")
+    all_bad.click(submit_all_bad, [view, *extra], outputs, api_name=endpoint("submit_all_bad", "annotator"))
+    skip_button.click(do_skip, [view, skip_reason], outputs, api_name=endpoint("skip", "annotator"))
+    flag_button.click(do_flag, [view, flag_letters, skip_reason], None, api_name=endpoint("flag", "annotator"))
+    copy_best.click(do_copy_best, [view, ranking], [edited], api_name=endpoint("copy_best", "annotator"))
+    next_button.click(load, None, outputs, api_name=endpoint("next_item", "annotator"))
     return {"load": load, "outputs": outputs, "guidelines": guidelines, "view": view}

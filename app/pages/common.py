@@ -31,3 +31,34 @@ def prompt_for_chatbot(messages):
         else:
             shown.append({"role": m["role"], "content": m["content"]})
     return shown
+
+
+# Every public API endpoint with the role its handler requires ('annotator' admits admins too).
+# `endpoint` refuses a name missing here, and the role test enumerates the running app's API
+# against this table, so no endpoint can slip in without a reviewed role.
+ENDPOINT_ROLES: dict[str, str] = {
+    "next_item": "annotator",
+    "submit_A": "annotator",
+    "submit_B": "annotator",
+    "submit_tie": "annotator",
+    "submit_both_bad": "annotator",
+    "submit_ranking": "annotator",
+    "submit_all_bad": "annotator",
+    "skip": "annotator",
+    "flag": "annotator",
+    "copy_best": "annotator",
+    "save_settings": "admin",
+    "save_guidelines": "admin",
+    "import_file": "admin",
+    "export_pairs": "admin",
+    "queue_prompt": "admin",
+    "mark_gold": "admin",
+    "add_account": "admin",
+}
+
+
+def endpoint(name: str, role: str) -> str:
+    """The API name for an event, checked against ENDPOINT_ROLES."""
+    if ENDPOINT_ROLES.get(name) != role:
+        raise ValueError(f"endpoint {name!r} must be declared with role {role!r} in ENDPOINT_ROLES")
+    return name

@@ -6,7 +6,7 @@ import sys
 
 from tests.conftest import REPO
 
-STORE_MODULES = ("annotations", "annotations.store", "annotations.formats", "annotations.__main__")
+STORE_MODULES = ("annotations", "annotations.store", "annotations.formats", "annotations.quality", "annotations.__main__")
 FORBIDDEN = ("torch", "transformers", "gradio")
 
 

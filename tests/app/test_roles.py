@@ -1,0 +1,50 @@
+"""Roles are enforced on the server for every endpoint, enumerated from the app's own API."""
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from app.pages.common import ENDPOINT_ROLES
+from tests.app.conftest import ADMIN, ANNOTATORS
+
+
+@pytest.fixture(scope="module")
+def api(running_app):
+    client = Client(running_app.url, auth=ANNOTATORS[0], verbose=False)
+    return client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+
+
+def call(app, user, name, api):
+    client = Client(app.url, auth=user, verbose=False)
+    # Gradio's own example values pass its preprocessing, so the handler (and its check) runs;
+    # files are a local one (the example is a URL, and nothing here reaches the internet).
+    local_file = app.home / "role-test.jsonl"
+    local_file.write_text('{"prompt": "role test"}\n')
+    args = [handle_file(str(local_file)) if param["component"] == "File" else param.get("example_input")
+            for param in api[name]["parameters"]]
+    return client.predict(*args, api_name=name)
+
+
+def test_every_public_endpoint_declares_its_role(api):
+    assert set(api) == {"/" + name for name in ENDPOINT_ROLES}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, role in ENDPOINT_ROLES.items() if role == "admin"))
+def test_annotator_cannot_call_an_admin_endpoint(running_app, api, name):
+    with pytest.raises(Exception, match="Permission denied"):
+        call(running_app, ANNOTATORS[1], "/" + name, api)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, role in ENDPOINT_ROLES.items() if role == "admin"))
+def test_admin_passes_the_role_check_of_an_admin_endpoint(running_app, api, name):
+    try:
+        call(running_app, ADMIN, "/" + name, api)
+    except Exception as e:  # empty arguments may be refused, but never for the role
+        assert "Permission denied" not in str(e)
+
+
+def test_anonymous_http_calls_are_refused_for_every_event_handler(running_app):
+    for fn_index in range(len(running_app.demo.fns)):
+        response = httpx.post(running_app.url + "gradio_api/queue/join",
+                              json={"fn_index": fn_index, "data": [], "session_hash": "anonymous"})
+        assert response.status_code == 401, (fn_index, response.status_code)
