@@ -339,6 +339,14 @@ def export_download(ctx: AppContext, user: dict | None, *, split: str | None = N
     return str(out), n
 
 
+def quality_report(ctx: AppContext, user: dict | None) -> str:
+    """Agreement, Krippendorff's alpha, gold accuracy and decision times, as a text table."""
+    from annotations.quality import agreement_report, format_report
+
+    _admin(user)
+    return format_report(agreement_report(ctx.db()))
+
+
 def add_account(ctx: AppContext, user: dict | None, name: str, role: str, password: str) -> str:
     _admin(user)
     store.add_user(ctx.db(), name, role, password)

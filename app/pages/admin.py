@@ -42,6 +42,8 @@ def build(ctx, current_user, annotate_view):
         with gr.Row():
             export_split = gr.Radio(["all", "train", "heldout"], value="all", label="Split")
             export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="File format")
+            min_agreement = gr.Number(label="Min. item agreement (0-1, blank: all)", value=None)
+            min_accuracy = gr.Number(label="Min. annotator gold accuracy (0-1, blank: all)", value=None)
             export_button = gr.Button("Export", elem_id="export")
         export_file = gr.File(label="Download", interactive=False)
 
@@ -57,6 +59,10 @@ def build(ctx, current_user, annotate_view):
             gold_ranking = gr.Textbox(label="Known ranking, e.g. A > B", scale=3)
             gold_button = gr.Button("Mark gold")
         gold_status = gr.Markdown()
+
+        gr.Markdown("### Annotation quality")
+        quality_button = gr.Button("Compute agreement and gold accuracy", elem_id="quality")
+        quality = gr.Code(label="Quality report", language=None, elem_id="quality-report")
 
         gr.Markdown("### Accounts")
         with gr.Row():
@@ -94,10 +100,11 @@ def build(ctx, current_user, annotate_view):
     def do_import(path, fmt, request: gr.Request):
         return guard(lambda: handlers.import_upload(ctx, current_user(request), path, fmt))
 
-    def do_export(split, file_format, request: gr.Request):
+    def do_export(split, file_format, agreement, accuracy, request: gr.Request):
         def run():
             path, n = handlers.export_download(ctx, current_user(request), split=None if split == "all" else split,
-                                               file_format=file_format)
+                                               file_format=file_format, min_agreement=agreement,
+                                               min_annotator_accuracy=accuracy)
             gr.Info(f"Exported {n} pairs.")
             return path
         return guard(run)
@@ -121,13 +128,17 @@ def build(ctx, current_user, annotate_view):
             return handlers.list_accounts(ctx, user), "", ""
         return guard(run)
 
+    def do_quality(request: gr.Request):
+        return guard(lambda: handlers.quality_report(ctx, current_user(request)))
+
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens]
     save_settings.click(do_save_settings, setting_inputs, settings_status, api_name=endpoint("save_settings", "admin"))
     save_guidelines.click(do_save_guidelines, guidelines_text, None, api_name=endpoint("save_guidelines", "admin"))
     import_button.click(do_import, [upload, import_format], import_status, api_name=endpoint("import_file", "admin"))
-    export_button.click(do_export, [export_split, export_format], export_file, api_name=endpoint("export_pairs", "admin"))
+    export_button.click(do_export, [export_split, export_format, min_agreement, min_accuracy], export_file, api_name=endpoint("export_pairs", "admin"))
     queue_button.click(do_queue, [queue_text, queue_versions], queue_status, api_name=endpoint("queue_prompt", "admin"))
     gold_button.click(do_gold, [annotate_view, gold_ranking], gold_status, api_name=endpoint("mark_gold", "admin"))
     add_button.click(do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
                      api_name=endpoint("add_account", "admin"))
+    quality_button.click(do_quality, None, quality, api_name=endpoint("quality_report", "admin"))
     return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts]

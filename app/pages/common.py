@@ -54,6 +54,7 @@ ENDPOINT_ROLES: dict[str, str] = {
     "queue_prompt": "admin",
     "mark_gold": "admin",
     "add_account": "admin",
+    "quality_report": "admin",
 }
 
 
