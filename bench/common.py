@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmarks: results, machine description, percentiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results.json"
+DOC = REPO / "docs" / "benchmarks.md"
+
+
+@dataclass
+class Result:
+    """One benchmark figure: rankloop's value against a baseline measured in the same run."""
+
+    name: str
+    metric: str
+    value: float
+    baseline: float
+    baseline_label: str
+    unit: str
+    higher_is_better: bool = False
+    target: str = ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.value / self.baseline if self.baseline else float("inf")
+        return self.baseline / self.value if self.value else float("inf")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": round(self.ratio, 2)}
+
+
+def percentile(values, q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[index]
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                         time.gmtime())}
+
+
+def write_results(results: list[Result], command: str) -> None:
+    info = machine()
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    figures = {**previous.get("figures", {}), **{r.name: r.as_dict() for r in results}}
+    RESULTS.write_text(json.dumps({"machine": info, "command": command, "figures": figures}, indent=2) + "\n")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Reproduce with `{command}` (all of them: `make bench`). Machine: {info['cpu']}, {info['cores']} cores, "
+        f"torch {info['torch']}, Python {info['python']}; commit {info['commit']}, {info['date']}.",
+        "Each figure is a ratio against a baseline measured in the same run on the same data.",
+        "",
+        "| benchmark | metric | rankloop | baseline | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, f in figures.items():
+        lines.append(f"| {name} | {f['metric']} | {f['value']:.3g} {f['unit']} | {f['baseline']:.3g} {f['unit']} "
+                     f"({f['baseline_label']}) | {f['ratio']}× | {f['target']} |")
+    lines.append("")
+    for name, f in figures.items():
+        if f.get("details"):
+            lines.append(f"**{name}**: " + "; ".join(f"{k} = {v}" for k, v in f["details"].items()))
+            lines.append("")
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text("\n".join(lines))
+
+
+def print_table(results: list[Result]) -> None:
+    print(f"{'benchmark':24} {'metric':34} {'rankloop':>12} {'baseline':>12} {'ratio':>7}  target")
+    for r in results:
+        print(f"{r.name:24} {r.metric:34} {r.value:>10.3g}{r.unit:>2} {r.baseline:>10.3g}{r.unit:>2} "
+              f"{r.ratio:>6.2f}×  {r.target}")
