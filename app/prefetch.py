@@ -12,7 +12,7 @@ import threading
 
 from annotations import store
 from annotations.errors import AnnotationsError
-from app.serving import SamplingParams, ensure_loaded
+from app.serving import Preempted, SamplingParams, ensure_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.generated = 0
+        self.preempted = 0
         self.last_error: str | None = None
 
     def start(self) -> "Prefetcher":
@@ -68,7 +69,7 @@ class Prefetcher:
         for version, n in zip(versions, counts):
             version = ensure_loaded(self.server, db, version)
             generations += self.server.generate(item["messages"], n=n, sampling=self.sampling or sampling,
-                                                version=version)
+                                                version=version, preemptible=True)
         store.add_candidates(
             db,
             item["id"],
@@ -84,16 +85,20 @@ class Prefetcher:
     def _run(self) -> None:
         db = self._connect()
         while not self._stop.is_set():
+            pause = self.poll_seconds
             try:
                 worked = self.fill_once(db)
                 self.last_error = None
             except AnnotationsError as e:  # the item changed under us (retired, filled): move on
                 logger.warning("prefetch: %s", e)
                 worked = True
+            except Preempted:  # chat or arena needed the model: let it go first, then retry
+                self.preempted += 1
+                worked, pause = False, 0.5
             except Exception as e:  # keep the thread alive; the error shows on the admin page
                 logger.exception("prefetch failed")
                 self.last_error = f"{type(e).__name__}: {e}"
                 worked = False
             if not worked:
-                self._wake.wait(self.poll_seconds)
+                self._wake.wait(pause)
                 self._wake.clear()

@@ -8,6 +8,7 @@ it started with, and every result records the version that produced it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,8 +55,27 @@ class Generation:
     sampling: dict
 
 
+class Preempted(Exception):
+    """A background generation gave way to an interactive request; retry it later."""
+
+
+class _StopWhen:
+    """A stopping criterion that ends generation for the whole batch when `predicate()` holds."""
+
+    def __init__(self, predicate):
+        self.predicate = predicate
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), bool(self.predicate()), dtype=torch.bool)
+
+
 class PolicyServer:
-    """Serves generations from the base model and any registered adapter version."""
+    """Serves generations from the base model and any registered adapter version.
+
+    Interactive requests (chat, arena) come first: a background generation (prefetching
+    an item's answers) started with `preemptible=True` stops as soon as an interactive
+    request is waiting for the model, and raises `Preempted` so its caller retries later.
+    """
 
     def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024):
         self.base_path = Path(base_path)
@@ -64,6 +84,8 @@ class PolicyServer:
         self.model = load_causal_lm(self.base_path)
         self.max_prompt_tokens = max_prompt_tokens
         self._lock = threading.Lock()
+        self._waiting = 0  # interactive requests waiting for the lock
+        self._waiting_lock = threading.Lock()
         self._adapters: dict[str, Path] = {}
         self._live = BASE_VERSION
 
@@ -109,39 +131,115 @@ class PolicyServer:
         attention = ids["attention_mask"][:, -self.max_prompt_tokens:]
         return {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention.repeat(n, 1)}
 
+    @contextlib.contextmanager
+    def _model_lock(self, interactive: bool):
+        if not interactive:
+            with self._lock:
+                yield
+            return
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def interactive_waiting(self) -> bool:
+        return self._waiting > 0
+
+    def _generate_kwargs(self, sampling: SamplingParams) -> dict:
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            repetition_penalty=sampling.repetition_penalty,
+        )
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+    def _check_version(self, version: str) -> None:
+        if version != BASE_VERSION and version not in self._adapters:
+            raise KeyError(f"version {version} is not loaded")
+
     def generate(self, messages: list[dict], n: int = 1, sampling: SamplingParams | None = None,
-                 version: str | None = None, seed: int | None = None) -> list[Generation]:
-        """`n` answers to one chat prompt, sampled in one batch, from `version` (default: live)."""
+                 version: str | None = None, seed: int | None = None, *, preemptible: bool = False,
+                 interactive: bool = False) -> list[Generation]:
+        """`n` answers to one chat prompt, sampled in one batch, from `version` (default: live).
+
+        `interactive` requests jump ahead of background work; a `preemptible` one stops and
+        raises `Preempted` when an interactive request is waiting.
+        """
+        from transformers import StoppingCriteriaList
+
         sampling = sampling or SamplingParams()
-        with self._lock:
+        with self._model_lock(interactive):
             version = version or self._live
-            if version != BASE_VERSION and version not in self._adapters:
-                raise KeyError(f"version {version} is not loaded")
+            self._check_version(version)
             inputs = self._encode(messages, n)
             if seed is not None:
                 torch.manual_seed(seed)
             start = time.perf_counter()
-            kwargs = dict(
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                repetition_penalty=sampling.repetition_penalty,
-            )
-            if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-            else:
-                kwargs.update(do_sample=False)
+            kwargs = self._generate_kwargs(sampling)
+            if preemptible:
+                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(self.interactive_waiting)])
             with torch.inference_mode(), self._using(version):
                 out = self.model.generate(**inputs, **kwargs)
             seconds = time.perf_counter() - start
+            if preemptible and self.interactive_waiting():
+                raise Preempted()
         prompt_len = inputs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         return [Generation(t.strip(), version, seconds, sampling.as_dict()) for t in texts]
 
+    def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
+        """Yield (text so far, version) while one answer is generated; an interactive request.
+
+        Closing the generator (a browser tab closed mid-answer) stops the generation.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        sampling = sampling or SamplingParams()
+        stop = threading.Event()
+        with self._model_lock(interactive=True):
+            version = version or self._live
+            self._check_version(version)
+            inputs = self._encode(messages, 1)
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+            kwargs = self._generate_kwargs(sampling)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(stop.is_set)])
+            failure = []
+
+            def work():
+                try:
+                    with torch.inference_mode(), self._using(version):
+                        self.model.generate(**inputs, streamer=streamer, **kwargs)
+                except BaseException as e:  # surfaced to the consumer below
+                    failure.append(e)
+                    streamer.end()
+
+            thread = threading.Thread(target=work, name="rankloop-stream", daemon=True)
+            thread.start()
+            try:
+                text = ""
+                for piece in streamer:
+                    text += piece
+                    yield text, version
+                if failure:
+                    raise failure[0]
+            finally:
+                stop.set()
+                thread.join()
+
     def _using(self, version: str):
         """Context in which the model runs as `version` (the caller holds the lock)."""
-        import contextlib
-
         if not hasattr(self.model, "peft_config"):
             return contextlib.nullcontext()
         if version == BASE_VERSION:

@@ -103,3 +103,41 @@ def test_policy_server_records_the_version_and_rejects_unknown_ones(server):
 def test_sampling_params_reject_out_of_range_values():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=5)
+
+
+def test_stream_yields_growing_text_and_records_the_version(server):
+    pieces = list(server.stream([{"role": "user", "content": "hello"}], SamplingParams(max_new_tokens=6)))
+    assert pieces and all(version == "base" for _, version in pieces)
+    assert all(len(a[0]) <= len(b[0]) for a, b in zip(pieces, pieces[1:]))
+
+
+def test_closing_a_stream_early_releases_the_model(server):
+    stream = server.stream([{"role": "user", "content": "hello"}], SamplingParams(max_new_tokens=64))
+    next(stream)
+    stream.close()
+    assert server.generate([{"role": "user", "content": "hi"}], sampling=SamplingParams(max_new_tokens=2))
+
+
+def test_background_generation_gives_way_to_an_interactive_request(server):
+    import threading
+
+    from app.serving import Preempted
+
+    outcome = {}
+
+    def background():
+        try:
+            server.generate([{"role": "user", "content": "a long one"}], n=2,
+                            sampling=SamplingParams(max_new_tokens=1024, temperature=1.0), preemptible=True)
+            outcome["result"] = "finished"
+        except Preempted:
+            outcome["result"] = "preempted"
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    while not server._lock.locked():
+        pass
+    reply = server.generate([{"role": "user", "content": "quick"}], sampling=SamplingParams(max_new_tokens=2),
+                            interactive=True)
+    thread.join()
+    assert reply and outcome["result"] == "preempted"
