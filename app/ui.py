@@ -7,8 +7,10 @@ import gradio as gr
 
 from app import handlers
 from app.auth import user_from_request
+from app.chat import policy_versions as chat_versions
 from app.pages import admin as admin_page
 from app.pages import annotate as annotate_page
+from app.pages import chat as chat_page
 from app.pages.common import guard
 
 # Keyboard shortcuts. Ignored while typing in a field (Esc leaves it); Ctrl+Enter in the
@@ -54,6 +56,10 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Annotate", id="annotate"):
                 annotate = annotate_page.build(ctx, current_user)
+            with gr.Tab("Chat", id="chat"):
+                chat_tab = chat_page.build_chat(ctx, current_user)
+            with gr.Tab("Arena", id="arena"):
+                arena_tab = chat_page.build_arena(ctx, current_user)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 load_admin, admin_outputs = admin_page.build(ctx, current_user, annotate["view"])
 
@@ -64,10 +70,12 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 guidelines = handlers.guidelines(ctx, user)
                 is_admin = user["role"] == "admin"
                 admin_values = load_admin(request) if is_admin else [gr.update() for _ in admin_outputs]
+                versions = gr.update(choices=chat_versions(ctx))
                 return [f"Logged in as **{user['name']}** ({user['role']})", *page, guidelines,
-                        gr.update(visible=is_admin), *admin_values]
+                        versions, versions, versions, gr.update(visible=is_admin), *admin_values]
             return guard(run)
 
-        demo.load(on_load, None, [who, *annotate["outputs"], annotate["guidelines"], admin_tab, *admin_outputs],
+        demo.load(on_load, None, [who, *annotate["outputs"], annotate["guidelines"], chat_tab["version"],
+                                  arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs],
                   api_visibility="private")
     return demo

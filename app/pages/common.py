@@ -55,6 +55,16 @@ ENDPOINT_ROLES: dict[str, str] = {
     "mark_gold": "admin",
     "add_account": "admin",
     "quality_report": "admin",
+    "chat": "annotator",
+    "rate_reply": "annotator",
+    "send_to_annotation": "annotator",
+    "arena_random_prompt": "annotator",
+    "arena_battle": "annotator",
+    "arena_vote_A": "annotator",
+    "arena_vote_B": "annotator",
+    "arena_vote_tie": "annotator",
+    "arena_vote_both_bad": "annotator",
+    "arena_leaderboard": "annotator",
 }
 
 

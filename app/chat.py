@@ -1,0 +1,152 @@
+"""Handlers of the chat and arena tabs (plain functions, role-checked like `app.handlers`)."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+
+from annotations import arena, chat, store
+from annotations.errors import InvalidInput
+from app.handlers import AppContext, _annotator
+from app.serving import BASE_VERSION, SamplingParams, ensure_loaded
+
+LIVE = "live"
+
+
+def message_text(content) -> str:
+    """Plain text of a Gradio chat message's content (a string or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def history_messages(history) -> list[dict]:
+    """Chatbot history → [{role, content}] with plain-text content."""
+    out = []
+    for m in history or []:
+        if isinstance(m, dict) and m.get("role") in ("user", "assistant", "system"):
+            out.append({"role": m["role"], "content": message_text(m.get("content"))})
+    return out
+
+
+def policy_versions(ctx: AppContext) -> list[str]:
+    """Versions one can chat with: the live one, the base, and every registered policy."""
+    rows = ctx.db().execute(
+        "SELECT version FROM policies WHERE kind = 'policy' AND state != 'retired' OR version = 'base'"
+        " ORDER BY created_at").fetchall()
+    return [LIVE, *dict.fromkeys(r[0] for r in rows)]
+
+
+def _resolve(ctx: AppContext, version: str | None) -> str:
+    if not version or version == LIVE:
+        return ctx.server.live_version
+    return ensure_loaded(ctx.server, ctx.db(), version)
+
+
+def _sampling(values: dict | None) -> SamplingParams:
+    try:
+        return SamplingParams(**(values or {}))
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(str(e)) from None
+
+
+def chat_stream(ctx: AppContext, user: dict | None, history, message: str, *, conversation: str,
+                version: str | None = None, sampling: dict | None = None):
+    """Stream the reply to `message` after `history`. Yields (reply so far, version); the
+    last item also carries the stored reply id: (reply, version, reply_id)."""
+    user = _annotator(user)
+    messages = store.canonical_messages(history_messages(history) + [{"role": "user", "content": message or ""}])
+    params = _sampling(sampling)
+    version = _resolve(ctx, version)
+    start = time.perf_counter()
+    text = ""
+    for text, produced_by in ctx.server.stream(messages, params, version):
+        yield text, produced_by
+    reply_id = chat.add_reply(ctx.db(), user["id"], conversation, messages, text.strip(), version,
+                              sampling=params.as_dict(), seconds=time.perf_counter() - start)
+    yield text, version, reply_id
+
+
+def rate_reply(ctx: AppContext, user: dict | None, reply_id: int, liked: bool | None) -> None:
+    user = _annotator(user)
+    chat.rate_reply(ctx.db(), user["id"], int(reply_id), None if liked is None else (1 if liked else -1))
+
+
+def send_to_annotation(ctx: AppContext, user: dict | None, history) -> int:
+    _annotator(user)
+    item_id = chat.send_to_annotation(
+        ctx.db(), history_messages(history), mode=ctx.setting("mode"), k=int(ctx.setting("k")),
+        overlap=int(ctx.setting("overlap")), source=f"chat:{user['name']}")
+    ctx.wake_prefetcher()
+    return item_id
+
+
+def new_conversation() -> str:
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------- arena
+
+
+def default_opponents(ctx: AppContext) -> tuple[str, str]:
+    """Live version against its parent (or the base, if the live version has none)."""
+    live = ctx.server.live_version
+    row = ctx.db().execute("SELECT parent FROM policies WHERE version = ?", [live]).fetchone()
+    parent = row[0] if row and row[0] else BASE_VERSION
+    if parent == live:
+        raise InvalidInput("the live version is the base and has no parent yet: pick two versions to compare")
+    return live, parent
+
+
+def random_prompt(ctx: AppContext, user: dict | None) -> str:
+    """A held-out single-turn prompt to battle on (falls back to any prompt)."""
+    _annotator(user)
+    row = ctx.db().execute(
+        "SELECT messages FROM prompts WHERE split = 'heldout' ORDER BY random() LIMIT 1").fetchone() or \
+        ctx.db().execute("SELECT messages FROM prompts ORDER BY random() LIMIT 1").fetchone()
+    if row is None:
+        raise InvalidInput("the store holds no prompts yet: type one")
+    import json
+
+    messages = json.loads(row[0])
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def start_battle(ctx: AppContext, user: dict | None, prompt: str, version_a: str | None = None,
+                 version_b: str | None = None, sampling: dict | None = None) -> dict:
+    """Answer `prompt` with two versions (live vs parent unless given), shown blind in random
+    order. Returns {"battle_id", "answers": [text A, text B]} — versions stay hidden."""
+    user = _annotator(user)
+    messages = store.canonical_messages(prompt or "")
+    if version_a in (None, "", LIVE) and version_b in (None, "", LIVE):
+        first, second = default_opponents(ctx)
+    else:
+        first, second = _resolve(ctx, version_a), _resolve(ctx, version_b)
+    if first == second:
+        raise InvalidInput("pick two different versions")
+    params = _sampling(sampling)
+    answers = {}
+    for version in (first, second):
+        ensure_loaded(ctx.server, ctx.db(), version)
+        answers[version] = ctx.server.generate(messages, n=1, sampling=params, version=version,
+                                               interactive=True)[0].text
+    a, b = random.sample([first, second], 2)
+    battle_id = arena.record_battle(ctx.db(), user["id"], messages, a, b, answers[a], answers[b])
+    return {"battle_id": battle_id, "answers": [answers[a], answers[b]]}
+
+
+def vote(ctx: AppContext, user: dict | None, battle_id: int | None, winner: str) -> dict:
+    user = _annotator(user)
+    if not battle_id:
+        raise InvalidInput("start a battle first")
+    return arena.vote(ctx.db(), user["id"], int(battle_id), winner)
+
+
+def leaderboard(ctx: AppContext, user: dict | None) -> tuple[list[dict], list[dict]]:
+    _annotator(user)
+    return arena.leaderboard(ctx.db()), arena.win_rates_over_parent(ctx.db())

@@ -1,0 +1,143 @@
+"""The chat and arena tabs: wiring only (logic in `app.chat`)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from annotations.errors import AnnotationsError
+from app import chat
+from app.pages.common import endpoint, guard
+
+
+def _decoding_controls():
+    with gr.Accordion("Decoding", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature")
+            top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top_p")
+            repetition_penalty = gr.Slider(1, 2, value=1.1, step=0.05, label="repetition_penalty")
+            max_new_tokens = gr.Slider(8, 512, value=160, step=8, label="max new tokens")
+    return [temperature, top_p, repetition_penalty, max_new_tokens]
+
+
+def _sampling(t, p, r, m):
+    return {"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)}
+
+
+def build_chat(ctx, current_user):
+    conversation = gr.State(None)
+    reply_ids = gr.State([])
+    with gr.Row():
+        version = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version", elem_id="chat-version", scale=1)
+        status = gr.Markdown(elem_id="chat-status")
+    decoding = _decoding_controls()
+    chatbot = gr.Chatbot(label="Chat (👍/👎 on a reply rates it)", height=420, elem_id="chatbot")
+    with gr.Row():
+        message = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, elem_id="chat-input", scale=5)
+        send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+    with gr.Row():
+        new_chat = gr.Button("New chat", elem_id="chat-new")
+        to_annotation = gr.Button("Send to annotation", elem_id="chat-to-annotation")
+
+    def respond(history, text, conv, ids, version_name, t, p, r, m, request: gr.Request):
+        user = current_user(request)
+        conv = conv or chat.new_conversation()
+        shown = list(history or []) + [{"role": "user", "content": text}]
+        try:
+            for out in chat.chat_stream(ctx, user, history, text, conversation=conv, version=version_name,
+                                        sampling=_sampling(t, p, r, m)):
+                reply, produced_by = out[0], out[1]
+                if len(out) == 3:
+                    ids = [*ids, out[2]]
+                yield (shown + [{"role": "assistant", "content": reply}], "", conv, ids,
+                       f"Answered by **{produced_by}**")
+        except (AnnotationsError, ValueError, KeyError) as e:
+            raise gr.Error(str(e).strip("'\"")) from None
+
+    def rate(history, ids, data: gr.LikeData, request: gr.Request):
+        def run():
+            index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+            position = sum(1 for m in (history or [])[: index + 1] if m.get("role") == "assistant") - 1
+            if not 0 <= position < len(ids):
+                raise chat.InvalidInput("that message is not a stored reply")
+            chat.rate_reply(ctx, current_user(request), ids[position], data.liked if data.liked in (True, False) else None)
+        return guard(run)
+
+    def annotate(history, request: gr.Request):
+        def run():
+            item_id = chat.send_to_annotation(ctx, current_user(request), history)
+            return f"Queued as annotation item {item_id}."
+        return guard(run)
+
+    def reset():
+        return [], None, [], ""
+
+    inputs = [chatbot, message, conversation, reply_ids, version, *decoding]
+    outputs = [chatbot, message, conversation, reply_ids, status]
+    send.click(respond, inputs, outputs, api_name=endpoint("chat", "annotator"))
+    message.submit(respond, inputs, outputs, api_visibility="undocumented")
+    chatbot.like(rate, [chatbot, reply_ids], None, api_name=endpoint("rate_reply", "annotator"))
+    to_annotation.click(annotate, [chatbot], status, api_name=endpoint("send_to_annotation", "annotator"))
+    new_chat.click(reset, None, [chatbot, conversation, reply_ids, status], api_visibility="private")
+
+    return {"version": version}
+
+
+def build_arena(ctx, current_user):
+    battle = gr.State(None)
+    gr.Markdown("Two versions answer the same prompt; you see them blind, vote, and then learn which was which. "
+                "By default the live version meets its parent.")
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt", scale=4)
+        random_prompt = gr.Button("Random held-out prompt", elem_id="arena-random", scale=1)
+    with gr.Row():
+        version_a = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version 1 (live: live vs parent)")
+        version_b = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version 2")
+        fight = gr.Button("Battle", variant="primary", elem_id="arena-battle")
+    decoding = _decoding_controls()
+    with gr.Row():
+        answer_a = gr.Textbox(label="Answer A", lines=10, interactive=False, elem_id="arena-a")
+        answer_b = gr.Textbox(label="Answer B", lines=10, interactive=False, elem_id="arena-b")
+    with gr.Row():
+        votes = {w: gr.Button(label, elem_id=f"arena-vote-{w.lower()}") for w, label in
+                 (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"), ("both_bad", "Both bad"))}
+    reveal = gr.Markdown(elem_id="arena-reveal")
+    gr.Markdown("### Leaderboard (Bradley–Terry, Elo scale, 95% bootstrap interval)")
+    refresh = gr.Button("Refresh leaderboard", elem_id="arena-refresh")
+    board = gr.Dataframe(headers=["version", "score", "ci_low", "ci_high", "battles", "wins", "ties"],
+                         interactive=False, elem_id="arena-leaderboard")
+    parents = gr.Dataframe(headers=["version", "parent", "battles", "win_rate"], interactive=False,
+                           label="Human win rate over parent")
+
+    def do_random(request: gr.Request):
+        return guard(lambda: chat.random_prompt(ctx, current_user(request)))
+
+    def do_battle(text, a, b, t, p, r, m, request: gr.Request):
+        def run():
+            result = chat.start_battle(ctx, current_user(request), text, a, b, _sampling(t, p, r, m))
+            return result["battle_id"], result["answers"][0], result["answers"][1], "Vote to reveal the versions."
+        return guard(run)
+
+    def make_vote(winner):
+        def do_vote(battle_id, request: gr.Request):
+            def run():
+                result = chat.vote(ctx, current_user(request), battle_id, winner)
+                return (f"You voted **{winner}**. A was **{result['version_a']}**, B was **{result['version_b']}**."
+                        + (" Stored as a preference pair." if result["pair_id"] else ""))
+            return guard(run)
+        do_vote.__name__ = f"vote_{winner}"
+        return do_vote
+
+    def do_refresh(request: gr.Request):
+        def run():
+            rows, over_parent = chat.leaderboard(ctx, current_user(request))
+            return ([[r[k] for k in ("version", "score", "ci_low", "ci_high", "battles", "wins", "ties")] for r in rows],
+                    [[r[k] for k in ("version", "parent", "battles", "win_rate")] for r in over_parent])
+        return guard(run)
+
+    random_prompt.click(do_random, None, prompt, api_name=endpoint("arena_random_prompt", "annotator"))
+    fight.click(do_battle, [prompt, version_a, version_b, *decoding], [battle, answer_a, answer_b, reveal],
+                api_name=endpoint("arena_battle", "annotator"))
+    for winner, button in votes.items():
+        button.click(make_vote(winner), [battle], reveal, api_name=endpoint(f"arena_vote_{winner}", "annotator"))
+    refresh.click(do_refresh, None, [board, parents], api_name=endpoint("arena_leaderboard", "annotator"))
+    return {"version_a": version_a, "version_b": version_b, "leaderboard": (do_refresh, [board, parents])}
