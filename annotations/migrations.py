@@ -197,3 +197,50 @@ def m004_annotation_workflow(db):
         "CREATE INDEX judgements_item ON judgements(item_id)",
         "CREATE INDEX pairs_judgement ON pairs(judgement_id)",
     )
+
+
+@migrations()
+def m005_add_round_watermarks(db):
+    """What a round trained on and over: the highest pair and rating ids its data snapshot saw
+    (so "new data since the last round" is exact), and the base model folder it trained over."""
+    _sql(
+        db,
+        "ALTER TABLE rounds ADD COLUMN data_until_pair_id INTEGER",
+        "ALTER TABLE rounds ADD COLUMN data_until_rating_id INTEGER",
+        "ALTER TABLE rounds ADD COLUMN base_path TEXT",
+        "CREATE INDEX rounds_status ON rounds(status)",
+    )
+
+
+@migrations()
+def m006_chat_and_arena(db):
+    """Chat replies (with their thumbs) and blind arena battles between two versions."""
+    _sql(
+        db,
+        f"""CREATE TABLE chat_replies (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER REFERENCES users(id),
+            conversation TEXT NOT NULL,        -- client conversation id
+            messages TEXT NOT NULL,            -- JSON: the conversation the reply answers
+            reply TEXT NOT NULL,
+            policy_version TEXT NOT NULL,
+            sampling TEXT NOT NULL DEFAULT '{{}}',
+            gen_seconds REAL,
+            rating INTEGER CHECK (rating IN (-1, 1)),
+            created_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        f"""CREATE TABLE arena_battles (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER REFERENCES users(id),
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            version_a TEXT NOT NULL,
+            version_b TEXT NOT NULL,
+            answer_a TEXT NOT NULL,
+            answer_b TEXT NOT NULL,
+            winner TEXT CHECK (winner IN ('A', 'B', 'tie', 'both_bad')),
+            pair_id INTEGER REFERENCES pairs(id),
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            voted_at TEXT
+        )""",
+        "CREATE INDEX arena_versions ON arena_battles(version_a, version_b)",
+    )
