@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads for serving")
     parser.add_argument("--prefetch", type=int, default=4, help="ready items to keep ahead of annotators (0: off)")
     parser.add_argument("--no-demo", action="store_true", help="do not queue the demo prompts on an empty store")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="do not start the training worker (run `python -m align worker` yourself)")
     return parser
 
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     os.environ["RANKLOOP_HOME"] = str(home)
 
     from align.models import ModelError, default_base_path, is_prepared, prepare_base
-    from app.server import create_app, launch
+    from app.server import create_app, launch, shutdown
 
     base = Path(args.base) if args.base else default_base_path(home)
     if not args.base and not is_prepared(base):
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
         prepare_base(base)
     try:
         ctx, demo, auth, created_admin = create_app(
-            home, base, threads=args.threads, prefetch=args.prefetch, demo_prompts=not args.no_demo
+            home, base, threads=args.threads, prefetch=args.prefetch, demo_prompts=not args.no_demo,
+            worker=not args.no_worker,
         )
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -52,7 +55,10 @@ def main(argv=None) -> int:
         print(f"\nFirst admin account created: user {name!r}, password {password!r}\n"
               "(shown once; set RANKLOOP_ADMIN_PASSWORD to choose it)\n", flush=True)
     print(f"rankloop: http://{args.host}:{args.port}", flush=True)
-    launch(demo, auth, args.host, args.port)
+    try:
+        launch(demo, auth, args.host, args.port)
+    finally:
+        shutdown(ctx)
     return 0
 
 

@@ -50,6 +50,8 @@ class AppContext:
     db_path: Path
     server: object = None  # app.serving.PolicyServer
     prefetcher: object = None  # app.prefetch.Prefetcher
+    live: object = None  # app.live.LiveWatcher
+    worker: object = None  # app.live.WorkerProcess
     lease_seconds: float = store.DEFAULT_LEASE_SECONDS
     export_dir: Path | None = None
     _local: threading.local = field(default_factory=threading.local, repr=False)

@@ -8,14 +8,19 @@ from pathlib import Path
 from annotations import open_db
 from app import bootstrap, handlers
 from app.auth import Authenticator
+from app.live import LiveWatcher, WorkerProcess
 from app.prefetch import Prefetcher
 from app.serving import PolicyServer, configure_threads
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True):
-    """Returns (context, blocks, authenticator, created_admin or None). Starts the prefetcher."""
+def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True,
+               worker: bool = False, live_poll_seconds: float = 0.5):
+    """Returns (context, blocks, authenticator, created_admin or None).
+
+    Starts the prefetcher, the live-version watcher (hot-loading), and with `worker` the
+    training worker as a child process."""
     from app.ui import build_ui
 
     home = Path(home)
@@ -30,10 +35,22 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
     configure_threads(threads)
     ctx = handlers.AppContext(db_path=db_path)
     ctx.server = PolicyServer(base)
+    ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
         ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch).start()
+    if worker:
+        ctx.worker = WorkerProcess(db_path, base, log_path=home / "worker.log").start()
     demo = build_ui(ctx)
     return ctx, demo, Authenticator(ctx.db), created_admin
+
+
+def shutdown(ctx, demo=None) -> None:
+    """Stop the background threads and the worker (tests and a clean exit)."""
+    for part in (ctx.prefetcher, getattr(ctx, "live", None), getattr(ctx, "worker", None)):
+        if part is not None:
+            part.stop()
+    if demo is not None:
+        demo.close()
 
 
 def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):

@@ -105,3 +105,11 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         print(f"{r.name:24} {r.metric:34} {r.value:>10.3g}{r.unit:>2} {r.baseline:>10.3g}{r.unit:>2} "
               f"{r.ratio:>6.2f}×  {r.target}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

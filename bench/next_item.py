@@ -19,9 +19,9 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     from gradio_client import Client
 
     from annotations import store
-    from app.server import create_app, launch
+    from app.server import create_app, launch, shutdown
     from app.serving import SamplingParams
-    from tests.app.conftest import free_port
+    from bench.common import free_port
 
     rounds = 10 if quick else ROUNDS
     home = Path(tempfile.mkdtemp(prefix="rankloop-bench-"))
@@ -55,8 +55,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         out = client.predict("", [], [], api_name="/submit_A")
         warm.append(time.perf_counter() - start)
         assert "Saved judgement" in out[0], out[0]
-    ctx.prefetcher.stop()
-    demo.close()
+    shutdown(ctx, demo)
     return [Result(
         name="time_to_next_item", metric="p95 submit → next item (HTTP)", value=percentile(warm, 95),
         baseline=median(cold), baseline_label="on-demand generation, median", unit="s", target="p95 ≤ 0.3 s",

@@ -36,9 +36,9 @@ class RunningApp:
     demo: object = None
 
     def close(self):
-        if self.ctx.prefetcher:
-            self.ctx.prefetcher.stop()
-        self.demo.close()
+        from app.server import shutdown
+
+        shutdown(self.ctx, self.demo)
 
     def db(self):
         from annotations.db import connect

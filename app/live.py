@@ -1,0 +1,126 @@
+"""Keeping the app in step with the store: hot-loading the live version, sharing the two
+cores with training, and supervising the training worker process.
+
+The store is the only channel between the app and the worker. The worker registers and
+(through the promotion gate or an admin) promotes versions; `LiveWatcher` notices a new live
+policy within `poll_seconds`, loads its adapter beside the ones already loaded, and makes it
+the default for new generations — generations already running finish on their version.
+
+Thread budget (2 cores): while a round runs, the worker trains with 1 torch thread and the
+app serves with 1; when no round runs, the app takes both. Two processes each asking for 2
+threads on 2 cores slow each other down by far more than 2x (torch's spinning threads fight
+for the cores), so the split is explicit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from annotations import store
+from app.serving import BASE_VERSION, ensure_loaded
+
+logger = logging.getLogger(__name__)
+
+WORKER_THREADS = 1
+
+
+class LiveWatcher:
+    """Polls the store for the live policy and for running rounds."""
+
+    def __init__(self, ctx, *, poll_seconds: float = 0.5, serve_threads: int = 2):
+        self.ctx = ctx
+        self.poll_seconds = poll_seconds
+        self.serve_threads = serve_threads
+        self.swaps = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "LiveWatcher":
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="rankloop-live", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+
+    def check(self) -> None:
+        """One look at the store: hot-load a new live version, set the thread budget."""
+        db = self.ctx.db()
+        live = store.live_version(db) or BASE_VERSION
+        server = self.ctx.server
+        if live != server.live_version:
+            ensure_loaded(server, db, live)
+            previous = server.live_version
+            server.set_live(live)
+            self.swaps += 1
+            requeued = store.retire_stale_items(db, live)
+            logger.info("live policy %s -> %s (%d unjudged items requeued)", previous, live, requeued)
+            self.ctx.wake_prefetcher()
+        training = db.execute("SELECT count(*) FROM rounds WHERE status = 'running'").fetchone()[0] > 0
+        threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            logger.info("serving threads: %d (%s)", threads, "a round is training" if training else "idle worker")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.check()
+                self.last_error = None
+            except Exception as e:  # keep watching; the admin page shows the error
+                logger.exception("live watcher")
+                self.last_error = f"{type(e).__name__}: {e}"
+
+
+class WorkerProcess:
+    """The training worker (`python -m align worker`) as a child of the app, restarted if it
+    dies. Rounds it was running are marked failed by the next worker's recovery."""
+
+    def __init__(self, db_path: Path, base_path: Path, *, log_path: Path, poll_seconds: float = 2.0):
+        self.command = [sys.executable, "-m", "align", "--db", str(db_path), "worker", "--base", str(base_path),
+                        "--threads", str(WORKER_THREADS), "--poll", str(poll_seconds)]
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.restarts = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="rankloop-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(WORKER_THREADS), "HF_HUB_OFFLINE": "1"}
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.restarts += 1
+        logger.info("training worker started (pid %d), log: %s", self.process.pid, self.log_path)
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(2.0):
+            if self.process and self.process.poll() is not None:
+                logger.warning("training worker exited with %s; restarting", self.process.returncode)
+                self._spawn()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
