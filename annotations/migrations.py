@@ -244,3 +244,18 @@ def m006_chat_and_arena(db):
         )""",
         "CREATE INDEX arena_versions ON arena_battles(version_a, version_b)",
     )
+
+
+@migrations()
+def m007_round_metrics(db):
+    """Per-step training metrics of each round (the admin page's curves)."""
+    _sql(
+        db,
+        """CREATE TABLE round_metrics (
+            round_id INTEGER NOT NULL REFERENCES rounds(id),
+            step INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            value REAL NOT NULL,
+            PRIMARY KEY (round_id, step, key)
+        )""",
+    )

@@ -11,6 +11,7 @@ from app.chat import policy_versions as chat_versions
 from app.pages import admin as admin_page
 from app.pages import annotate as annotate_page
 from app.pages import chat as chat_page
+from app.pages import training as training_page
 from app.pages.common import guard
 
 # Keyboard shortcuts. Ignored while typing in a field (Esc leaves it); Ctrl+Enter in the
@@ -62,6 +63,7 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 arena_tab = chat_page.build_arena(ctx, current_user)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 load_admin, admin_outputs = admin_page.build(ctx, current_user, annotate["view"])
+                load_training, training_outputs = training_page.build(ctx, current_user)
 
         def on_load(request: gr.Request):
             def run():
@@ -69,13 +71,15 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 page = annotate["load"](request)
                 guidelines = handlers.guidelines(ctx, user)
                 is_admin = user["role"] == "admin"
-                admin_values = load_admin(request) if is_admin else [gr.update() for _ in admin_outputs]
+                admin_values = ([*load_admin(request), *load_training(request)] if is_admin
+                                else [gr.update() for _ in (*admin_outputs, *training_outputs)])
                 versions = gr.update(choices=chat_versions(ctx))
                 return [f"Logged in as **{user['name']}** ({user['role']})", *page, guidelines,
                         versions, versions, versions, gr.update(visible=is_admin), *admin_values]
             return guard(run)
 
         demo.load(on_load, None, [who, *annotate["outputs"], annotate["guidelines"], chat_tab["version"],
-                                  arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs],
+                                  arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs,
+                                  *training_outputs],
                   api_visibility="private")
     return demo

@@ -1,0 +1,177 @@
+"""Admin tabs for training: start and watch rounds, versions, dashboard. Wiring only (logic in
+`app.training`); each handler re-checks the admin role on the server."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import pandas as pd
+
+from app import training
+from app.pages.common import endpoint, guard
+
+ROUND_HEADERS = ["id", "method", "status", "progress", "version", "pairs", "held-out", "created"]
+VERSION_HEADERS = ["version", "kind", "state", "parent", "method", "round", "data", "pairs", "metrics", "config",
+                   "created"]
+CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "score", "kl", "policy_loss", "value_loss")
+
+
+def _curves_frame(curves):
+    rows = [c for c in curves if c["metric"] in CURVE_METRICS or c["metric"].endswith("loss")]
+    return pd.DataFrame(rows or [{"step": 0, "metric": "loss", "value": float("nan")}])
+
+
+def build(ctx, current_user):
+    with gr.Tab("Training"):
+        gr.Markdown("### Start a round\nThe round runs in the training worker, one at a time; the queue survives "
+                    "restarts. Keys and defaults of the chosen method are shown below; override any as "
+                    "`key: value` lines.")
+        with gr.Row():
+            method = gr.Radio(list(training.METHODS), value="dpo", label="Method", elem_id="round-method")
+            data = gr.Radio(["all", "new"], value="all", label="Data: all train pairs, or new since the last round")
+        overrides = gr.Code(label="Overrides (YAML)", language="yaml", value="", elem_id="round-overrides")
+        defaults = gr.JSON(label="Config keys and defaults", elem_id="round-defaults")
+        start = gr.Button("Queue round", variant="primary", elem_id="round-start")
+        start_status = gr.Markdown(elem_id="round-start-status")
+
+        gr.Markdown("### Rounds")
+        rounds = gr.Dataframe(headers=ROUND_HEADERS, interactive=False, elem_id="rounds-table")
+        with gr.Row():
+            round_id = gr.Number(label="Round (empty: newest)", precision=0, elem_id="round-id")
+            cancel = gr.Button("Cancel round", variant="stop", elem_id="round-cancel")
+        progress = gr.HTML(elem_id="round-progress")
+        curves = gr.LinePlot(x="step", y="value", color="metric", label="Training curves", elem_id="round-curves",
+                             height=280)
+        log_tail = gr.Code(label="Log (last lines)", language=None, elem_id="round-log")
+        metrics = gr.JSON(label="Metrics", elem_id="round-metrics")
+        timer = gr.Timer(2.0, active=False)
+
+    with gr.Tab("Versions"):
+        versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, elem_id="versions-table")
+        with gr.Row():
+            version = gr.Textbox(label="Version", elem_id="version-name")
+            promote = gr.Button("Promote", variant="primary", elem_id="version-promote")
+            rollback = gr.Button("Roll back the live policy to its parent", elem_id="version-rollback")
+        version_status = gr.Markdown(elem_id="version-status")
+        gr.Markdown("### Promotion gate\nA new policy version is promoted automatically only if its reward-model-"
+                    "judged win rate against the live version (and, once there are enough arena votes between "
+                    "them, its human win rate) clears the threshold; otherwise it waits here for an admin.")
+        with gr.Row():
+            auto = gr.Checkbox(label="Promote automatically when the gate passes")
+            min_win = gr.Slider(0, 1, step=0.01, label="Minimum win rate against the live version")
+            min_votes = gr.Number(label="Arena votes needed before they count", precision=0)
+            save_gate = gr.Button("Save gate")
+        gate_status = gr.Markdown()
+
+    with gr.Tab("Dashboard"):
+        dashboard_refresh = gr.Button("Refresh dashboard", elem_id="dashboard-refresh")
+        summary = gr.Markdown(elem_id="dashboard-summary")
+        round_table = gr.Dataframe(headers=["round", "method", "version", "pairs", "RM accuracy", "DPO accuracy",
+                                            "KL", "win rate"], interactive=False)
+        across = gr.LinePlot(x="round", y="value", color="metric", label="Across rounds", height=260)
+        throughput = gr.Dataframe(headers=["annotator", "day", "judgements", "mean decision ms"], interactive=False)
+
+    def show_defaults(method_name, request: gr.Request):
+        def run():
+            training.require_admin(current_user(request))
+            return training.method_defaults(method_name)
+        return guard(run)
+
+    def do_start(method_name, data_choice, text, request: gr.Request):
+        def run():
+            new_id = training.queue_round(ctx, current_user(request), method_name, text, data=data_choice)
+            return f"Queued round {new_id}.", training.rounds_table(ctx, current_user(request)), new_id
+        return guard(run)
+
+    def do_refresh(selected, request: gr.Request):
+        def run():
+            user = current_user(request)
+            detail = training.round_detail(ctx, user, selected)
+            table = training.rounds_table(ctx, user)
+            r = detail["round"]
+            if r is None:
+                return table, "No rounds yet.", _curves_frame([]), "", {}
+            percent = 100 * (r["progress"] or 0)
+            bar = (f"<div><b>Round {r['id']}</b> ({r['method']}) — <b>{r['status']}</b> — {percent:.0f}%"
+                   f"<progress value='{percent:.0f}' max='100' style='width:100%'></progress>"
+                   + (f"<div style='color:#b91c1c'>Error: {_escape(r['error'])}</div>" if r["error"] else "")
+                   + "</div>")
+            shown = {k: v for k, v in r["metrics"].items() if k != "samples"}
+            return table, bar, _curves_frame(detail["curves"]), r["log_tail"] or "", shown
+        return guard(run)
+
+    def do_cancel(selected, request: gr.Request):
+        return guard(lambda: training.cancel_round(ctx, current_user(request), selected))
+
+    def do_versions(request: gr.Request):
+        def run():
+            user = current_user(request)
+            gate = training.gate_settings(ctx, user)
+            return (training.versions_table(ctx, user), gate["auto_promote"], gate["min_win_rate"],
+                    gate["min_arena_votes"])
+        return guard(run)
+
+    def do_promote(name, request: gr.Request):
+        def run():
+            user = current_user(request)
+            return training.promote(ctx, user, name), training.versions_table(ctx, user)
+        return guard(run)
+
+    def do_rollback(request: gr.Request):
+        def run():
+            user = current_user(request)
+            return training.rollback(ctx, user), training.versions_table(ctx, user)
+        return guard(run)
+
+    def do_save_gate(auto_value, win, votes, request: gr.Request):
+        def run():
+            values = training.save_gate_settings(ctx, current_user(request), auto_promote=auto_value,
+                                                 min_win_rate=win, min_arena_votes=votes or 0)
+            return f"Saved: {json.dumps(values)}"
+        return guard(run)
+
+    def do_dashboard(request: gr.Request):
+        def run():
+            d = training.dashboard(ctx, current_user(request))
+            a = d["agreement"]
+            text = (f"**{d['pairs_total']}** preference pairs · **{a['judgements'] or 0}** judgements · "
+                    f"agreement {_fmt(a['pairwise_agreement'])} · Krippendorff's alpha {_fmt(a['alpha'])}")
+            table = [[r["round"], r["method"], r["version"], r["pairs"], _fmt(r["heldout_accuracy"]),
+                      _fmt(r["heldout_implicit_accuracy"]), _fmt(r["kl_to_base"]), _fmt(r["win_rate_vs_parent"])]
+                     for r in d["rounds"]]
+            points = [{"round": r["round"], "metric": key, "value": r[key]} for r in d["rounds"]
+                      for key in ("heldout_accuracy", "heldout_implicit_accuracy", "win_rate_vs_parent", "kl_to_base")
+                      if isinstance(r.get(key), (int, float))]
+            frame = pd.DataFrame(points or [{"round": 0, "metric": "win_rate_vs_parent", "value": float("nan")}])
+            return text, table, frame, d["throughput"]
+        return guard(run)
+
+    method.change(show_defaults, method, defaults, api_visibility="private")
+    start.click(do_start, [method, data, overrides], [start_status, rounds, round_id],
+                api_name=endpoint("queue_round", "admin"))
+    refresh_outputs = [rounds, progress, curves, log_tail, metrics]
+    timer.tick(do_refresh, round_id, refresh_outputs, api_name=endpoint("round_status", "admin"))
+    round_id.submit(do_refresh, round_id, refresh_outputs, api_visibility="private")
+    cancel.click(do_cancel, round_id, start_status, api_name=endpoint("cancel_round", "admin"))
+    promote.click(do_promote, version, [version_status, versions], api_name=endpoint("promote", "admin"))
+    rollback.click(do_rollback, None, [version_status, versions], api_name=endpoint("rollback", "admin"))
+    save_gate.click(do_save_gate, [auto, min_win, min_votes], gate_status, api_name=endpoint("save_gate", "admin"))
+    dashboard_refresh.click(do_dashboard, None, [summary, round_table, across, throughput],
+                            api_name=endpoint("dashboard", "admin"))
+
+    def on_admin_load(request: gr.Request):
+        """Values the training tabs show when an admin opens the page (and the timer starts)."""
+        return [training.method_defaults("dpo"), *do_versions(request), gr.Timer(active=True)]
+
+    return on_admin_load, [defaults, versions, auto, min_win, min_votes, timer]
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
+
+
+def _escape(text) -> str:
+    import html
+
+    return html.escape(str(text))

@@ -1,0 +1,177 @@
+"""Handlers of the admin training pages: queue rounds, watch them, manage versions, the
+promotion gate settings, and the dashboard. Admin only, checked in every function.
+
+Training never runs in the app: `queue_round` writes a row and the worker process picks it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import yaml
+
+from annotations import registry, store
+from annotations.errors import InvalidInput
+from app.handlers import AppContext, _admin
+
+require_admin = _admin
+
+METHODS = ("dpo", "rm", "ppo", "kto")
+GATE_DEFAULTS = {"auto_promote": True, "min_win_rate": 0.55, "min_arena_votes": 20}
+
+
+def method_defaults(method: str) -> dict:
+    """Every config key of a round of `method` with its default (round keys first)."""
+    from align.rounds import RoundConfig, method_configs
+
+    if method not in METHODS:
+        raise InvalidInput(f"method {method!r} is unknown: use one of {', '.join(METHODS)}")
+    out = {}
+    for cls in (RoundConfig, method_configs()[method]):
+        for f in dataclasses.fields(cls):
+            if f.name == "fail_after_steps":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out[f.name] = default
+    return out
+
+
+def parse_overrides(text: str) -> dict:
+    """`key: value` lines (YAML) into a dict; an empty text is no override."""
+    if not (text or "").strip():
+        return {}
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidInput(f"the overrides are not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise InvalidInput("write overrides as `key: value` lines")
+    return values
+
+
+def queue_round(ctx: AppContext, user: dict | None, method: str, overrides: str = "", *,
+                data: str | None = None) -> int:
+    """Validate the round's config and queue it for the worker; returns the round id."""
+    from align.config import ConfigError
+    from align.rounds import parse_round_config
+
+    user = _admin(user)
+    values = parse_overrides(overrides)
+    if data:
+        values.setdefault("data", data)
+    try:
+        parse_round_config(method, values)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise InvalidInput(str(e)) from None
+    return registry.create_round(ctx.db(), method, values, created_by=user["id"])
+
+
+def rounds_table(ctx: AppContext, user: dict | None, limit: int = 20) -> list[list]:
+    _admin(user)
+    rows = []
+    for r in registry.list_rounds(ctx.db(), limit=limit):
+        metrics = r["metrics"]
+        headline = ", ".join(f"{k} {metrics[k]:.3g}" for k in ("heldout_accuracy", "heldout_implicit_accuracy",
+                                                                  "win_rate_vs_parent", "kl_to_base")
+                             if isinstance(metrics.get(k), (int, float)))
+        rows.append([r["id"], r["method"], r["status"], f"{100 * (r['progress'] or 0):.0f}%", r["version"] or "",
+                     r["n_pairs"] or "", headline, r["created_at"]])
+    return rows
+
+
+def round_detail(ctx: AppContext, user: dict | None, round_id: int | None) -> dict:
+    """Status, progress, log tail, error, metrics and the per-step curves of one round (the
+    newest if `round_id` is empty)."""
+    _admin(user)
+    db = ctx.db()
+    if not round_id:
+        row = db.execute("SELECT max(id) FROM rounds").fetchone()
+        if row[0] is None:
+            return {"round": None, "curves": []}
+        round_id = row[0]
+    r = registry.get_round(db, int(round_id))
+    curves = [{"step": s, "metric": k, "value": v} for s, k, v in db.execute(
+        "SELECT step, key, value FROM round_metrics WHERE round_id = ? ORDER BY step", [r["id"]])]
+    return {"round": r, "curves": curves}
+
+
+def cancel_round(ctx: AppContext, user: dict | None, round_id: int | None) -> str:
+    _admin(user)
+    if not round_id:
+        raise InvalidInput("pick a round to cancel")
+    previous = registry.cancel_round(ctx.db(), int(round_id))
+    return f"Round {int(round_id)} cancelled" + (" (the worker stops at its next step)" if previous == "running" else "")
+
+
+def versions_table(ctx: AppContext, user: dict | None) -> list[list]:
+    _admin(user)
+    rows = []
+    db = ctx.db()
+    for v in registry.list_versions(db):
+        data = db.execute("SELECT data_hash, n_pairs, config FROM rounds WHERE id = ?", [v["round_id"]]).fetchone() \
+            if v["round_id"] else None
+        metrics = v["metrics"]
+        rows.append([v["version"], v["kind"], v["state"], v["parent"] or "", v["method"], v["round_id"] or "",
+                     (data[0] or "")[:12] if data else "", data[1] if data else "",
+                     json.dumps({k: round(x, 3) for k, x in metrics.items() if isinstance(x, float)})[:200],
+                     (data[2] if data else "")[:200], v["created_at"]])
+    return rows
+
+
+def promote(ctx: AppContext, user: dict | None, version: str) -> str:
+    _admin(user)
+    result = registry.promote(ctx.db(), (version or "").strip())
+    if ctx.live is not None:
+        ctx.live.check()  # hot-load now rather than at the next poll
+    return f"{result['live']} is live" + (f"; {result['retired']} retired" if result["retired"] else "")
+
+
+def rollback(ctx: AppContext, user: dict | None, kind: str = "policy") -> str:
+    _admin(user)
+    result = registry.rollback(ctx.db(), kind)
+    if ctx.live is not None:
+        ctx.live.check()
+    return f"rolled back: {result['live']} is live again; {result['retired']} retired"
+
+
+def gate_settings(ctx: AppContext, user: dict | None) -> dict:
+    _admin(user)
+    return {**GATE_DEFAULTS, **(store.get_setting(ctx.db(), "promotion_gate", {}) or {})}
+
+
+def save_gate_settings(ctx: AppContext, user: dict | None, *, auto_promote: bool, min_win_rate: float,
+                       min_arena_votes: int) -> dict:
+    _admin(user)
+    if not 0.0 <= float(min_win_rate) <= 1.0:
+        raise InvalidInput("the win-rate threshold is a fraction between 0 and 1")
+    if int(min_arena_votes) < 0:
+        raise InvalidInput("the number of arena votes is 0 or more")
+    values = {"auto_promote": bool(auto_promote), "min_win_rate": float(min_win_rate),
+              "min_arena_votes": int(min_arena_votes)}
+    store.set_setting(ctx.db(), "promotion_gate", values)
+    return values
+
+
+def dashboard(ctx: AppContext, user: dict | None) -> dict:
+    """Pairs per round, annotator throughput, agreement, and reward / KL / win rate per round."""
+    from annotations.quality import agreement_report
+
+    _admin(user)
+    db = ctx.db()
+    rounds = []
+    for r in reversed(registry.list_rounds(db, limit=200, status="succeeded")):
+        m = r["metrics"]
+        rounds.append({"round": r["id"], "method": r["method"], "version": r["version"], "pairs": r["n_pairs"] or 0,
+                       **{k: m.get(k) for k in ("heldout_accuracy", "heldout_implicit_accuracy", "kl_to_base",
+                                                "win_rate_vs_parent")}})
+    throughput = [list(row) for row in db.execute(
+        "SELECT users.name, date(judgements.created_at) AS day, count(*),"
+        " CAST(avg(judgements.decision_ms) AS INTEGER) FROM judgements JOIN users ON users.id = judgements.user_id"
+        " GROUP BY users.name, day ORDER BY day DESC, users.name LIMIT 100")]
+    report = agreement_report(db)
+    return {"rounds": rounds, "throughput": throughput,
+            "agreement": {"pairwise_agreement": report.get("pairwise_agreement"), "alpha": report.get("alpha"),
+                          "judgements": report.get("judgements")},
+            "pairs_total": store.count_rows(db, "pairs")}
