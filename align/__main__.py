@@ -1,8 +1,19 @@
-"""Command line for training and models: `python -m align COMMAND ...` (see --help)."""
+"""Command line for training and models: `python -m align COMMAND ...` (see --help).
+
+  prepare-base            convert the bundled SmolLM2 GGUF to a local safetensors folder
+  round --method M        queue a training round and run it here, printing progress
+                          (also under `accelerate launch -m align round ...`)
+  worker                  run queued rounds as they come (the app queues them)
+  config --method M       the config keys of a method (and of every round), with defaults
+  versions / rounds       list model versions / recent rounds
+  promote V / rollback    make a version live / make the live version's parent live again
+  cancel ROUND            cancel a queued or running round
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -29,25 +40,246 @@ def cmd_prepare_base(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- locations
+
+
+def db_path(args) -> Path:
+    from annotations import default_db_path
+
+    return Path(args.db).resolve() if args.db else default_db_path()
+
+
+def home_path(args) -> Path:
+    """The data folder: the store's folder (RANKLOOP_HOME unless --db points elsewhere)."""
+    return db_path(args).parent
+
+
+def base_path(args) -> Path:
+    from align.models import default_base_path
+
+    return Path(args.base).resolve() if args.base else default_base_path(home_path(args))
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def round_values(args) -> dict:
+    from align.config import load_config_file, parse_assignments
+
+    values = load_config_file(args.config) if args.config else {}
+    values.update(parse_assignments(args.set))
+    return values
+
+
+def cmd_round(args) -> int:
+    from align.rounds import broadcast_from_main, normalize_round_config, process_state, run_round
+
+    state = process_state()
+    if not state.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    # Reject a bad config before anything is stored; store the values typed.
+    values = normalize_round_config(args.method, round_values(args))
+    round_id = None
+    if state.is_main_process:
+        from annotations import open_db
+        from annotations.registry import create_round
+
+        db = open_db(db_path(args))
+        round_id = create_round(db, args.method, values)
+        db.close()
+        print(f"round {round_id}: {args.method} queued and starting here", flush=True)
+    round_id = broadcast_from_main(round_id, state)
+    result = run_round(db_path(args), round_id, home_path(args), base_path(args))
+    if state.is_main_process:
+        print(f"round {round_id} succeeded: {result['version']} registered as a candidate")
+        for key, value in sorted(result["metrics"].items()):
+            if isinstance(value, float) and not key.startswith("train_"):
+                print(f"  {key:28} {value:.4f}")
+        print(f"promote it with: python -m align promote {result['version']}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import dataclasses
+
+    from align.rounds import RoundConfig, method_configs
+
+    for title, cls in ((f"{args.method} keys", method_configs()[args.method]), ("round keys", RoundConfig)):
+        print(f"{title}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from align.training import set_threads
+    from align.worker import run_worker
+
+    set_threads(args.threads)
+    run_worker(db_path(args), home_path(args), base_path(args), poll_seconds=args.poll, once=args.once,
+               max_idle_seconds=args.max_idle)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from annotations import open_db
+    from annotations.registry import cancel_round
+
+    previous = cancel_round(open_db(db_path(args)), args.round_id)
+    more = " (its worker stops at the next training step)" if previous == "running" else ""
+    print(f"round {args.round_id} cancelled{more}")
+    return 0
+
+
+# ---------------------------------------------------------------- versions
+
+
+def cmd_promote(args) -> int:
+    from annotations import open_db
+    from annotations.registry import promote
+
+    result = promote(open_db(db_path(args)), args.version)
+    retired = f"; {result['retired']} retired" if result["retired"] else ""
+    print(f"{result['live']} is live{retired}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from annotations import open_db
+    from annotations.registry import rollback
+
+    result = rollback(open_db(db_path(args)), args.kind)
+    print(f"{result['live']} is live again; {result['retired']} retired")
+    return 0
+
+
+KEY_METRICS = (
+    ("heldout_accuracy", "rm acc"),
+    ("heldout_implicit_accuracy", "impl acc"),
+    ("kl_to_base", "kl"),
+    ("win_rate_vs_parent", "win"),
+)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_versions(args) -> int:
+    from annotations import open_db
+    from annotations.registry import list_versions
+
+    versions = list_versions(open_db(db_path(args)), args.kind)
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    header = ["version", "kind", "parent", "method", "state", "round", *[label for _, label in KEY_METRICS], "created"]
+    rows = []
+    for v in versions:
+        metrics = [f"{v['metrics'][k]:.3f}" if isinstance(v["metrics"].get(k), (int, float)) else "-"
+                   for k, _ in KEY_METRICS]
+        rows.append([v["version"], v["kind"], v["parent"] or "-", v["method"], v["state"],
+                     v["round_id"] or "-", *metrics, (v["created_at"] or "")[:16]])
+    print(format_table(header, rows))
+    return 0
+
+
+def cmd_rounds(args) -> int:
+    from annotations import open_db
+    from annotations.registry import list_rounds
+
+    rounds = list_rounds(open_db(db_path(args)), limit=args.limit)
+    header = ["round", "method", "status", "progress", "version", "parent", "pairs", "data", "error"]
+    rows = [[r["id"], r["method"], r["status"], f"{r['progress']:.0%}", r["version"] or "-",
+             r["parent_version"] or "-", r["n_pairs"] if r["n_pairs"] is not None else "-",
+             (r["data_hash"] or "-")[:12], (r["error"] or "")[:60]] for r in rounds]
+    print(format_table(header, rows))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m align", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m align", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default=None, help="store file (default: $RANKLOOP_HOME/rankloop.db, ./data); "
+                                                   "versions are written beside it, under versions/")
     commands = parser.add_subparsers(dest="command", required=True)
+
     p = commands.add_parser("prepare-base", help="convert the bundled SmolLM2 GGUF to a local safetensors folder")
     p.add_argument("--out", default=None, help="target folder (default: $RANKLOOP_HOME/models/SmolLM2-135M-Instruct)")
     p.add_argument("--base", default=None, help="check an existing local Hugging Face model folder instead")
     p.add_argument("--force", action="store_true", help="convert again even if already prepared")
     p.set_defaults(func=cmd_prepare_base)
+
+    base_help = "local base model folder (default: $RANKLOOP_HOME/models/SmolLM2-135M-Instruct)"
+    p = commands.add_parser("round", help="queue a training round and run it in this process")
+    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto"),
+                   help="rm: reward model; dpo, kto, ppo: policy")
+    p.add_argument("--config", default=None, help="YAML file of config keys (round keys and the method's keys)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="one config value, overriding the file (repeatable), e.g. --set beta=0.2")
+    p.add_argument("--base", default=None, help=base_help)
+    p.set_defaults(func=cmd_round)
+
+    p = commands.add_parser("config", help="list the config keys of a method, with defaults and help")
+    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto"))
+    p.set_defaults(func=cmd_config)
+
+    p = commands.add_parser("worker", help="run queued rounds as they come")
+    p.add_argument("--base", default=None, help=base_help)
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at an empty queue")
+    p.add_argument("--once", action="store_true", help="run at most one round, then exit")
+    p.add_argument("--max-idle", type=float, default=None, help="exit after the queue has been empty this long")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=cmd_worker)
+
+    p = commands.add_parser("promote", help="make a version live (the previous live one of its kind retires)")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_promote)
+
+    p = commands.add_parser("rollback", help="make the live version's parent live again")
+    p.add_argument("--kind", default="policy", choices=("policy", "reward"))
+    p.set_defaults(func=cmd_rollback)
+
+    p = commands.add_parser("versions", help="list model versions with their lineage and key metrics")
+    p.add_argument("--kind", default=None, choices=("policy", "reward"))
+    p.add_argument("--json", action="store_true", help="every field, as JSON")
+    p.set_defaults(func=cmd_versions)
+
+    p = commands.add_parser("rounds", help="list recent rounds")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_rounds)
+
+    p = commands.add_parser("cancel", help="cancel a queued or running round")
+    p.add_argument("round_id", type=int)
+    p.set_defaults(func=cmd_cancel)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    from annotations.errors import AnnotationsError
+
+    from align.config import ConfigError
     from align.models import ModelError
 
+    known = (AnnotationsError, ConfigError, ModelError)
+    try:
+        from align.rounds import RoundError
+
+        known = (*known, RoundError)
+    except ImportError:  # pragma: no cover - torch missing: only the store commands work
+        pass
     try:
         return args.func(args)
-    except ModelError as e:
+    except known as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ DEFAULT_BASE_DIRNAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_MAX_LENGTH = 2048
 PAD_TOKEN = "<|endoftext|>"
 READY_MARKER = "rankloop-base.json"
+BASE_VERSION = "base"  # the base model itself, with no adapter
 
 
 class ModelError(Exception):
@@ -154,6 +156,50 @@ def load_causal_lm(path: Path, dtype=None):
     return model
 
 
+def check_vocabulary(model, tokenizer, path: Path) -> None:
+    """Refuse a tokenizer with tokens the model has no embedding for: `fix_tokenizer` adds a
+    pad token when the base lacks one, and an adapter cannot carry a resized embedding."""
+    size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > size:
+        raise ModelError(
+            f"The tokenizer of {path} has {len(tokenizer)} tokens but the model embeds only {size} "
+            f"(no '{PAD_TOKEN}' pad token distinct from EOS in its vocabulary?). Prepare a base whose "
+            "tokenizer has a pad token the model knows, e.g. with `python -m align prepare-base`."
+        )
+
+
+def load_policy(base_path: Path, adapters: dict[str, Path] | None = None, dtype=None):
+    """The base causal LM with each adapter in `adapters` loaded under its version name.
+
+    Returns a PeftModel when there is at least one adapter (use `using_version` to pick one),
+    else the plain base model. In eval mode.
+    """
+    from peft import PeftModel
+
+    model = load_causal_lm(base_path, dtype=dtype)
+    for name, path in (adapters or {}).items():
+        if name == BASE_VERSION:
+            continue
+        if not hasattr(model, "peft_config"):
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    return model
+
+
+def using_version(model, version: str):
+    """Context in which `model` (from `load_policy`) runs as `version`; 'base' disables adapters."""
+    import contextlib
+
+    if version == BASE_VERSION:
+        return model.disable_adapter() if hasattr(model, "peft_config") else contextlib.nullcontext()
+    if not hasattr(model, "peft_config") or version not in model.peft_config:
+        raise ModelError(f"version {version!r} is not loaded in this model")
+    model.set_adapter(version)
+    return contextlib.nullcontext()
+
+
 def smoke_generate(path: Path, prompt: str = "What is the capital of France?") -> str:
     """Short greedy generation: proves a prepared folder loads and produces text."""
     import torch
@@ -193,12 +239,16 @@ class VersionDir:
         os.replace(staging, final)
         return final
 
-    def sweep_staging(self) -> list[Path]:
-        """Delete staging folders left by crashed rounds; returns what was removed."""
+    def sweep_staging(self, keep: Iterable[str] = ()) -> list[Path]:
+        """Delete staging folders left by crashed rounds; returns what was removed.
+
+        `keep` names versions whose rounds are running now: their staging folders stay.
+        """
+        keep = set(keep)
         removed = []
         if self.root.exists():
             for p in self.root.iterdir():
-                if p.name.startswith(".") and ".tmp-" in p.name:
+                if p.name.startswith(".") and ".tmp-" in p.name and p.name[1:].rsplit(".tmp-", 1)[0] not in keep:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
         return removed

@@ -1,0 +1,136 @@
+"""DPO round: train a LoRA policy adapter directly on preference pairs with TRL's DPOTrainer.
+
+The loss (for the default 'sigmoid' type) is -log sigmoid(beta * (Δ_chosen - Δ_rejected)),
+where Δ = log π(answer | prompt) - log π_ref(answer | prompt) summed over the answer tokens.
+
+What the reference π_ref is:
+- a first round (no parent adapter): the base model, i.e. the policy with its adapter
+  disabled, so no second copy of the weights is held;
+- a continual round (`parent_adapter` given, round N starting from round N-1's adapter):
+  training starts *from* the parent adapter, and TRL keeps a frozen copy of it as a second
+  adapter named "ref", so the reference is the parent policy. Each round thus stays close
+  to the version annotators last judged, not to the original base. Only the trained adapter
+  is saved.
+
+Sequences are cut from the left (`truncation_side`): the oldest prompt tokens go first and
+the answers, whose log-probabilities make the loss, are kept whole where they fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from align.training import (
+    Progress,
+    TrainingOptions,
+    as_dataset,
+    attach_progress,
+    load_policy_for_training,
+    make_preference_collator,
+    save_adapter,
+    set_threads,
+    train_metrics,
+    trainer_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+# The loss types TRL 1.16's DPOTrainer implements.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+@dataclass
+class DPORoundConfig(TrainingOptions):
+    """A DPO round. Defaults fit SmolLM2-135M with a LoRA adapter on a 2-core CPU."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA adapter."})
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Strength of the pull towards the reference: higher stays closer (0.01-0.5 is usual)."},
+    )
+    loss_type: str | list[str] = field(
+        default="sigmoid",
+        metadata={"help": f"DPO loss, or a list combined with loss_weights: {', '.join(DPO_LOSS_TYPES)}."},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of several loss types, one per entry of loss_type (default: all 1)."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Assumed fraction of flipped labels for 'robust' (in [0, 0.5)), epsilon for 'exo_pair'."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Score every pair under the reference once before training, instead of at every step: "
+                          "one extra pass up front, then each step skips the reference forward pass."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unknown = [t for t in types if t not in DPO_LOSS_TYPES]
+        if not types or unknown:
+            raise ValueError(
+                f"loss_type {unknown or types!r} is unknown: use one or more of {', '.join(DPO_LOSS_TYPES)}."
+            )
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(types)}: "
+                "give one weight per loss."
+            )
+        if not self.beta > 0:
+            raise ValueError(f"beta must be greater than 0, got {self.beta} (0.1 is the usual start).")
+        if "robust" in types and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) for the 'robust' loss, got {self.label_smoothing}.")
+        if "exo_pair" in types and self.label_smoothing <= 0:
+            raise ValueError("the 'exo_pair' loss needs label_smoothing > 0 (1e-3 is recommended).")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+
+
+def train_dpo(
+    base_path: Path,
+    train_rows: Sequence[dict],
+    config: DPORoundConfig,
+    out_dir: Path,
+    parent_adapter: Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Train a DPO policy adapter on TRL conversational preference rows and save it.
+
+    `train_rows` are {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg]}.
+    Starts from `parent_adapter` (trainable; the reference is then the parent policy) or from a
+    fresh LoRA adapter (the reference is the base). Writes the adapter and tokenizer to `out_dir`;
+    returns training metrics (loss, reward accuracy and margins of the last logged steps, runtime).
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    set_threads(config.threads)
+    model, tokenizer, peft_config = load_policy_for_training(base_path, config, parent_adapter)
+    args = DPOConfig(
+        **trainer_arguments(config, out_dir),
+        beta=config.beta,
+        loss_type=[config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type),
+        loss_weights=config.loss_weights,
+        label_smoothing=config.label_smoothing,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        max_length=None,  # our collator truncates (from the left); TRL's would cut the answers' ends
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in train_rows]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        data_collator=make_preference_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
+    )
+    attach_progress(trainer, progress)
+    output = trainer.train()
+    save_adapter(trainer, trainer.model, tokenizer, out_dir)
+    return train_metrics(trainer, output)

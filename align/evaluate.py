@@ -1,0 +1,283 @@
+"""Evaluating a round's version on data it never trained on.
+
+- `reward_accuracy`: how often a reward model scores the chosen answer above the rejected one.
+- `dpo_implicit_accuracy`: the same question asked of a policy through DPO's implicit reward
+  beta * (log π(answer) - log π_ref(answer)), the reference being the base (adapter disabled).
+- `kl_to_reference`: how far the policy has moved: answers sampled from it, scored under the
+  policy and the reference, mean over answers of the summed per-token log-ratio (a Monte
+  Carlo estimate of KL(π || π_ref), in nats per answer).
+- `win_rate`: answers of two versions to the same prompts, judged by a reward model.
+- `sample_answers`: a few greedy answers side by side, for people to read.
+
+Policies are PeftModels holding adapters named by version (`align.models.load_policy`);
+'base' means the adapter disabled. Everything runs in batches without gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from align.models import BASE_VERSION, using_version
+from align.reward import answer_text, score
+from align.training import truncate
+
+Messages = list[dict]
+
+
+# ---------------------------------------------------------------- reward models
+
+
+def reward_accuracy(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 512) -> float:
+    """Fraction of preference rows whose chosen answer the reward model scores strictly above the
+    rejected one. `rows` are TRL preference rows ({"prompt", "chosen", "rejected"})."""
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    prompts = [row["prompt"] for row in rows]
+    chosen = score(rm, tokenizer, prompts, [answer_text(r["chosen"]) for r in rows], batch_size, max_length)
+    rejected = score(rm, tokenizer, prompts, [answer_text(r["rejected"]) for r in rows], batch_size, max_length)
+    return (chosen > rejected).float().mean().item()
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def _prompt_and_answer_ids(tokenizer, messages: Messages, answer: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Prompt and answer token ids as TRL's DPO trainer makes them: the answer is where the
+    templated prompt (with the generation prompt) and the full conversation diverge."""
+    prompt = list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+    full = list(tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": answer}],
+                                              tokenize=True, return_dict=True)["input_ids"])
+    shared = 0
+    for a, b in zip(prompt, full):
+        if a != b:
+            break
+        shared += 1
+    prompt_ids, (answer_ids,) = truncate(full[:shared], [full[shared:]], max_length, "left")
+    return prompt_ids, answer_ids
+
+
+def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _token_logprobs(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """log p(token t | tokens < t) for t = 1..n-1, shape (batch, n-1)."""
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
+    ).logits[:, :-1].float()
+    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model, tokenizer, prompts: Sequence[Messages], answers: Sequence[str], batch_size: int = 8, max_length: int = 512
+) -> torch.Tensor:
+    """Summed log-probability of each answer's tokens given its prompt, shape (n,), under `model`
+    as it is (whichever adapter is active)."""
+    pairs = [_prompt_and_answer_ids(tokenizer, m, a, max_length) for m, a in zip(prompts, answers)]
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        ids, mask = _padded([p + a for p, a in batch], tokenizer.pad_token_id)
+        answer_mask = torch.zeros_like(mask)
+        for i, (p, a) in enumerate(batch):
+            answer_mask[i, len(p): len(p) + len(a)] = 1
+        logprobs = _token_logprobs(model, ids, mask)
+        out.append((logprobs * answer_mask[:, 1:]).sum(dim=1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def implicit_rewards(
+    policy, tokenizer, rows: Sequence[dict], beta: float, batch_size: int = 8, max_length: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's implicit rewards beta * (log π - log π_ref) of the chosen and rejected answers.
+
+    π is `policy` with its active adapter, π_ref the same model with adapters disabled (the base).
+    """
+    prompts = [row["prompt"] for row in rows]
+    rewards = []
+    for key in ("chosen", "rejected"):
+        answers = [answer_text(row[key]) for row in rows]
+        policy_logps = answer_logprobs(policy, tokenizer, prompts, answers, batch_size, max_length)
+        with using_version(policy, BASE_VERSION):
+            reference_logps = answer_logprobs(policy, tokenizer, prompts, answers, batch_size, max_length)
+        rewards.append(beta * (policy_logps - reference_logps))
+    return rewards[0], rewards[1]
+
+
+def dpo_implicit_accuracy(
+    policy, tokenizer, rows: Sequence[dict], beta: float = 0.1, batch_size: int = 8, max_length: int = 512
+) -> float:
+    """Fraction of preference rows whose chosen answer gets the higher implicit reward."""
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    chosen, rejected = implicit_rewards(policy, tokenizer, rows, beta, batch_size, max_length)
+    return (chosen > rejected).float().mean().item()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Messages],
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 1024,
+) -> list[dict]:
+    """One answer per prompt from `model` as it is. Each result holds "text" and, for scoring,
+    "prompt_ids" and "answer_ids" (up to and including EOS, no padding)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    generation = GenerationConfig(
+        do_sample=do_sample, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [
+            list(tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"])[-max_prompt_tokens:]
+            for m in prompts[start:start + batch_size]
+        ]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding: every answer starts at the same column
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=generation)
+        for e, row in zip(encoded, output[:, width:].cpu().tolist()):
+            answer = []
+            for token in row:
+                if token == tokenizer.pad_token_id:
+                    break
+                answer.append(token)
+                if token == tokenizer.eos_token_id:
+                    break
+            results.append({
+                "prompt_ids": e,
+                "answer_ids": answer,
+                "text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+            })
+    return results
+
+
+@torch.no_grad()
+def kl_to_reference(
+    policy,
+    tokenizer,
+    prompts: Sequence[Messages],
+    max_new_tokens: int = 64,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> float:
+    """Mean over sampled answers of sum_t [log π(y_t | ...) - log π_ref(y_t | ...)].
+
+    Answers are sampled from `policy` (active adapter, temperature 1, no truncation of the
+    distribution); π_ref is the same model with adapters disabled. 0 for the base itself.
+    """
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    samples = generate(policy, tokenizer, prompts, max_new_tokens, seed=seed, batch_size=batch_size)
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = [s for s in samples[start:start + batch_size] if s["answer_ids"]]
+        if not batch:
+            continue
+        ids, mask = _padded([s["prompt_ids"] + s["answer_ids"] for s in batch], tokenizer.pad_token_id)
+        answer_mask = torch.zeros_like(mask)
+        for i, s in enumerate(batch):
+            answer_mask[i, len(s["prompt_ids"]): len(s["prompt_ids"]) + len(s["answer_ids"])] = 1
+        policy_logps = _token_logprobs(policy, ids, mask)
+        with using_version(policy, BASE_VERSION):
+            reference_logps = _token_logprobs(policy, ids, mask)
+        per_answer = ((policy_logps - reference_logps) * answer_mask[:, 1:]).sum(dim=1)
+        total += per_answer.sum().item()
+        count += len(batch)
+    return total / max(count, 1)
+
+
+def _answers_of(policy, tokenizer, prompts, version, **kwargs) -> list[str]:
+    with using_version(policy, version):
+        return [r["text"] for r in generate(policy, tokenizer, prompts, **kwargs)]
+
+
+def win_rate(
+    rm,
+    tokenizer,
+    policy_model,
+    prompts: Sequence[Messages],
+    version_a: str,
+    version_b: str,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> dict:
+    """How often `version_a`'s answer beats `version_b`'s on the same prompt, judged by `rm`.
+
+    Both versions sample with the same settings and seed. Equal scores (or identical answers)
+    are ties and count half. Returns {"win_rate", "wins", "ties", "losses", "n"}.
+    """
+    if not prompts:
+        raise ValueError("no prompts to compare on")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   batch_size=batch_size)
+    answers_a = _answers_of(policy_model, tokenizer, prompts, version_a, **options)
+    answers_b = _answers_of(policy_model, tokenizer, prompts, version_b, **options)
+    scores_a = score(rm, tokenizer, prompts, answers_a, batch_size, max_length)
+    scores_b = score(rm, tokenizer, prompts, answers_b, batch_size, max_length)
+    wins = ties = 0
+    for text_a, text_b, sa, sb in zip(answers_a, answers_b, scores_a.tolist(), scores_b.tolist()):
+        if text_a == text_b or sa == sb:
+            ties += 1
+        elif sa > sb:
+            wins += 1
+    n = len(prompts)
+    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+
+
+def sample_answers(
+    policy_model,
+    tokenizer,
+    prompts: Sequence[Messages],
+    versions: Sequence[str],
+    max_new_tokens: int = 64,
+    *,
+    max_chars: int = 600,
+) -> list[dict]:
+    """Greedy answers of each version to each prompt, side by side:
+    [{"prompt": last user turn, "answers": {version: text}}]."""
+    answers = {v: _answers_of(policy_model, tokenizer, prompts, v, max_new_tokens=max_new_tokens, do_sample=False)
+               for v in versions}
+    return [
+        {"prompt": messages[-1]["content"][:max_chars],
+         "answers": {v: answers[v][i][:max_chars] for v in versions}}
+        for i, messages in enumerate(prompts)
+    ]

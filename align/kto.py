@@ -1,0 +1,128 @@
+"""KTO round: train a LoRA policy adapter from unpaired thumbs-up / thumbs-down answers.
+
+KTO needs no pairs: each example is one answer to a prompt labelled desirable (True) or
+undesirable (False). Its loss compares the answer's implicit reward
+beta * (log π - log π_ref) with a reference point, an estimate of KL(π || π_ref) taken from
+answers paired with other prompts of the same batch; hence a batch needs at least two
+examples. Rows come from ratings (`annotations.registry.rows_from_ratings`), from pairs split
+in two, or both (see `align.rounds`). The reference is as in DPO: the base with the adapter
+disabled, or a frozen copy of the parent adapter when a round continues from one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from align.training import (
+    Progress,
+    TrainingOptions,
+    as_dataset,
+    attach_progress,
+    load_policy_for_training,
+    make_unpaired_collator,
+    save_adapter,
+    set_threads,
+    train_metrics,
+    trainer_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KTORoundConfig(TrainingOptions):
+    """A KTO round. Defaults fit SmolLM2-135M with a LoRA adapter on a 2-core CPU."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA adapter."})
+    beta: float = field(
+        default=0.1, metadata={"help": "Strength of the pull towards the reference: higher stays closer."}
+    )
+    loss_type: str = field(default="kto", metadata={"help": f"One of {', '.join(KTO_LOSS_TYPES)}."})
+    desirable_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of thumbs-up losses; empty: balance it from the data "
+                          "(number of thumbs-down / number of thumbs-up), as the KTO paper recommends."},
+    )
+    undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of thumbs-down losses."})
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Score every example under the reference once before training."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"loss_type {self.loss_type!r} is unknown: use one of {', '.join(KTO_LOSS_TYPES)}.")
+        if self.loss_type == "kto" and self.batch_size < 2:
+            raise ValueError(
+                "batch_size must be at least 2 for the 'kto' loss: its KL estimate pairs each answer with "
+                "another prompt of the same batch."
+            )
+        if not self.beta > 0:
+            raise ValueError(f"beta must be greater than 0, got {self.beta}.")
+        if self.desirable_weight is not None and not self.desirable_weight > 0:
+            raise ValueError(
+                f"desirable_weight must be positive (or empty for automatic), got {self.desirable_weight}."
+            )
+        if not self.undesirable_weight > 0:
+            raise ValueError(f"undesirable_weight must be positive, got {self.undesirable_weight}.")
+
+
+def balanced_desirable_weight(labels: Sequence[bool], undesirable_weight: float = 1.0) -> float:
+    """The desirable weight that makes both sides count equally: n_undesirable / n_desirable
+    times the undesirable weight (the KTO paper's Eq. 8 asks for a ratio in [1, 4/3])."""
+    desirable = sum(1 for label in labels if label)
+    undesirable = len(labels) - desirable
+    if not desirable or not undesirable:
+        return 1.0
+    return undesirable * undesirable_weight / desirable
+
+
+def train_kto(
+    base_path: Path,
+    train_rows: Sequence[dict],
+    config: KTORoundConfig,
+    out_dir: Path,
+    parent_adapter: Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Train a KTO policy adapter on TRL conversational unpaired rows and save it.
+
+    `train_rows` are {"prompt": [messages], "completion": [assistant msg], "label": bool}.
+    Writes the adapter and tokenizer to `out_dir`; returns training metrics.
+    """
+    from trl import KTOConfig, KTOTrainer
+
+    labels = [bool(row["label"]) for row in train_rows]
+    if not any(labels):
+        logger.warning("KTO data holds only undesirable answers: the policy can learn what to avoid, not what to say")
+    set_threads(config.threads)
+    model, tokenizer, peft_config = load_policy_for_training(base_path, config, parent_adapter)
+    desirable_weight = config.desirable_weight or balanced_desirable_weight(labels, config.undesirable_weight)
+    args = KTOConfig(
+        **trainer_arguments(config, out_dir),
+        beta=config.beta,
+        loss_type=config.loss_type,
+        desirable_weight=desirable_weight,
+        undesirable_weight=config.undesirable_weight,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        max_length=None,  # our collator truncates (from the left)
+    )
+    trainer = KTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset([{k: row[k] for k in ("prompt", "completion", "label")} for row in train_rows]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        data_collator=make_unpaired_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
+    )
+    attach_progress(trainer, progress)
+    output = trainer.train()
+    save_adapter(trainer, trainer.model, tokenizer, out_dir)
+    metrics = train_metrics(trainer, output)
+    metrics["train_desirable_weight"] = float(desirable_weight)
+    return metrics

@@ -1,0 +1,347 @@
+"""What the TRL-based methods (reward model, DPO, KTO) share.
+
+- `TrainingOptions`: the fields every method has (optimiser, LoRA, truncation, device, seed).
+- `trainer_arguments`: those options as TRL config keyword arguments, with the CPU pitfalls
+  handled (TRL defaults to bf16, which fails on CPU; no hub, no reports, no checkpoints).
+- Left truncation: preference data is cut from the *left*, so the answers being compared are
+  kept and the oldest prompt turns go first (DESIGN.md: right truncation cut off the answers
+  of the baseline reward model). The collators here apply it to DPO and KTO batches.
+- `ProgressCallback`: reports training steps and logs to a plain function (the round runner
+  writes them to the store, and may stop the run by raising).
+- `save_adapter`: writes only the trained adapter and the tokenizer, from the main process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_SIDES = ("left", "right")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# progress(step, total_steps, logs): logs is None on a plain step, the trainer's log dict otherwise.
+Progress = Callable[[int, int, "dict | None"], None]
+
+
+@dataclass
+class TrainingOptions:
+    """Fields common to every TRL-based round. Subclasses override the defaults they need."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate of the LoRA adapter."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (fractions allowed)."})
+    max_steps: int = field(
+        default=0, metadata={"help": "Stop after this many optimizer steps; 0 runs all `epochs`."}
+    )
+    batch_size: int = field(
+        default=4, metadata={"help": "Examples per device per optimizer step (before accumulation)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Batches summed into one optimizer step (effective batch: batch_size x this x processes)."},
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of the steps spent warming the learning rate up from 0."}
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens per sequence (prompt + answer); longer ones are truncated."}
+    )
+    truncation_side: str = field(
+        default="left",
+        metadata={"help": "'left' drops the oldest prompt tokens and keeps the answers (recommended); "
+                          "'right' keeps the start and may cut the answers off."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of a new adapter."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha of a new adapter."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path of a new adapter."})
+    lora_target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata={"help": "Layers a new adapter wraps: 'all-linear' or a list of module names (q_proj,v_proj,...)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 20% slower."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; or 'fp32' / 'bf16'."},
+    )
+    logging_steps: int = field(default=5, metadata={"help": "Optimizer steps between two log lines."})
+    seed: int = field(default=0, metadata={"help": "Seed for the adapter's initialisation and the data order."})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads for this run; 0 leaves torch's default (all cores)."}
+    )
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be greater than 0, got {self.learning_rate} (try 1e-4).")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be greater than 0, got {self.epochs}.")
+        for name in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be 0 (run all epochs) or positive, got {self.max_steps}.")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length} (512 is a good start).")
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise ValueError(
+                f"truncation_side must be 'left' (keep the answers) or 'right', got {self.truncation_side!r}."
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}.")
+        if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
+            # "q_proj,v_proj" from a command line means a list; PEFT would take a string as one regex.
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty: use 'all-linear' or name the layers to adapt.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.precision == "bf16" and not torch.cuda.is_available():
+            raise ValueError("precision 'bf16' needs a GPU; use 'auto' or 'fp32' on CPU.")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or positive, got {self.threads}.")
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def device_arguments(precision: str = "auto") -> dict:
+    """TRL/transformers config arguments for the device at hand.
+
+    TRL's configs default to bf16=True, which fails on CPU: without a GPU this forces CPU
+    and fp32. With one, 'auto' turns bf16 mixed precision on where the GPU supports it.
+    """
+    if not torch.cuda.is_available():
+        return {"use_cpu": True, "bf16": False, "fp16": False}
+    bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    return {"bf16": bf16, "fp16": False}
+
+
+def trainer_arguments(options: TrainingOptions, out_dir: Path) -> dict:
+    """Keyword arguments shared by TRL's RewardConfig, DPOConfig and KTOConfig."""
+    return {
+        "output_dir": str(out_dir),
+        "learning_rate": options.learning_rate,
+        "num_train_epochs": options.epochs,
+        "max_steps": options.max_steps or -1,
+        "per_device_train_batch_size": options.batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "warmup_steps": options.warmup_ratio,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "logging_steps": options.logging_steps,
+        "seed": options.seed,
+        "save_strategy": "no",  # the round runner saves the adapter itself, once, atomically
+        "report_to": [],
+        "disable_tqdm": not _interactive(),
+        "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
+        **device_arguments(options.precision),
+    }
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def lora_config(options: TrainingOptions, task_type: str, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=options.lora_target_modules,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def load_policy_for_training(base_path: Path, options: TrainingOptions, parent_adapter: Path | None = None):
+    """(model, tokenizer, peft_config) for a DPO or KTO trainer.
+
+    Without a parent: the base causal LM and a fresh LoRA config (TRL wraps the model; with
+    the adapter disabled it is the base again, which TRL uses as the reference). With a parent
+    adapter folder: the base with that adapter loaded *trainable*, and no config; the new
+    version continues from the parent's weights (its LoRA shape, not `options`').
+    """
+    from peft import PeftModel
+
+    from align.models import check_vocabulary, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(base_path)
+    model = load_causal_lm(base_path)
+    check_vocabulary(model, tokenizer, base_path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if parent_adapter is None:
+        return model, tokenizer, lora_config(options, "CAUSAL_LM")
+    model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
+    return model, tokenizer, None
+
+
+# ---------------------------------------------------------------- data
+
+
+def preference_rows(pairs: Sequence[dict]) -> list[dict]:
+    """Store pairs ({"messages", "chosen", "rejected"}) as TRL conversational preference rows,
+    as `annotations.formats.pair_rows` exports them."""
+    return [
+        {
+            "prompt": pair["messages"],
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        }
+        for pair in pairs
+    ]
+
+
+def unpaired_rows(rows: Sequence[dict]) -> list[dict]:
+    """TRL conversational unpaired rows {"prompt", "completion", "label"} for KTO, from ratings
+    rows ({"messages", "completion", "label"}) or from pairs split in two (chosen → True,
+    rejected → False)."""
+    out = []
+    for row in rows:
+        if "completion" in row:
+            answers = [(row["completion"], bool(row["label"]))]
+        else:
+            answers = [(row["chosen"], True), (row["rejected"], False)]
+        for text, label in answers:
+            out.append({"prompt": row["messages"], "completion": [{"role": "assistant", "content": text}],
+                        "label": label})
+    return out
+
+
+def truncate(prompt_ids: list[int], completions: list[list[int]], max_length: int, side: str):
+    """Fit the prompt plus each completion into `max_length` tokens; returns (prompt, completions).
+
+    left: drop the oldest prompt tokens, shared by all completions, until the longest one fits;
+    a completion longer than `max_length` on its own keeps its last `max_length` tokens (and
+    no prompt). right: keep the prompt (at most max_length - 1 tokens) and cut the end of each
+    completion.
+    """
+    longest = max((len(c) for c in completions), default=0)
+    if side == "left":
+        if len(prompt_ids) + longest <= max_length:
+            return prompt_ids, completions
+        if longest >= max_length:
+            return [], [c[-max_length:] for c in completions]
+        return prompt_ids[len(prompt_ids) + longest - max_length:], completions
+    prompt_ids = prompt_ids[: max_length - 1]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, [c[:room] for c in completions]
+
+
+def make_preference_collator(pad_token_id: int, max_length: int, side: str, pad_to_multiple_of=None):
+    """TRL's DPO collator, with our truncation applied per example before padding."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    class TruncatingPreferenceCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            fitted = []
+            for example in examples:
+                prompt, (chosen, rejected) = truncate(
+                    list(example["prompt_ids"]), [list(example["chosen_ids"]), list(example["rejected_ids"])],
+                    max_length, side,
+                )
+                fitted.append({**example, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+            return super().torch_call(fitted)
+
+    return TruncatingPreferenceCollator(
+        pad_token_id=pad_token_id, max_length=None, pad_to_multiple_of=pad_to_multiple_of
+    )
+
+
+def make_unpaired_collator(pad_token_id: int, max_length: int, side: str, pad_to_multiple_of=None):
+    """TRL's KTO collator, with our truncation applied per example (answer and KL answer)."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    class TruncatingUnpairedCollator(DataCollatorForUnpairedPreference):
+        def torch_call(self, examples):
+            fitted = []
+            for example in examples:
+                keys = [k for k in ("completion_ids", "KL_completion_ids") if k in example]
+                prompt, completions = truncate(
+                    list(example["prompt_ids"]), [list(example[k]) for k in keys], max_length, side
+                )
+                fitted.append({**example, "prompt_ids": prompt, **dict(zip(keys, completions))})
+            return super().torch_call(fitted)
+
+    return TruncatingUnpairedCollator(pad_token_id=pad_token_id, max_length=None, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def as_dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    if not rows:
+        raise ValueError("there is no training data: annotate or import some pairs first")
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------- progress and saving
+
+
+class ProgressCallback(TrainerCallback):
+    """Calls `progress(step, total, logs)` after every optimizer step and with every log.
+
+    Whatever `progress` raises stops training there (the round runner uses this to stop a
+    cancelled or interrupted round); it is called on every process, so all of them stop together.
+    """
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress(state.global_step, state.max_steps, None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.progress(state.global_step, state.max_steps, dict(logs))
+
+
+def attach_progress(trainer, progress: Progress | None) -> None:
+    """Report to `progress`; it writes its own log lines, so the trainer's printed dicts go."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if progress is not None:
+        trainer.add_callback(ProgressCallback(progress))
+        trainer.remove_callback(PrinterCallback)
+
+
+def save_adapter(trainer, model, tokenizer, out_dir: Path) -> None:
+    """Write the trained adapter ("default"; not TRL's frozen "ref" copy) and the tokenizer.
+
+    Only the main process writes; under several processes the others wait for it.
+    """
+    out_dir = Path(out_dir)
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(model)
+        model.save_pretrained(str(out_dir), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(out_dir))
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_metrics(trainer, train_output) -> dict:
+    """The last logged training values plus runtime, as plain floats with a `train_` prefix."""
+    metrics = {}
+    for entry in trainer.state.log_history:
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step", "total_flos", "learning_rate"):
+                metrics[key] = float(value)
+    metrics.update({k: float(v) for k, v in (train_output.metrics or {}).items()
+                    if isinstance(v, (int, float)) and k not in ("total_flos", "epoch")})
+    metrics["steps"] = float(trainer.state.global_step)
+    out = {}
+    for key, value in metrics.items():
+        key = key if key.startswith("train_") else f"train_{key}"
+        out[key] = value
+    return out

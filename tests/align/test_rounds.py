@@ -1,0 +1,198 @@
+"""Whole rounds on a tiny store: select → train → evaluate → register, and every way to fail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from safetensors.torch import load_file
+
+from annotations import open_db
+from annotations.registry import (
+    cancel_round,
+    claim_next_round,
+    create_round,
+    get_live_version,
+    get_round,
+    get_version,
+    list_versions,
+    promote,
+    reserve_version,
+    select_pairs,
+    snapshot_hash,
+    step_metrics,
+)
+from align.models import load_policy
+from align.rounds import RoundError, RoundReporter, recover_interrupted, run_round
+from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store with 24 imported pairs (train and held-out) in a data folder of its own."""
+    db = open_db(tmp_path / "rankloop.db")
+    import_pairs(db, tmp_path)
+    yield tmp_path / "rankloop.db", tmp_path, db
+    db.close()
+
+
+def version_dirs(home) -> list[str]:
+    root = home / "versions"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def run(store, base, method: str, **config):
+    db_path, home, db = store
+    round_id = create_round(db, method, {**FAST_TRAINING, **FAST_EVAL, **config})
+    return round_id, run_round(db_path, round_id, home, base)
+
+
+def test_reward_round_registers_candidate_with_metrics_and_data_hash(store, tiny_model_dir):
+    db_path, home, db = store
+    round_id, result = run(store, tiny_model_dir, "rm")
+    assert result["version"] == "rm1" and result["status"] == "succeeded"
+    version = get_version(db, "rm1")
+    assert (version["kind"], version["state"], version["method"], version["round_id"]) == (
+        "reward", "candidate", "rm", round_id)
+    assert version["path"] == str(home / "versions" / "rm1") and version_dirs(home) == ["rm1"]
+    assert 0.0 <= version["metrics"]["heldout_accuracy"] <= 1.0 and version["metrics"]["heldout_pairs"] == 4
+    row = get_round(db, round_id)
+    train_pairs = select_pairs(db)
+    assert (row["status"], row["progress"], row["n_pairs"]) == ("succeeded", 1.0, len(train_pairs))
+    assert row["data_hash"] == snapshot_hash(train_pairs)
+    assert row["code_version"] and row["base_path"] == str(tiny_model_dir) and row["parent_version"] is None
+    assert "registered rm1" in row["log_tail"] and "step 2/2" in row["log_tail"]
+    curves = {(m["step"], m["key"]) for m in step_metrics(db, round_id)}
+    assert {(1, "loss"), (2, "loss"), (2, "accuracy")} <= curves
+    assert get_live_version(db, "reward") is None  # a candidate until an admin promotes it
+
+
+def test_dpo_round_with_live_reward_model_records_parent_win_rate_and_samples(store, tiny_model_dir):
+    _, home, db = store
+    run(store, tiny_model_dir, "rm")
+    promote(db, "rm1")
+    round_id, result = run(store, tiny_model_dir, "dpo")
+    metrics = get_version(db, "v1")["metrics"]
+    assert get_version(db, "v1")["parent"] == "base" and get_round(db, round_id)["parent_version"] == "base"
+    for key in ("heldout_implicit_accuracy", "heldout_implicit_margin", "kl_to_base", "win_rate_vs_parent"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["win_rate_judge"] == "rm1"
+    assert len(metrics["samples"]) == 1 and set(metrics["samples"][0]["answers"]) == {"base", "v1"}
+    assert version_dirs(home) == ["rm1", "v1"]
+
+
+def test_round_failing_mid_training_leaves_no_trace(store, tiny_model_dir):
+    _, home, db = store
+    run(store, tiny_model_dir, "dpo")
+    promote(db, "v1")
+    with pytest.raises(RuntimeError, match="injected failure after 1 training steps"):
+        run(store, tiny_model_dir, "dpo", fail_after_steps=1)
+    failed = get_round(db, 2)
+    assert failed["status"] == "failed" and "injected failure" in failed["error"]
+    assert failed["version"] is None and "RuntimeError: injected failure" in failed["log_tail"]
+    assert version_dirs(home) == ["v1"]  # no staging folder, no half version
+    assert [v["version"] for v in list_versions(db)] == ["base", "v1"]
+    assert get_live_version(db)["version"] == "v1"
+
+
+def test_cancelled_round_stops_at_next_step_and_registers_nothing(store, tiny_model_dir, monkeypatch):
+    _, home, db = store
+    original = RoundReporter.__call__
+
+    def cancel_then_report(self, step, total, logs):
+        if get_round(self.db, self.round_id)["status"] == "running":
+            cancel_round(self.db, self.round_id)
+        return original(self, step, total, logs)
+
+    monkeypatch.setattr(RoundReporter, "__call__", cancel_then_report)
+    with pytest.raises(RoundError, match="cancelled at step 1"):
+        run(store, tiny_model_dir, "rm")
+    assert get_round(db, 1)["status"] == "cancelled"
+    assert version_dirs(home) == [] and [v["version"] for v in list_versions(db)] == ["base"]
+
+
+def test_stopping_worker_interrupts_round(store, tiny_model_dir):
+    db_path, home, db = store
+    round_id = create_round(db, "kto", {**FAST_TRAINING, **FAST_EVAL})
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RoundError, match="the worker is shutting down"):
+        run_round(db_path, round_id, home, tiny_model_dir, stop_event=stop)
+    assert get_round(db, round_id)["status"] == "failed" and version_dirs(home) == []
+
+
+def test_round_with_no_new_data_fails_with_hint(store, tiny_model_dir):
+    _, home, db = store
+    run(store, tiny_model_dir, "rm", data="new")
+    with pytest.raises(RoundError, match="no training pairs since the last round"):
+        run(store, tiny_model_dir, "rm", data="new")
+    assert get_round(db, 2)["status"] == "failed" and version_dirs(home) == ["rm1"]
+
+
+def test_new_data_round_trains_only_on_pairs_since_last_round(store, tiny_model_dir):
+    _, home, db = store
+    run(store, tiny_model_dir, "rm", data="new", eval_pairs=0)
+    import_pairs(db, home, n=8, start=100)
+    round_id, _ = run(store, tiny_model_dir, "rm", data="new", eval_pairs=0)
+    newer = [p for p in select_pairs(db) if p["id"] > 24]
+    assert get_round(db, round_id)["n_pairs"] == len(newer) > 0
+    assert get_round(db, round_id)["data_hash"] == snapshot_hash(newer)
+
+
+PPO_FAST = {"steps": 2, "batch_size": 2, "mini_batch_size": 1, "ppo_epochs": 1, "max_new_tokens": 4, "lora_r": 4}
+
+
+def test_ppo_round_needs_a_reward_model(store, tiny_model_dir):
+    _, home, db = store
+    round_id = create_round(db, "ppo", PPO_FAST)
+    with pytest.raises(RoundError, match="PPO needs a reward model"):
+        run_round(store[0], round_id, home, tiny_model_dir)
+    assert get_round(db, 1)["status"] == "failed" and version_dirs(home) == []
+
+
+def test_ppo_round_trains_against_live_reward_model(store, tiny_model_dir):
+    _, _, db = store
+    run(store, tiny_model_dir, "rm")
+    promote(db, "rm1")
+    round_id = create_round(db, "ppo", {**PPO_FAST, **FAST_EVAL})
+    result = run_round(store[0], round_id, store[1], tiny_model_dir)
+    assert result["version"] == "v1" and "train_score" in result["metrics"]
+    version = get_version(db, "v1")
+    assert version["method"] == "ppo" and version["parent"] == "base"
+    weights = load_file(f"{version['path']}/adapter_model.safetensors")
+    assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
+    assert "v1" in load_policy(tiny_model_dir, {"v1": version["path"]}).peft_config
+
+
+def test_round_config_error_fails_round_before_training(store, tiny_model_dir):
+    _, home, db = store
+    round_id = create_round(db, "dpo", {"betta": 1})
+    with pytest.raises(RoundError, match="unknown key 'betta'"):
+        run_round(store[0], round_id, home, tiny_model_dir)
+    assert get_round(db, round_id)["status"] == "failed" and version_dirs(home) == []
+
+
+def test_round_already_finished_is_not_run_again(store, tiny_model_dir):
+    round_id, _ = run(store, tiny_model_dir, "rm", eval_pairs=0)
+    with pytest.raises(RoundError, match="is succeeded: only a queued round"):
+        run_round(store[0], round_id, store[1], tiny_model_dir)
+    assert get_round(store[2], round_id)["status"] == "succeeded"
+
+
+def test_recover_interrupted_cleans_up_after_dead_worker(store):
+    _, home, db = store
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, alive = create_round(db, "dpo"), create_round(db, "dpo")
+    claim_next_round(db, pid=dead.pid)
+    claim_next_round(db, pid=os.getpid())
+    stale_version, alive_version = reserve_version(db, stale), reserve_version(db, alive)
+    root = home / "versions"
+    for name in (f".{stale_version}.tmp-dead", f".{alive_version}.tmp-live", "v7", "notes"):
+        (root / name).mkdir(parents=True)
+    result = recover_interrupted(db, home)
+    assert result["failed_rounds"] == [stale] and get_round(db, stale)["status"] == "failed"
+    assert version_dirs(home) == [f".{alive_version}.tmp-live", "notes"]

@@ -1,0 +1,77 @@
+"""Shared training pieces: truncation that keeps the answers, TRL rows, device arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from align.training import (
+    TrainingOptions,
+    device_arguments,
+    make_preference_collator,
+    make_unpaired_collator,
+    preference_rows,
+    trainer_arguments,
+    truncate,
+    unpaired_rows,
+)
+
+
+def test_truncate_left_drops_oldest_prompt_tokens_shared_by_both_answers():
+    prompt, answers = truncate([1, 2, 3, 4, 5], [[6, 7], [8, 9, 10]], max_length=6, side="left")
+    assert prompt == [3, 4, 5] and answers == [[6, 7], [8, 9, 10]]
+
+
+def test_truncate_left_keeps_end_of_answer_longer_than_limit():
+    prompt, answers = truncate([1, 2], [[3, 4, 5, 6, 7], [8]], max_length=4, side="left")
+    assert prompt == [] and answers == [[4, 5, 6, 7], [8]]
+
+
+def test_truncate_right_keeps_prompt_and_cuts_answer_ends():
+    prompt, answers = truncate([1, 2, 3], [[4, 5, 6], [7]], max_length=5, side="right")
+    assert prompt == [1, 2, 3] and answers == [[4, 5], [7]]
+
+
+def test_truncate_leaves_short_sequences_alone():
+    assert truncate([1], [[2], [3]], max_length=8, side="left") == ([1], [[2], [3]])
+
+
+def test_preference_collator_truncates_from_left_and_masks_answers():
+    collate = make_preference_collator(pad_token_id=0, max_length=4, side="left")
+    batch = collate([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]}])
+    assert batch["input_ids"].tolist() == [[2, 3, 4, 5], [2, 3, 6, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+
+
+def test_unpaired_collator_truncates_answer_and_kl_answer_from_left():
+    collate = make_unpaired_collator(pad_token_id=0, max_length=3, side="left")
+    batch = collate([{"prompt_ids": [1, 2, 3], "completion_ids": [4], "KL_completion_ids": [5, 6], "label": True}])
+    assert batch["input_ids"].tolist() == [[3, 4]]
+    assert batch["KL_input_ids"].tolist() == [[3, 5, 6]]
+
+
+def test_rows_in_trl_conversational_format():
+    pair = {"id": 1, "messages": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    assert preference_rows([pair]) == [{"prompt": pair["messages"], "chosen": [{"role": "assistant", "content": "a"}],
+                                        "rejected": [{"role": "assistant", "content": "b"}]}]
+    rating = {"id": 2, "messages": pair["messages"], "completion": "c", "label": False}
+    assert [(r["completion"][0]["content"], r["label"]) for r in unpaired_rows([pair, rating])] == [
+        ("a", True), ("b", False), ("c", False)]
+
+
+def test_device_arguments_turn_off_bf16_on_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    assert device_arguments("auto") == {"use_cpu": True, "bf16": False, "fp16": False}
+    args = trainer_arguments(TrainingOptions(), "out")
+    assert args["report_to"] == [] and args["save_strategy"] == "no" and args["use_cpu"] is True
+
+
+def test_bf16_precision_refused_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        TrainingOptions(precision="bf16")
