@@ -524,7 +524,7 @@ def run_round(
     failed (or cancelled) with the error and removing whatever it wrote under versions/."""
     from annotations import open_db
     from annotations.db import write_transaction
-    from annotations.registry import finish_round, get_round, register_version, update_round
+    from annotations.registry import apply_gate, finish_round, get_round, register_version, update_round
 
     state = process_state()
     main = state.is_main_process
@@ -567,6 +567,12 @@ def run_round(
             finish_round(db, round_id, "succeeded", version=plan["version"], metrics=metrics)
         update_round(db, round_id, log_line=f"registered {plan['version']} as a candidate: {_headline(metrics)}")
         logger.info("round %d: registered %s (%s)", round_id, plan["version"], _headline(metrics))
+        if plan["kind"] == "policy":
+            gate = apply_gate(db, plan["version"])
+            verdict = ("promoted it: live now" if gate["promoted"] else
+                       "passed; automatic promotion is off" if gate["passed"] else
+                       "kept it a candidate: " + "; ".join(gate["reasons"]))
+            update_round(db, round_id, metrics={"gate": gate}, log_line=f"promotion gate {verdict}")
         return {"round_id": round_id, "version": plan["version"], "status": "succeeded", "metrics": metrics}
     except BaseException as e:
         if main:

@@ -517,3 +517,75 @@ def snapshot_hash(rows: Iterable[dict]) -> str:
         digest.update(b"\n")
     return digest.hexdigest()
 
+
+
+# ---------------------------------------------------------------- promotion gate
+
+GATE_DEFAULTS = {"auto_promote": True, "min_win_rate": 0.55, "min_arena_votes": 20}
+
+
+def gate_settings(db) -> dict:
+    from annotations.store import get_setting
+
+    return {**GATE_DEFAULTS, **(get_setting(db, "promotion_gate", {}) or {})}
+
+
+def _arena_record(db, version: str, opponent: str) -> tuple[float, int]:
+    """(wins, battles) of `version` against `opponent` in voted arena battles; ties count half."""
+    wins, battles = 0.0, 0
+    for a, b, winner in db.execute(
+        "SELECT version_a, version_b, winner FROM arena_battles WHERE winner IS NOT NULL"
+        " AND ((version_a = ? AND version_b = ?) OR (version_a = ? AND version_b = ?))",
+        [version, opponent, opponent, version],
+    ):
+        battles += 1
+        side = "A" if a == version else "B"
+        wins += 1.0 if winner == side else 0.5 if winner in ("tie", "both_bad") else 0.0
+    return wins, battles
+
+
+def check_gate(db, version: str, settings: dict | None = None) -> dict:
+    """Whether candidate policy `version` may be promoted automatically, and why (not).
+
+    It passes when (1) its reward-model-judged win rate against its parent (measured by its
+    round on held-out prompts) clears `min_win_rate`, (2) that parent is the live version
+    (otherwise the figure compares against a version no longer serving), and (3) once there
+    are at least `min_arena_votes` human arena votes between it and the live version, their
+    win rate clears `min_win_rate` too.
+    """
+    settings = {**GATE_DEFAULTS, **(settings or gate_settings(db))}
+    row = get_version(db, version)
+    live = get_live_version(db, row["kind"])
+    reasons = []
+    if row["kind"] != "policy":
+        reasons.append("only policy versions pass through the gate")
+    if row["state"] != "candidate":
+        reasons.append(f"{version} is {row['state']}, not a candidate")
+    win_rate = row["metrics"].get("win_rate_vs_parent")
+    if not isinstance(win_rate, (int, float)):
+        reasons.append("no reward-model win rate against its parent (train a reward model first)")
+    elif win_rate < settings["min_win_rate"]:
+        reasons.append(f"reward-model win rate {win_rate:.3f} is below {settings['min_win_rate']:.2f}")
+    if live is not None and row["parent"] != live["version"]:
+        reasons.append(f"its parent {row['parent']} is no longer live ({live['version']} is)")
+    human = None
+    if live is not None:
+        wins, battles = _arena_record(db, version, live["version"])
+        if battles >= max(1, settings["min_arena_votes"]):
+            human = wins / battles
+            if human < settings["min_win_rate"]:
+                reasons.append(f"human arena win rate {human:.3f} over {battles} votes is below "
+                               f"{settings['min_win_rate']:.2f}")
+    return {"version": version, "passed": not reasons, "reasons": reasons, "win_rate": win_rate,
+            "human_win_rate": human, "auto_promote": bool(settings["auto_promote"])}
+
+
+def apply_gate(db, version: str) -> dict:
+    """Promote `version` if automatic promotion is on and the gate passes; returns the check
+    with `promoted` set."""
+    result = check_gate(db, version)
+    result["promoted"] = False
+    if result["passed"] and result["auto_promote"]:
+        promote(db, version)
+        result["promoted"] = True
+    return result

@@ -18,7 +18,6 @@ from app.handlers import AppContext, _admin
 require_admin = _admin
 
 METHODS = ("dpo", "rm", "ppo", "kto")
-GATE_DEFAULTS = {"auto_promote": True, "min_win_rate": 0.55, "min_arena_votes": 20}
 
 
 def method_defaults(method: str) -> dict:
@@ -120,6 +119,11 @@ def versions_table(ctx: AppContext, user: dict | None) -> list[list]:
     return rows
 
 
+def check_gate(ctx: AppContext, user: dict | None, version: str) -> dict:
+    _admin(user)
+    return registry.check_gate(ctx.db(), (version or "").strip())
+
+
 def promote(ctx: AppContext, user: dict | None, version: str) -> str:
     _admin(user)
     result = registry.promote(ctx.db(), (version or "").strip())
@@ -138,7 +142,7 @@ def rollback(ctx: AppContext, user: dict | None, kind: str = "policy") -> str:
 
 def gate_settings(ctx: AppContext, user: dict | None) -> dict:
     _admin(user)
-    return {**GATE_DEFAULTS, **(store.get_setting(ctx.db(), "promotion_gate", {}) or {})}
+    return registry.gate_settings(ctx.db())
 
 
 def save_gate_settings(ctx: AppContext, user: dict | None, *, auto_promote: bool, min_win_rate: float,

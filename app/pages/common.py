@@ -59,6 +59,7 @@ ENDPOINT_ROLES: dict[str, str] = {
     "round_status": "admin",
     "cancel_round": "admin",
     "promote": "admin",
+    "check_gate": "admin",
     "rollback": "admin",
     "save_gate": "admin",
     "dashboard": "admin",

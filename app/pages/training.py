@@ -51,6 +51,7 @@ def build(ctx, current_user):
         versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, elem_id="versions-table")
         with gr.Row():
             version = gr.Textbox(label="Version", elem_id="version-name")
+            gate_check = gr.Button("Check the gate", elem_id="version-gate")
             promote = gr.Button("Promote", variant="primary", elem_id="version-promote")
             rollback = gr.Button("Roll back the live policy to its parent", elem_id="version-rollback")
         version_status = gr.Markdown(elem_id="version-status")
@@ -118,6 +119,14 @@ def build(ctx, current_user):
             return training.promote(ctx, user, name), training.versions_table(ctx, user)
         return guard(run)
 
+    def do_check_gate(name, request: gr.Request):
+        def run():
+            result = training.check_gate(ctx, current_user(request), name)
+            if result["passed"]:
+                return f"**{result['version']}** passes the gate (win rate {_fmt(result['win_rate'])})."
+            return f"**{result['version']}** does not pass: " + "; ".join(result["reasons"])
+        return guard(run)
+
     def do_rollback(request: gr.Request):
         def run():
             user = current_user(request)
@@ -155,6 +164,7 @@ def build(ctx, current_user):
     round_id.submit(do_refresh, round_id, refresh_outputs, api_visibility="private")
     cancel.click(do_cancel, round_id, start_status, api_name=endpoint("cancel_round", "admin"))
     promote.click(do_promote, version, [version_status, versions], api_name=endpoint("promote", "admin"))
+    gate_check.click(do_check_gate, version, version_status, api_name=endpoint("check_gate", "admin"))
     rollback.click(do_rollback, None, [version_status, versions], api_name=endpoint("rollback", "admin"))
     save_gate.click(do_save_gate, [auto, min_win, min_votes], gate_status, api_name=endpoint("save_gate", "admin"))
     dashboard_refresh.click(do_dashboard, None, [summary, round_table, across, throughput],
