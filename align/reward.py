@@ -164,7 +164,7 @@ def train_reward_model(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(config, "SEQ_CLS", modules_to_save=["score"]),
+        peft_config=lora_config(config, "SEQ_CLS", modules_to_save=["score"], model=model),
     )
     attach_progress(trainer, progress)
     output = trainer.train()

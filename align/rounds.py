@@ -70,6 +70,10 @@ class RoundConfig:
                           "of the same method."},
     )
     min_weight: float | None = field(default=None, metadata={"help": "Leave out pairs lighter than this weight."})
+    min_agreement: float | None = field(
+        default=None, metadata={"help": "Leave out pairs whose item agreement among annotators is below this (0-1)."})
+    min_annotator_accuracy: float | None = field(
+        default=None, metadata={"help": "Leave out pairs from annotators whose gold-item accuracy is below this (0-1)."})
     kto_data: str = field(
         default="both",
         metadata={"help": "KTO examples from thumbs 'ratings', from 'pairs' split in two, or 'both'."},
@@ -291,7 +295,9 @@ def _select_data(db, method: str, round_config: RoundConfig, pair_until: int, ra
             else ": annotate or import some first (`python -m annotations import ...`)")
 
     def pairs():
-        return select_pairs(db, since, "train", round_config.min_weight, method=method, until_id=pair_until)
+        return select_pairs(db, since, "train", round_config.min_weight, method=method, until_id=pair_until,
+                            min_agreement=round_config.min_agreement,
+                            min_annotator_accuracy=round_config.min_annotator_accuracy)
 
     if method in ("rm", "dpo"):
         snapshot = pairs()

@@ -65,6 +65,11 @@ class TrainingOptions:
         default="all-linear",
         metadata={"help": "Layers a new adapter wraps: 'all-linear' or a list of module names (q_proj,v_proj,...)."},
     )
+    lora_top_layers: int = field(
+        default=0,
+        metadata={"help": "Adapt only the last N transformer layers (0: all). Back-propagation then stops at the "
+                          "lowest adapted layer, so a step costs much less (see docs/benchmarks.md)."},
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 20% slower."}
     )
@@ -107,6 +112,8 @@ class TrainingOptions:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.precision == "bf16" and not torch.cuda.is_available():
             raise ValueError("precision 'bf16' needs a GPU; use 'auto' or 'fp32' on CPU.")
+        if self.lora_top_layers < 0:
+            raise ValueError(f"lora_top_layers must be 0 (all layers) or positive, got {self.lora_top_layers}.")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (torch's default) or positive, got {self.threads}.")
 
@@ -154,14 +161,26 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def lora_config(options: TrainingOptions, task_type: str, modules_to_save: list[str] | None = None):
+def lora_config(options: TrainingOptions, task_type: str, modules_to_save: list[str] | None = None,
+                model=None):
     from peft import LoraConfig
 
+    layers, targets = None, options.lora_target_modules
+    if options.lora_top_layers:
+        if model is None:
+            raise ValueError("lora_top_layers needs the model to count its layers")
+        num_layers = model.config.num_hidden_layers
+        top = min(options.lora_top_layers, num_layers)
+        layers = list(range(num_layers - top, num_layers))
+        if targets == "all-linear":  # PEFT takes a layer range only with explicit module names
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
     return LoraConfig(
+        layers_to_transform=layers,
         r=options.lora_r,
         lora_alpha=options.lora_alpha,
         lora_dropout=options.lora_dropout,
-        target_modules=options.lora_target_modules,
+        target_modules=targets,
         task_type=task_type,
         modules_to_save=modules_to_save,
     )
@@ -184,7 +203,7 @@ def load_policy_for_training(base_path: Path, options: TrainingOptions, parent_a
     check_vocabulary(model, tokenizer, base_path)
     model.config.pad_token_id = tokenizer.pad_token_id
     if parent_adapter is None:
-        return model, tokenizer, lora_config(options, "CAUSAL_LM")
+        return model, tokenizer, lora_config(options, "CAUSAL_LM", model=model)
     model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
     return model, tokenizer, None
 

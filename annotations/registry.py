@@ -439,6 +439,8 @@ def select_pairs(
     *,
     method: str | None = None,
     until_id: int | None = None,
+    min_agreement: float | None = None,
+    min_annotator_accuracy: float | None = None,
 ) -> list[dict]:
     """Preference pairs for training or evaluation, oldest first (dicts as `store.iter_pairs`).
 
@@ -446,13 +448,21 @@ def select_pairs(
     succeeded round (of `method`, if given); a round id for pairs newer than that round's
     snapshot. `until_id` caps the snapshot (see `pair_watermark`), `min_weight` drops
     lighter pairs, `split` picks the prompts' train or held-out split (None: both).
+    `min_agreement` / `min_annotator_accuracy` drop pairs whose item agreement or whose
+    annotator's gold accuracy is known and below the bar (see `annotations.quality`).
     """
     since_id = _since_id(db, since_round, method, "data_until_pair_id")
+    keep = None
+    if min_agreement is not None or min_annotator_accuracy is not None:
+        from annotations.quality import select_pair_ids
+
+        keep = select_pair_ids(db, min_agreement=min_agreement, min_annotator_accuracy=min_annotator_accuracy)
     return [
         pair for pair in iter_pairs(db, split=split)
         if pair["id"] > since_id
         and (until_id is None or pair["id"] <= until_id)
         and (min_weight is None or pair["weight"] >= min_weight)
+        and (keep is None or pair["id"] in keep)
     ]
 
 

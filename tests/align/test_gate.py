@@ -59,3 +59,17 @@ def test_gate_passes_but_waits_when_automatic_promotion_is_off(db):
     store.set_setting(db, "promotion_gate", {"auto_promote": False})
     result = registry.apply_gate(db, "v1")
     assert result["passed"] and not result["promoted"] and store.live_version(db) == "base"
+
+
+def test_select_pairs_drops_pairs_below_the_agreement_bar(db, user_id):
+    # Two annotators disagree on one item: each pair agrees with half the judgements.
+    db.execute("INSERT INTO users (name, role, password_hash) VALUES ('bo', 'annotator', 'x')")
+    db.conn.commit()
+    other = store.get_user(db, "bo")["id"]
+    prompt_id, _ = store.add_prompt(db, "q?")
+    (item,) = store.queue_items(db, [prompt_id], overlap=2)
+    a, b = store.add_candidates(db, item, [{"text": "x", "policy_version": "base"}, {"text": "y", "policy_version": "base"}])
+    store.submit_judgement(db, user_id, item, [[a], [b]], shown_order=[a, b])
+    store.submit_judgement(db, other, item, [[b], [a]], shown_order=[a, b])
+    assert len(registry.select_pairs(db, split=None)) == 2
+    assert registry.select_pairs(db, split=None, min_agreement=0.6) == []
