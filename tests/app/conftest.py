@@ -46,7 +46,8 @@ class RunningApp:
         return connect(self.home / "rankloop.db")
 
 
-def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, prompts: int = 0, prefetch: int = 3):
+def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, prompts: int = 0, prefetch: int = 3,
+              worker: bool = False):
     """Launch the app in this process on a free port; demo prompts are queued when `prompts`
     is 0, else that many numbered prompts as `mode` items with `k` answers."""
     import os
@@ -57,7 +58,8 @@ def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, pro
 
     os.environ["RANKLOOP_ADMIN_USER"], os.environ["RANKLOOP_ADMIN_PASSWORD"] = ADMIN
     try:
-        ctx, demo, auth, created = create_app(home, base, threads=1, prefetch=prefetch, demo_prompts=not prompts)
+        ctx, demo, auth, created = create_app(home, base, threads=1, prefetch=prefetch, demo_prompts=not prompts,
+                                              worker=worker)
     finally:
         del os.environ["RANKLOOP_ADMIN_USER"], os.environ["RANKLOOP_ADMIN_PASSWORD"]
     assert created == ADMIN
