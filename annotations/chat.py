@@ -25,16 +25,37 @@ def add_reply(db, user_id: int, conversation: str, messages, reply: str, version
 
 
 def rate_reply(db, user_id: int, reply_id: int, value: int | None) -> None:
-    """Thumbs up (+1), down (-1) or clear (None) on one's own chat reply."""
+    """Thumbs up (+1), down (-1) or clear (None) on one's own chat reply.
+
+    The first rating turns the reply into a candidate of a closed item (never shown for
+    annotation), so the rating lands in the `ratings` table like any other thumbs: KTO rounds
+    train on it, with the prompt's train/held-out split and the rounds' data watermarks.
+    """
     if value not in (1, -1, None):
         raise InvalidInput("a rating is +1, -1 or none")
     with write_transaction(db):
-        row = db.execute("SELECT user_id FROM chat_replies WHERE id = ?", [reply_id]).fetchone()
+        row = db.execute(
+            "SELECT user_id, messages, reply, policy_version, candidate_id FROM chat_replies WHERE id = ?",
+            [reply_id]).fetchone()
         if row is None:
             raise NotFound(f"no chat reply {reply_id}")
-        if row[0] != user_id:
+        owner, messages, reply, version, candidate_id = row
+        if owner != user_id:
             raise PermissionDenied("you can rate only replies in your own chats")
         db.execute("UPDATE chat_replies SET rating = ? WHERE id = ?", [value, reply_id])
+        if candidate_id is None and value is not None:
+            prompt_id, _ = add_prompt(db, json.loads(messages), source="chat")
+            cursor = db.execute("INSERT INTO items (prompt_id, status) VALUES (?, 'complete')", [prompt_id])
+            cursor = db.execute(
+                "INSERT INTO candidates (item_id, text, policy_version) VALUES (?, ?, ?)",
+                [cursor.lastrowid, reply, version])
+            candidate_id = cursor.lastrowid
+            db.execute("UPDATE chat_replies SET candidate_id = ? WHERE id = ?", [candidate_id, reply_id])
+        if candidate_id is not None:
+            db.execute("DELETE FROM ratings WHERE candidate_id = ? AND source = 'chat'", [candidate_id])
+            if value is not None:
+                db.execute("INSERT INTO ratings (candidate_id, user_id, value, source) VALUES (?, ?, ?, 'chat')",
+                           [candidate_id, user_id, value])
 
 
 def send_to_annotation(db, messages, *, mode: str = "pairwise", k: int = 2, overlap: int = 1,

@@ -259,3 +259,9 @@ def m007_round_metrics(db):
             PRIMARY KEY (round_id, step, key)
         )""",
     )
+
+
+@migrations()
+def m008_chat_reply_candidates(db):
+    """A rated chat reply becomes a candidate (of a closed item), so its rating is training data."""
+    _sql(db, "ALTER TABLE chat_replies ADD COLUMN candidate_id INTEGER REFERENCES candidates(id)")

@@ -76,3 +76,14 @@ def test_send_to_annotation_queues_the_conversation_up_to_the_last_user_turn(ctx
 def test_arena_needs_two_versions_when_only_the_base_exists(ctx):
     with pytest.raises(InvalidInput):
         chat.start_battle(ctx, user(ctx), "compare", sampling=SAMPLING)
+
+
+def test_a_rated_chat_reply_becomes_kto_training_data(ctx):
+    from annotations.registry import rows_from_ratings
+
+    *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), [], "useful?", conversation="c", sampling=SAMPLING)
+    chat.rate_reply(ctx, user(ctx), reply_id, True)
+    chat.rate_reply(ctx, user(ctx), reply_id, False)  # a change of mind replaces the rating
+    rows = rows_from_ratings(ctx.db(), split=None)
+    assert [(r["completion"], r["label"]) for r in rows] == [(text.strip(), False)]
+    assert store.count_items(ctx.db(), "ready") == 0  # the closed item is never served
