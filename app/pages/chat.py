@@ -30,7 +30,7 @@ def build_chat(ctx, current_user):
         version = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version", elem_id="chat-version", scale=1)
         status = gr.Markdown(elem_id="chat-status")
     decoding = _decoding_controls()
-    chatbot = gr.Chatbot(label="Chat (👍/👎 on a reply rates it)", height=420, elem_id="chatbot")
+    chatbot = gr.Chatbot(label="Chat (thumbs up / down on a reply rates it)", height=420, elem_id="chatbot")
     with gr.Row():
         message = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, elem_id="chat-input", scale=5)
         send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
@@ -46,10 +46,11 @@ def build_chat(ctx, current_user):
             for out in chat.chat_stream(ctx, user, history, text, conversation=conv, version=version_name,
                                         sampling=_sampling(t, p, r, m)):
                 reply, produced_by = out[0], out[1]
-                if len(out) == 3:
+                done = len(out) == 3
+                if done:
                     ids = [*ids, out[2]]
                 yield (shown + [{"role": "assistant", "content": reply}], "", conv, ids,
-                       f"Answered by **{produced_by}**")
+                       f"Answered by **{produced_by}**" if done else f"Writing… (**{produced_by}**)")
         except (AnnotationsError, ValueError, KeyError) as e:
             raise gr.Error(str(e).strip("'\"")) from None
 
