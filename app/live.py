@@ -89,7 +89,8 @@ class WorkerProcess:
 
     def __init__(self, db_path: Path, base_path: Path, *, log_path: Path, poll_seconds: float = 2.0):
         self.command = [sys.executable, "-m", "align", "--db", str(db_path), "worker", "--base", str(base_path),
-                        "--threads", str(WORKER_THREADS), "--poll", str(poll_seconds)]
+                        "--threads", str(WORKER_THREADS), "--poll", str(poll_seconds),
+                        "--parent-pid", str(os.getpid())]  # the worker stops if the app dies
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.restarts = -1

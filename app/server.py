@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True,
-               worker: bool = False, live_poll_seconds: float = 0.5):
+               worker: bool = False, live_poll_seconds: float = 0.5, dtype: str = "float32"):
     """Returns (context, blocks, authenticator, created_admin or None).
 
     Starts the prefetcher, the live-version watcher (hot-loading), and with `worker` the
@@ -34,7 +34,7 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
 
     configure_threads(threads)
     ctx = handlers.AppContext(db_path=db_path)
-    ctx.server = PolicyServer(base)
+    ctx.server = PolicyServer(base, dtype=dtype)
     ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
         ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch).start()

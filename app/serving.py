@@ -77,11 +77,13 @@ class PolicyServer:
     request is waiting for the model, and raises `Preempted` so its caller retries later.
     """
 
-    def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024):
+    def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024, dtype: str = "float32"):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"serving dtype {dtype!r} is unknown: use float32 or bfloat16")
         self.base_path = Path(base_path)
         self.tokenizer = load_tokenizer(self.base_path)
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(self.base_path)
+        self.model = load_causal_lm(self.base_path, dtype=getattr(torch, dtype))
         self.max_prompt_tokens = max_prompt_tokens
         self._lock = threading.Lock()
         self._waiting = 0  # interactive requests waiting for the lock
