@@ -113,3 +113,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_adapter(base_path, out_dir, seed: int = 0, scale: float = 0.02):
+    """A LoRA adapter with random (non-zero) weights over `base_path`: a stand-in version for
+    benchmarks that measure serving, not quality."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from align.models import load_causal_lm
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm(base_path), LoraConfig(r=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, scale)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

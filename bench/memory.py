@@ -1,0 +1,97 @@
+"""Memory: peak RSS of the app serving the live version with its parent loaded (the arena's
+pair), and of the worker during a DPO round, on the default model. Baseline: a process that
+only loads the base model and answers once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import REPO, Result, make_adapter
+
+APP_SCRIPT = """
+import json, os, sys, resource
+from pathlib import Path
+from annotations import registry, store
+from app import chat
+from app.server import create_app, shutdown
+home, base, adapters = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+ctx, demo, _, _ = create_app(home, base, threads=2, prefetch=0, demo_prompts=False)
+db = ctx.db()
+parent = "base"
+for name, path in adapters.items():
+    registry.register_version(db, name, "policy", parent, "dpo", None, path, {})
+    parent = name
+registry.promote(db, "v2")
+ctx.live.check()
+store.add_user(db, "bench", "annotator", "bench-password")
+user = store.get_user(db, "bench")
+sampling = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 32}
+for version in ("v2", "v1"):
+    list(chat.chat_stream(ctx, user, [], "Tell me about the sea.", conversation="m", version=version, sampling=sampling))
+shutdown(ctx, demo)
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+BASELINE_SCRIPT = """
+import json, sys, resource
+from app.serving import PolicyServer, SamplingParams
+server = PolicyServer(sys.argv[1])
+server.generate([{"role": "user", "content": "Tell me about the sea."}], sampling=SamplingParams(max_new_tokens=32))
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _python(script: str, *args) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RANKLOOP_ADMIN_PASSWORD": "bench-admin-password"}
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker_peak(home: Path, base_path: Path, quick: bool) -> float:
+    """Peak RSS of `python -m align round --method dpo` on imported real pairs (or synthetic ones)."""
+    from annotations import open_db
+    from annotations.formats import import_file
+
+    db = open_db(home / "rankloop.db")
+    data = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
+    if data.exists():
+        import_file(db, data, "hh")
+    else:
+        rows = [{"prompt": f"question {i}?", "chosen": f"a helpful answer {i}", "rejected": f"no {i}"} for i in range(64)]
+        (home / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        import_file(db, home / "pairs.jsonl", "trl")
+    db.close()
+    steps = 4 if quick else 12
+    command = [sys.executable, "-m", "align", "--db", str(home / "rankloop.db"), "round", "--method", "dpo",
+               "--base", str(base_path), "--set", f"max_steps={steps}", "--set", "batch_size=8",
+               "--set", "max_length=256", "--set", "lora_top_layers=8", "--set", "eval_pairs=16",
+               "--set", "eval_prompts=4", "--set", "threads=2"]
+    script = ("import resource, subprocess, sys, json; subprocess.run(sys.argv[1:], check=True);"
+              "print(json.dumps({'peak_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+    return _python(script, *command)["peak_mib"]
+
+
+def run(base_path: Path, quick: bool = False) -> list[Result]:
+    home = Path(tempfile.mkdtemp(prefix="rankloop-memory-"))
+    adapters = {name: str(make_adapter(base_path, home / "versions" / name, seed=i))
+                for i, name in enumerate(("v1", "v2"))}
+    baseline = _python(BASELINE_SCRIPT, base_path)["peak_mib"]
+    app_peak = _python(APP_SCRIPT, home, base_path, json.dumps(adapters))["peak_mib"]
+    started = time.perf_counter()
+    worker_home = Path(tempfile.mkdtemp(prefix="rankloop-memory-worker-"))
+    worker_peak = _worker_peak(worker_home, base_path, quick)
+    return [
+        Result(name="memory_app", metric="peak RSS, app (live + parent loaded)", value=app_peak, baseline=baseline,
+               baseline_label="base model alone, one answer", unit="MiB", target="≤ 2.5 GiB",
+               details={"note": "ratio < 1 means the app needs more than the bare model"}),
+        Result(name="memory_worker", metric="peak RSS, worker during a DPO round", value=worker_peak,
+               baseline=baseline, baseline_label="base model alone, one answer", unit="MiB", target="≤ 6 GiB",
+               details={"dpo_round_seconds": round(time.perf_counter() - started, 1)}),
+    ]
