@@ -15,7 +15,8 @@
 Whatever goes wrong, at any step, the round ends `failed` with the error, the staging folder
 is removed, nothing is registered, and the live version is untouched. A process killed
 outright leaves a running round and maybe a staging folder: `recover_interrupted`, run when a
-worker starts, fails the round and sweeps the folder.
+worker starts, fails the round and sweeps the folder. (`tests/align/test_kill_worker.py`
+kills a worker at each step; `pause_point` below lets it stop there first.)
 
 Under `accelerate launch` every process calls `run_round`: the main process does the store
 work and broadcasts the plan (the data itself) to the others, all of them train together,
@@ -45,6 +46,8 @@ TRAIN_PROGRESS_SHARE = 0.85  # progress bar: training fills 0 → 0.85, evaluati
 DATA_CHOICES = ("all", "new")
 KTO_DATA_CHOICES = ("ratings", "pairs", "both")
 CURVE_SKIP = ("epoch", "total_flos", "step")  # logged values that are not curves
+PAUSE_ENV, PAUSE_MARKER_ENV = "RANKLOOP_TEST_PAUSE_AT", "RANKLOOP_TEST_PAUSE_MARKER"
+PAUSE_SECONDS = 600.0
 
 
 class RoundError(Exception):
@@ -177,6 +180,23 @@ def code_version() -> str:
         return "unknown"
 
 
+# ---------------------------------------------------------------- test hook
+
+
+def pause_point(stage: str) -> None:
+    """Testing only, inert unless RANKLOOP_TEST_PAUSE_AT names `stage`: write the file named by
+    RANKLOOP_TEST_PAUSE_MARKER (if set) and sleep, so a test can SIGKILL the worker at exactly
+    this step of a round. Stages, in order: claim, reserve, select_data, stage, train, save
+    (PPO only), evaluate, commit, register, registering, gate."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return
+    logger.warning("test hook: pausing at %r for up to %.0f s (%s)", stage, PAUSE_SECONDS, PAUSE_ENV)
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(f"{stage} {os.getpid()}\n")
+    time.sleep(PAUSE_SECONDS)
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -235,6 +255,7 @@ class RoundReporter:
             update_round(self.db, self.round_id, progress=progress)
             self._last_write = now
         if logs is None:  # once per optimizer step, on every process: decide together whether to stop
+            pause_point("train")
             stop = self._stop_reason(step, now) if main else None
             stop = broadcast_from_main(stop, self.state)
             if stop is None and self.fail_after_steps and step >= self.fail_after_steps:
@@ -340,6 +361,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
         claim_round(db, round_id, os.getpid())
     elif not (row["status"] == "running" and row["pid"] == os.getpid()):
         raise RoundError(f"round {round_id} is {row['status']}: only a queued round can be run")
+    pause_point("claim")
     method = row["method"]
     try:
         round_config, method_config = parse_round_config(method, row["config"])
@@ -347,6 +369,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
         raise RoundError(str(e)) from None
     kind = method_kind(method)
     version = reserve_version(db, round_id)
+    pause_point("reserve")
     parent = _resolve_version(db, kind, round_config.parent)
     reward = _resolve_version(db, "reward", round_config.reward_model) if kind == "policy" else None
     if method == "ppo" and reward is None:
@@ -354,6 +377,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
 
     pair_until, rating_until = pair_watermark(db), rating_watermark(db)
     rows, snapshot, description = _select_data(db, method, round_config, pair_until, rating_until)
+    pause_point("select_data")
     data_hash = snapshot_hash(snapshot)
     set_round_data(
         db, round_id, data_hash=data_hash, n_pairs=len(snapshot),
@@ -367,6 +391,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
     )
     staging = versions.staging(version)
     staging.mkdir(parents=True)
+    pause_point("stage")
     parent_path = parent["path"] if parent and parent["path"] else None
     return {
         "round_id": round_id,
@@ -437,6 +462,7 @@ def _train_ppo(plan: dict, config, parent_adapter: Path | None, progress) -> dic
         progress_callback=lambda step, metrics: _ppo_progress(progress, step, config.steps, metrics),
     )
     policy.save_pretrained(str(staging), selected_adapters=["default"])
+    pause_point("save")  # a half-written staging folder: the adapter without its tokenizer
     tokenizer.save_pretrained(str(staging))
     last = history[-1] if history else {}
     return {f"train_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))}
@@ -466,6 +492,7 @@ def _evaluate(db, plan: dict, round_config: RoundConfig, method_config) -> dict:
     pairs = select_pairs(db, None, "heldout", until_id=plan["pair_until"])[: round_config.eval_pairs]
     rows = preference_rows(pairs)
     metrics: dict = {"heldout_pairs": len(rows)}
+    pause_point("evaluate")
 
     if plan["kind"] == "reward":
         if rows:
@@ -564,21 +591,24 @@ def run_round(
         update_round(db, round_id, progress=TRAIN_PROGRESS_SHARE, metrics=train,
                      log_line=f"trained {plan['version']}; evaluating on held-out data")
         metrics = {**train, **_evaluate(db, plan, round_config, method_config)}
+        pause_point("commit")
         committed = versions.commit(staging, plan["version"])
+        pause_point("register")
         with write_transaction(db):
             if get_round(db, round_id)["status"] != "running":
                 raise RoundStopped("cancelled during evaluation", status="cancelled")
             register_version(db, plan["version"], plan["kind"], plan["parent"], plan["method"], round_id,
                              str(committed), _summary(metrics))
+            pause_point("registering")  # inside the transaction: killed here, none of it lands
             finish_round(db, round_id, "succeeded", version=plan["version"], metrics=metrics)
+        pause_point("gate")
         update_round(db, round_id, log_line=f"registered {plan['version']} as a candidate: {_headline(metrics)}")
         logger.info("round %d: registered %s (%s)", round_id, plan["version"], _headline(metrics))
-        if plan["kind"] == "policy":
-            gate = apply_gate(db, plan["version"])
-            verdict = ("promoted it: live now" if gate["promoted"] else
-                       "passed; automatic promotion is off" if gate["passed"] else
-                       "kept it a candidate: " + "; ".join(gate["reasons"]))
-            update_round(db, round_id, metrics={"gate": gate}, log_line=f"promotion gate {verdict}")
+        gate = apply_gate(db, plan["version"])  # every new version goes through the promotion gate
+        verdict = ("promoted it: live now" if gate["promoted"] else
+                   "passed; automatic promotion is off" if gate["passed"] else
+                   "kept it a candidate: " + "; ".join(gate["reasons"]))
+        update_round(db, round_id, metrics={"gate": gate}, log_line=f"promotion gate {verdict}")
         return {"round_id": round_id, "version": plan["version"], "status": "succeeded", "metrics": metrics}
     except BaseException as e:
         if main:

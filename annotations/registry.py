@@ -555,9 +555,10 @@ def _arena_record(db, version: str, opponent: str) -> tuple[float, int]:
 
 
 def check_gate(db, version: str, settings: dict | None = None) -> dict:
-    """Whether candidate policy `version` may be promoted automatically, and why (not).
+    """Whether candidate `version` may be promoted automatically, and why (not).
 
-    It passes when (1) its reward-model-judged win rate against its parent (measured by its
+    A reward model passes when it beats chance on held-out pairs and the live reward model's
+    held-out accuracy. A policy passes when (1) its reward-model-judged win rate against its parent (measured by its
     round on held-out prompts) clears `min_win_rate`, (2) that parent is the live version
     (otherwise the figure compares against a version no longer serving), and (3) once there
     are at least `min_arena_votes` human arena votes between it and the live version, their
@@ -567,8 +568,8 @@ def check_gate(db, version: str, settings: dict | None = None) -> dict:
     row = get_version(db, version)
     live = get_live_version(db, row["kind"])
     reasons = []
-    if row["kind"] != "policy":
-        reasons.append("only policy versions pass through the gate")
+    if row["kind"] == "reward":
+        return _check_reward_gate(row, live, settings)
     if row["state"] != "candidate":
         reasons.append(f"{version} is {row['state']}, not a candidate")
     win_rate = row["metrics"].get("win_rate_vs_parent")
@@ -588,6 +589,25 @@ def check_gate(db, version: str, settings: dict | None = None) -> dict:
                                f"{settings['min_win_rate']:.2f}")
     return {"version": version, "passed": not reasons, "reasons": reasons, "win_rate": win_rate,
             "human_win_rate": human, "auto_promote": bool(settings["auto_promote"])}
+
+
+def _check_reward_gate(row: dict, live: dict | None, settings: dict) -> dict:
+    """A reward model passes when it is better than chance on held-out pairs and at least as
+    accurate there as the live reward model (if any)."""
+    reasons = []
+    accuracy = row["metrics"].get("heldout_accuracy")
+    if row["state"] != "candidate":
+        reasons.append(f"{row['version']} is {row['state']}, not a candidate")
+    if not isinstance(accuracy, (int, float)):
+        reasons.append("no held-out accuracy (the store has no held-out pairs yet)")
+    elif accuracy <= 0.5:
+        reasons.append(f"held-out accuracy {accuracy:.3f} is no better than chance")
+    elif live is not None and isinstance(live["metrics"].get("heldout_accuracy"), (int, float)) \
+            and accuracy < live["metrics"]["heldout_accuracy"]:
+        reasons.append(f"held-out accuracy {accuracy:.3f} is below the live reward model's "
+                       f"{live['metrics']['heldout_accuracy']:.3f}")
+    return {"version": row["version"], "passed": not reasons, "reasons": reasons, "win_rate": None,
+            "accuracy": accuracy, "human_win_rate": None, "auto_promote": bool(settings["auto_promote"])}
 
 
 def apply_gate(db, version: str) -> dict:

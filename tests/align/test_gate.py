@@ -73,3 +73,13 @@ def test_select_pairs_drops_pairs_below_the_agreement_bar(db, user_id):
     store.submit_judgement(db, other, item, [[b], [a]], shown_order=[a, b])
     assert len(registry.select_pairs(db, split=None)) == 2
     assert registry.select_pairs(db, split=None, min_agreement=0.6) == []
+
+
+def test_reward_model_gate_needs_better_than_chance_and_not_worse_than_live(db):
+    registry.register_version(db, "rm1", "reward", None, "rm", None, None, {"heldout_accuracy": 0.62})
+    assert registry.apply_gate(db, "rm1")["promoted"]
+    registry.register_version(db, "rm2", "reward", None, "rm", None, None, {"heldout_accuracy": 0.58})
+    result = registry.apply_gate(db, "rm2")
+    assert not result["promoted"] and "below the live" in result["reasons"][0]
+    registry.register_version(db, "rm3", "reward", None, "rm", None, None, {"heldout_accuracy": 0.5})
+    assert "chance" in registry.check_gate(db, "rm3")["reasons"][0]

