@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True,
-               worker: bool = False, live_poll_seconds: float = 0.5, dtype: str = "float32"):
+               worker: bool = False, live_poll_seconds: float = 0.25, dtype: str = "float32"):
     """Returns (context, blocks, authenticator, created_admin or None).
 
     Starts the prefetcher, the live-version watcher (hot-loading), and with `worker` the
@@ -41,6 +41,7 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
     if worker:
         ctx.worker = WorkerProcess(db_path, base, log_path=home / "worker.log").start()
     demo = build_ui(ctx)
+    ctx.upload_dir = Path(demo.GRADIO_CACHE)
     return ctx, demo, Authenticator(ctx.db), created_admin
 
 
@@ -55,10 +56,12 @@ def shutdown(ctx, demo=None) -> None:
 
 def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
     """Start serving (queue, login, shortcuts). With block=False, returns once listening."""
+    from annotations.formats import MAX_IMPORT_BYTES
     from app.ui import SHORTCUTS_JS
 
     demo.queue(default_concurrency_limit=8)
     return demo.launch(
         server_name=host, server_port=port, auth=auth.check_login, auth_message="Log in to rankloop",
         ssr_mode=False, show_error=True, js=SHORTCUTS_JS, prevent_thread_lock=not block, quiet=not block,
+        max_file_size=MAX_IMPORT_BYTES,  # any logged-in user can upload: no file larger than an import
     )
