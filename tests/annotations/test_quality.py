@@ -16,28 +16,10 @@ from annotations.quality import agreement_report, pair_quality, pair_weights, se
 from annotations.store import add_candidates, add_prompt, add_user, queue_items, set_gold, submit_judgement
 from tests.conftest import REPO
 
-PASSWORD = "correct horse battery"
-ANNOTATORS = ("ann", "bob", "cat")
+from tests.annotations.conftest import ANNOTATORS, PASSWORD  # noqa: F401
 
 
-# ---------------------------------------------------------------- helpers and fixtures
-
-
-@pytest.fixture(scope="module")
-def users_template(tmp_path_factory):
-    """A store holding three annotators, made once: Argon2 hashing is slow on purpose."""
-    db = open_db(tmp_path_factory.mktemp("users") / "users.db")
-    for name in ANNOTATORS:
-        add_user(db, name, "annotator", PASSWORD)
-    yield db
-    db.close()
-
-
-@pytest.fixture
-def users(db, users_template):
-    """{name: id} for three annotators in the test's own store (a copy of the template)."""
-    users_template.conn.backup(db.conn)
-    return {name: id_ for id_, name in db.execute("SELECT id, name FROM users").fetchall()}
+# ---------------------------------------------------------------- helpers
 
 
 def ready_item(db, text, *, k=2, overlap=3):
