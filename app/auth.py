@@ -37,6 +37,13 @@ class Authenticator:
         wait = min(2.0 ** (count - FREE_FAILURES), MAX_BACKOFF_SECONDS)
         return max(0.0, last + wait - now)
 
+    async def check_login_async(self, name: str, password: str) -> bool:
+        """`check_login` in a worker thread: Gradio awaits this, so the Argon2 check (tens of
+        milliseconds of CPU) never stalls the server's event loop for everyone else."""
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.check_login, name, password)
+
     def check_login(self, name: str, password: str) -> bool:
         if self.locked_for(name) > 0:
             logger.warning("login refused for %r: too many failed attempts", name)

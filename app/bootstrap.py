@@ -16,16 +16,20 @@ DEMO_PROMPTS = Path(__file__).with_name("demo_prompts.jsonl")
 
 
 def ensure_admin(db) -> tuple[str, str] | None:
-    """Create the first admin if the store has no users. Returns (name, password) when it
+    """Create the first admin if the store has no admin yet. Returns (name, password) when it
     created one, so the caller can show the password once; None otherwise.
 
     Name and password come from RANKLOOP_ADMIN_USER / RANKLOOP_ADMIN_PASSWORD, else
     `admin` and a random password.
     """
-    if store.count_users(db) > 0:
+    if db.execute("SELECT 1 FROM users WHERE role = 'admin'").fetchone():
         return None
     name = os.environ.get("RANKLOOP_ADMIN_USER", "admin")
     password = os.environ.get("RANKLOOP_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+        logger.warning("no admin account exists and the name %r is taken by an annotator: create an admin with "
+                       "`python -m annotations add-user NAME --role admin`", name)
+        return None
     store.add_user(db, name, "admin", password)
     return name, password
 

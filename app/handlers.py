@@ -20,7 +20,7 @@ from pathlib import Path
 
 from annotations import store
 from annotations.db import connect as connect_db
-from annotations.errors import InvalidInput, NotFound
+from annotations.errors import InvalidInput, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class AppContext:
     live: object = None  # app.live.LiveWatcher
     worker: object = None  # app.live.WorkerProcess
     lease_seconds: float = store.DEFAULT_LEASE_SECONDS
-    export_dir: Path | None = None
+    export_dir: Path | None = None  # where exports are written, each in a fresh private folder
+    upload_dir: Path | None = None  # when set, only files under it (Gradio's uploads) can be imported
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def db(self):
@@ -318,6 +319,9 @@ def import_upload(ctx: AppContext, user: dict | None, path: str, fmt: str) -> st
     _admin(user)
     if not path:
         raise InvalidInput("choose a file to import")
+    # Gradio already refuses a path outside its upload folder; this holds even if it did not.
+    if ctx.upload_dir is not None and not Path(path).resolve().is_relative_to(Path(ctx.upload_dir).resolve()):
+        raise PermissionDenied("only a file uploaded through the page can be imported")
     report = import_file(
         ctx.db(), Path(path), fmt, source=f"upload:{Path(path).name}",
         mode=ctx.setting("mode"), k=int(ctx.setting("k")), overlap=int(ctx.setting("overlap")),
@@ -326,16 +330,23 @@ def import_upload(ctx: AppContext, user: dict | None, path: str, fmt: str) -> st
     return report.summary()
 
 
+EXPORT_FORMATS = ("jsonl", "parquet", "csv")
+
+
 def export_download(ctx: AppContext, user: dict | None, *, split: str | None = None, file_format: str = "jsonl",
                     **filters) -> tuple[str, int]:
-    """Write the TRL export to a fresh file in the export folder; returns (path, rows)."""
+    """Write the TRL export to a file in a fresh private folder (mode 0700) of the export folder;
+    returns (path, rows). Nothing the caller sends becomes part of the path unchecked."""
     from annotations.formats import export_pairs
 
     _admin(user)
-    if file_format not in ("jsonl", "parquet"):
-        raise InvalidInput("export format must be jsonl or parquet")
-    folder = Path(ctx.export_dir or tempfile.gettempdir()) / f"rankloop-export-{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True)
+    if file_format not in EXPORT_FORMATS:
+        raise InvalidInput(f"export format must be one of {', '.join(EXPORT_FORMATS)}")
+    if split not in (None, "train", "heldout"):
+        raise InvalidInput("split must be train, heldout or empty (all)")
+    root = Path(ctx.export_dir or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="rankloop-export-", dir=root))
     out = folder / f"pairs{'-' + split if split else ''}.{file_format}"
     n = export_pairs(ctx.db(), out, split=split or None, **filters)
     return str(out), n

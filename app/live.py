@@ -41,6 +41,7 @@ class LiveWatcher:
         self.swaps = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "LiveWatcher":
@@ -55,7 +56,13 @@ class LiveWatcher:
             self._thread.join(10)
 
     def check(self) -> None:
-        """One look at the store: hot-load a new live version, set the thread budget."""
+        """One look at the store: hot-load a new live version, set the thread budget.
+
+        Called by the watcher thread and, right after a promotion, by the admin handler."""
+        with self._lock:
+            self._check()
+
+    def _check(self) -> None:
         db = self.ctx.db()
         live = store.live_version(db) or BASE_VERSION
         server = self.ctx.server

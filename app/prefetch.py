@@ -29,6 +29,7 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self.generated = 0
         self.preempted = 0
+        self.discarded = 0
         self.last_error: str | None = None
 
     def start(self) -> "Prefetcher":
@@ -70,6 +71,11 @@ class Prefetcher:
             version = ensure_loaded(self.server, db, version)
             generations += self.server.generate(item["messages"], n=n, sampling=self.sampling or sampling,
                                                 version=version, preemptible=True)
+        if item["versions"] is None and any(g.version != self.server.live_version for g in generations):
+            # A new version went live while these answers were generated: they would be stale
+            # on arrival. Leave the item pending; the next pass answers it with the new version.
+            self.discarded += 1
+            return True
         store.add_candidates(
             db,
             item["id"],

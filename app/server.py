@@ -61,7 +61,7 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
 
     demo.queue(default_concurrency_limit=8)
     return demo.launch(
-        server_name=host, server_port=port, auth=auth.check_login, auth_message="Log in to rankloop",
+        server_name=host, server_port=port, auth=auth.check_login_async, auth_message="Log in to rankloop",
         ssr_mode=False, show_error=True, js=SHORTCUTS_JS, prevent_thread_lock=not block, quiet=not block,
         max_file_size=MAX_IMPORT_BYTES,  # any logged-in user can upload: no file larger than an import
     )

@@ -79,3 +79,50 @@ def browser_login(page, url: str, name: str, password: str) -> None:
     page.locator("input[type=text]").first.fill(name)
     page.locator("input[type=password]").first.fill(password)
     page.get_by_role("button", name="Login").click()
+
+
+class AppProcess:
+    """`python -m app` (what `make run` starts) as a subprocess on a free port, with an
+    annotator account made through the CLI first; use as a context manager."""
+
+    def __init__(self, home: Path, base: Path, annotator: tuple[str, str], *app_args: str,
+                 admin_password: str = "admin-password-1"):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.home, self.base, self.annotator, self.app_args = Path(home), Path(base), annotator, app_args
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.env = {**os.environ, "RANKLOOP_HOME": str(home), "RANKLOOP_ADMIN_PASSWORD": admin_password,
+                    "PORT": str(self.port)}
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        import httpx
+
+        from tests.app.conftest import wait_until
+
+        subprocess.run([sys.executable, "-m", "annotations", "--db", str(self.home / "rankloop.db"), "add-user",
+                        self.annotator[0], "--role", "annotator", "--password", self.annotator[1]],
+                       check=True, env=self.env, cwd=REPO)
+        self.log = open(self.home / "app.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "app", "--base", str(self.base), *self.app_args],
+                                        env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up():
+            assert self.process.poll() is None, (self.home / "app.log").read_text()[-3000:]
+            try:
+                return httpx.get(self.url, timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=180, interval=0.5, message="the app to serve its page")
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(60)
+        self.log.close()

@@ -3,16 +3,11 @@
 the admin endpoint → promoted → the next annotation item and a chat reply come from the new
 version, without restarting the app."""
 
-import os
-import subprocess
-import sys
-
-import httpx
 import pytest
 from gradio_client import Client
 
-from tests.app.conftest import free_port, wait_until
-from tests.conftest import REPO
+from tests.app.conftest import wait_until
+from tests.conftest import AppProcess
 
 pytestmark = pytest.mark.slow
 
@@ -23,28 +18,9 @@ ROUND = "max_steps: 2\nbatch_size: 2\nmax_length: 128\nlora_top_layers: 4\neval_
 
 @pytest.fixture(scope="module")
 def loop_app(tmp_path_factory, real_base_dir):
-    home = tmp_path_factory.mktemp("loop-home")
-    port = free_port()
-    env = {**os.environ, "RANKLOOP_HOME": str(home), "RANKLOOP_ADMIN_PASSWORD": ADMIN[1], "PORT": str(port)}
-    subprocess.run([sys.executable, "-m", "annotations", "--db", str(home / "rankloop.db"), "add-user", ANNOTATOR[0],
-                    "--role", "annotator", "--password", ANNOTATOR[1]], check=True, env=env, cwd=REPO)
-    log = open(home / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "app", "--base", str(real_base_dir), "--prefetch", "3"],
-                               env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-
-    def up():
-        assert process.poll() is None, (home / "app.log").read_text()[-3000:]
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, timeout=180, interval=0.5, message="the app to serve its page")
-    yield url, home, process
-    process.terminate()
-    process.wait(60)
-    log.close()
+    with AppProcess(tmp_path_factory.mktemp("loop-home"), real_base_dir, ANNOTATOR, "--prefetch", "3",
+                    admin_password=ADMIN[1]) as app:
+        yield app.url, app.home, app.process
 
 
 def item_id_of(header: str) -> int | None:

@@ -3,44 +3,22 @@ page, an annotator logs in with a real headless browser, judges one item by keyb
 store holds one judgement and one pair that the TRL export contains."""
 
 import json
-import os
 import subprocess
 import sys
 
-import httpx
 import pytest
 
-from tests.app.conftest import free_port, wait_until
-from tests.conftest import REPO, browser_login
+from tests.app.conftest import wait_until
+from tests.conftest import REPO, AppProcess, browser_login
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")
 def real_app(tmp_path_factory, real_base_dir):
-    home = tmp_path_factory.mktemp("real-home")
-    port = free_port()
-    env = {**os.environ, "RANKLOOP_HOME": str(home), "RANKLOOP_ADMIN_PASSWORD": "admin-password-1",
-           "PORT": str(port)}
-    subprocess.run([sys.executable, "-m", "annotations", "--db", str(home / "rankloop.db"), "add-user", "carol",
-                    "--role", "annotator", "--password", "carol-password-1"], check=True, env=env, cwd=REPO)
-    log = open(home / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "app", "--base", str(real_base_dir), "--prefetch", "2"],
-                               env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-
-    def up():
-        assert process.poll() is None, (home / "app.log").read_text()[-3000:]
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, timeout=180, interval=0.5, message="the app to serve its page")
-    yield url, home
-    process.terminate()
-    process.wait(30)
-    log.close()
+    with AppProcess(tmp_path_factory.mktemp("real-home"), real_base_dir, ("carol", "carol-password-1"),
+                    "--prefetch", "2") as app:
+        yield app.url, app.home
 
 
 def test_annotator_judges_one_item_in_a_real_browser(real_app, browser):

@@ -41,7 +41,8 @@ def build(ctx, current_user, annotate_view):
         gr.Markdown("### Export preference pairs (TRL format)")
         with gr.Row():
             export_split = gr.Radio(["all", "train", "heldout"], value="all", label="Split")
-            export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="File format")
+            export_format = gr.Radio(list(handlers.EXPORT_FORMATS), value="jsonl",
+                                     label="File format (csv: for spreadsheets)")
             min_agreement = gr.Number(label="Min. item agreement (0-1, blank: all)", value=None)
             min_accuracy = gr.Number(label="Min. annotator gold accuracy (0-1, blank: all)", value=None)
             export_button = gr.Button("Export", elem_id="export")

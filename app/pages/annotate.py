@@ -26,7 +26,8 @@ def build(ctx, current_user):
     header = gr.Markdown(elem_id="annotate-header")
     with gr.Accordion("Guidelines", open=False, elem_id="guidelines-panel"):
         guidelines = gr.Markdown(elem_id="guidelines")
-    prompt = gr.Chatbot(label="Prompt", height=240, elem_id="prompt")
+    # Shown as written (escaped, no markdown), like the answers: see prompt_for_chatbot.
+    prompt = gr.Chatbot(label="Prompt", height=240, elem_id="prompt", render_markdown=False)
     answers = []
     with gr.Row():
         for i, letter in enumerate(handlers.LETTERS):
@@ -134,7 +135,8 @@ def build(ctx, current_user):
     def do_flag(view_value, letters, reason, request: gr.Request):
         def run():
             n = handlers.flag(ctx, current_user(request), view_value, letters, reason="unsafe")
-            gr.Info(f"Flagged {'the prompt' if not letters else ', '.join(letters)} ({n}).")
+            shown = ", ".join(str(letter).strip().upper()[:1] for letter in letters)  # not the raw API input
+            gr.Info(f"Flagged {shown or 'the prompt'} ({n}).")
         return guard(run)
 
     def do_copy_best(view_value, ranking_text, request: gr.Request):

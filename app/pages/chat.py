@@ -56,11 +56,16 @@ def build_chat(ctx, current_user):
 
     def rate(history, ids, data: gr.LikeData, request: gr.Request):
         def run():
+            user = current_user(request)
+            chat._annotator(user)  # the role first, before reading anything else the request sent
             index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-            position = sum(1 for m in (history or [])[: index + 1] if m.get("role") == "assistant") - 1
+            if not isinstance(index, int) or not isinstance(history, list) or not isinstance(ids, list):
+                raise chat.InvalidInput("that message is not a stored reply")
+            shown = history[: index + 1]
+            position = sum(1 for m in shown if isinstance(m, dict) and m.get("role") == "assistant") - 1
             if not 0 <= position < len(ids):
                 raise chat.InvalidInput("that message is not a stored reply")
-            chat.rate_reply(ctx, current_user(request), ids[position], data.liked if data.liked in (True, False) else None)
+            chat.rate_reply(ctx, user, ids[position], data.liked if data.liked in (True, False) else None)
         return guard(run)
 
     def annotate(history, request: gr.Request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 
 import gradio as gr
@@ -23,13 +24,16 @@ def guard(fn):
 
 
 def prompt_for_chatbot(messages):
-    """Chat messages for a gr.Chatbot; a system prompt is shown as a marked user-side note."""
+    """Chat messages for a gr.Chatbot with `render_markdown=False`, shown exactly as written:
+    HTML-escaped, so a tag in someone's prompt is text on the annotator's screen, never an
+    element (Gradio's sanitiser alone would still let `<img src=...>` through). A system
+    prompt is shown as a marked user-side note."""
     shown = []
     for m in messages or []:
         if m["role"] == "system":
-            shown.append({"role": "user", "content": f"[system prompt] {m['content']}"})
+            shown.append({"role": "user", "content": html.escape(f"[system prompt] {m['content']}", quote=False)})
         else:
-            shown.append({"role": m["role"], "content": m["content"]})
+            shown.append({"role": m["role"], "content": html.escape(m["content"], quote=False)})
     return shown
 
 

@@ -1,6 +1,7 @@
 """Handlers called directly, on a real store and the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,100 @@ def test_background_generation_gives_way_to_an_interactive_request(server):
                             interactive=True)
     thread.join()
     assert reply and outcome["result"] == "preempted"
+
+
+# ---------------------------------------------------------------- paths a web user can influence
+
+
+def test_import_upload_refuses_a_file_outside_the_upload_folder(ctx, tmp_path):
+    admin = make_user(ctx, "root1", "admin")
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    ctx.upload_dir = uploads
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"prompt": "not uploaded"}\n')
+    (uploads / "link.jsonl").symlink_to(outside)  # a link inside pointing out is still outside
+    for path in (outside, uploads / ".." / "outside.jsonl", uploads / "link.jsonl"):
+        with pytest.raises(PermissionDenied, match="uploaded"):
+            handlers.import_upload(ctx, admin, str(path), "prompts")
+    (uploads / "mine.jsonl").write_text('{"prompt": "uploaded"}\n')
+    assert "1 new prompts" in handlers.import_upload(ctx, admin, str(uploads / "mine.jsonl"), "prompts")
+
+
+def test_export_download_writes_into_a_fresh_private_folder_and_checks_its_arguments(ctx, tmp_path):
+    import stat
+
+    admin = make_user(ctx, "root2", "admin")
+    ctx.export_dir = tmp_path / "exports"
+    (tmp_path / "pair.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    handlers.import_upload(ctx, admin, str(tmp_path / "pair.jsonl"), "trl")
+    paths = [Path(handlers.export_download(ctx, admin, file_format=f)[0]) for f in ("jsonl", "csv", "jsonl")]
+    assert len({p.parent for p in paths}) == 3  # each export in its own new folder
+    for path in paths:
+        assert path.parent.parent == ctx.export_dir and path.exists()
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for split in ("../../etc/x", "/tmp/x", "train/../.."):
+        with pytest.raises(InvalidInput, match="split"):
+            handlers.export_download(ctx, admin, split=split)
+    with pytest.raises(InvalidInput, match="export format"):
+        handlers.export_download(ctx, admin, file_format="../x")
+    assert sorted(p.parent for p in paths) == sorted(ctx.export_dir.iterdir())  # refusals wrote nothing
+
+
+# ---------------------------------------------------------------- typed rankings (properties)
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def typed_rankings(draw):
+    """(k, tiers of positions best first, the ranking typed as letters with '>' and '=')."""
+    k = draw(st.integers(2, 6))
+    order = draw(st.permutations(range(k)))
+    cuts = sorted(draw(st.sets(st.integers(1, k - 1), max_size=k - 1)))
+    bounds = [0, *cuts, k]
+    tiers = [list(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+    spaced = draw(st.booleans())
+    text = (" > " if spaced else ">").join(("=" if not spaced else " = ").join(handlers.LETTERS[p] for p in tier)
+                                         for tier in tiers)
+    return k, tiers, draw(st.sampled_from([text, text.lower()]))
+
+
+@given(case=typed_rankings())
+def test_parse_ranking_reads_back_any_typed_ranking(case):
+    k, tiers, text = case
+    assert handlers.parse_ranking(text, k) == tiers
+
+
+@given(text=st.text(max_size=24), k=st.integers(2, 6))
+def test_parse_ranking_of_any_text_is_a_full_ranking_or_a_clear_refusal(text, k):
+    try:
+        tiers = handlers.parse_ranking(text, k)
+    except InvalidInput as e:
+        assert str(e)
+        return
+    assert sorted(p for tier in tiers for p in tier) == list(range(k)) and all(tiers)
+
+
+def test_answers_generated_across_a_promotion_are_not_stored(ctx, server, tmp_path):
+    """A generation in flight finishes on its version; if another version went live
+    meanwhile, the prefetcher leaves the item pending instead of storing stale answers."""
+    prompt_id, _ = store.add_prompt(ctx.db(), "A question asked during a promotion?")
+    (item_id,) = store.queue_items(ctx.db(), [prompt_id])
+    filler = Prefetcher(ctx.db, server, target_ready=10, sampling=SamplingParams(max_new_tokens=4))
+    original = server.generate
+
+    def generate_then_promote(*args, **kwargs):
+        out = original(*args, **kwargs)
+        server._live = "v-new"  # what set_live does, mid-generation from the prefetcher's view
+        return out
+
+    server.generate = generate_then_promote
+    try:
+        assert filler.fill_once(ctx.db())
+    finally:
+        server.generate = original
+        server._live = "base"
+    assert filler.discarded == 1
+    assert ctx.db().execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()[0] == "pending"

@@ -14,8 +14,21 @@ def api(running_app):
     return client.view_api(print_info=False, return_format="dict")["named_endpoints"]
 
 
-def call(app, user, name, api):
-    client = Client(app.url, auth=user, verbose=False)
+@pytest.fixture(scope="module")
+def clients(running_app):
+    """One logged-in client per user, made on first use."""
+    made = {}
+
+    def client(user):
+        if user not in made:
+            made[user] = Client(running_app.url, auth=user, verbose=False)
+        return made[user]
+
+    return client
+
+
+def call(app, user, name, api, client=None):
+    client = client or Client(app.url, auth=user, verbose=False)
     # Gradio's own example values pass its preprocessing, so the handler (and its check) runs;
     # files are a local one (the example is a URL, and nothing here reaches the internet).
     local_file = app.home / "role-test.jsonl"
@@ -48,3 +61,18 @@ def test_anonymous_http_calls_are_refused_for_every_event_handler(running_app):
         response = httpx.post(running_app.url + "gradio_api/queue/join",
                               json={"fn_index": fn_index, "data": [], "session_hash": "anonymous"})
         assert response.status_code == 401, (fn_index, response.status_code)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, role in ENDPOINT_ROLES.items() if role == "annotator"))
+@pytest.mark.parametrize("user", [ANNOTATORS[1], ADMIN], ids=["annotator", "admin"])
+def test_annotator_and_admin_pass_the_role_check_of_an_annotator_endpoint(running_app, api, clients, name, user):
+    try:
+        call(running_app, user, "/" + name, api, clients(user))
+    except Exception as e:  # example arguments may be refused (no item on screen...), never for the role
+        assert "Permission denied" not in str(e) and "log in" not in str(e)
+
+
+@pytest.mark.parametrize("name", sorted(ENDPOINT_ROLES))
+def test_anonymous_call_of_a_named_endpoint_is_refused(running_app, name):
+    response = httpx.post(running_app.url + "gradio_api/call/" + name, json={"data": []})
+    assert response.status_code == 401
