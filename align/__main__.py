@@ -118,7 +118,7 @@ def cmd_worker(args) -> int:
 
     set_threads(args.threads)
     run_worker(db_path(args), home_path(args), base_path(args), poll_seconds=args.poll, once=args.once,
-               max_idle_seconds=args.max_idle)
+               max_idle_seconds=args.max_idle, parent_pid=args.parent_pid)
     return 0
 
 
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="run at most one round, then exit")
     p.add_argument("--max-idle", type=float, default=None, help="exit after the queue has been empty this long")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process is gone (the app passes its own pid)")
     p.set_defaults(func=cmd_worker)
 
     p = commands.add_parser("promote", help="make a version live (the previous live one of its kind retires)")

@@ -4,7 +4,9 @@ The app never trains in its own process: it queues a round (a row in the store) 
 worker, a separate process, claims it, runs it (`align.rounds.run_round`) and goes back to
 polling. On start it cleans up after a worker that died mid-round. SIGTERM or SIGINT stops
 it cleanly: a round in training stops at its next step and ends failed ("the worker is
-shutting down"), leaving no version behind; an idle worker exits at once.
+shutting down"), leaving no version behind; an idle worker exits at once. Started by the app
+(`--parent-pid`), it stops the same way when the app is gone, even killed outright, so a
+restarted app never ends up with two workers.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ def run_worker(
     max_idle_seconds: float | None = None,
     stop_event: threading.Event | None = None,
     handle_signals: bool = True,
+    parent_pid: int | None = None,
 ) -> int:
     """Claim and run queued rounds until stopped; returns the number of rounds run.
 
     once: run at most one round (or none if the queue is empty) and return.
     max_idle_seconds: return after the queue has been empty this long.
+    parent_pid: stop, as on SIGTERM, once this process (the app that started the worker) is gone.
     """
     from annotations import open_db
     from annotations.registry import claim_next_round, get_round
@@ -44,6 +48,8 @@ def run_worker(
     stop = stop_event or threading.Event()
     if handle_signals:
         _install_signal_handlers(stop)
+    if parent_pid:
+        _watch_parent(parent_pid, stop)
     db = open_db(db_path)
     recover_interrupted(db, home)
     logger.info("worker %d: watching %s for queued rounds", os.getpid(), db_path)
@@ -85,6 +91,19 @@ def _ensure_finished(db, round_id: int, get_round) -> None:
             finish_round(db, round_id, "failed", error="the worker lost track of this round")
     except Exception:
         logger.exception("could not check round %d", round_id)
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event, interval: float = 1.0) -> None:
+    """Set `stop` when this process's parent is no longer `parent_pid` (it died; the orphan
+    was handed to init or a subreaper)."""
+
+    def watch():
+        while not stop.wait(interval):
+            if os.getppid() != parent_pid:
+                logger.warning("worker %d: parent process %d is gone, stopping", os.getpid(), parent_pid)
+                stop.set()
+
+    threading.Thread(target=watch, name="rankloop-parent-watch", daemon=True).start()
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

@@ -1,4 +1,9 @@
-"""Command line for the store: `python -m annotations COMMAND ...` (see --help)."""
+"""Command line for the store: `python -m annotations COMMAND ...` (see --help).
+
+Paths given here (import files, export and backup targets, --db) are the operator's own: they
+are used as given, with the rights of whoever runs the command. The web app never passes a
+user-chosen path to these functions (see docs/reliability.md).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import argparse
 import getpass
 import logging
 import os
+import sqlite3
 import sys
+from pathlib import Path
 
-from annotations.db import default_db_path, open_db
+from annotations.db import BUSY_TIMEOUT_S, backup_db, check_db, default_db_path, open_db
 from annotations.errors import AnnotationsError
 from annotations.formats import FORMATS, STYLES, export_pairs, import_file
 from annotations.quality import WEIGHT_BY, agreement_report, format_report
@@ -31,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="export preference pairs in TRL's format")
     p.add_argument("--format", default="trl", choices=("trl",))
-    p.add_argument("--out", required=True, help="OUT.jsonl, OUT.parquet, or a folder (datasets.save_to_disk)")
+    p.add_argument("--out", required=True,
+                   help="OUT.jsonl, OUT.parquet, OUT.csv (for spreadsheets: cells that would start a formula "
+                        "get a leading '), or a folder (datasets.save_to_disk)")
     p.add_argument("--split", choices=("train", "heldout"), default=None, help="only this split (default: all)")
     p.add_argument("--style", choices=STYLES, default="conversational")
     p.add_argument("--with-meta", action="store_true", help="add id, weight, split and source columns")
@@ -49,13 +58,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("stats", help="row counts of the main tables")
     commands.add_parser("quality", help="inter-annotator agreement, Krippendorff's alpha, gold accuracy")
+
+    p = commands.add_parser("backup", help="consistent copy of the store, safe while the app and worker write")
+    p.add_argument("path", help="new file to write (never overwritten)")
+    commands.add_parser("check", help="PRAGMA integrity_check and foreign_key_check; exit status 1 on any problem")
     return parser
+
+
+def existing_file(path) -> sqlite3.Connection:
+    """A plain connection to an existing database file: no migrations, no change of journal
+    mode (backup and check must not alter what they look at)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationsError(f"there is no store at {path}")
+    return sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "backup":
+            try:
+                target = backup_db(existing_file(args.db or default_db_path()), args.path)
+            except sqlite3.DatabaseError as e:
+                raise AnnotationsError(f"cannot back up the store: {e}") from None
+            problems = check_db(existing_file(target))
+            if problems:
+                print("error: the backup fails its check:\n  " + "\n  ".join(problems), file=sys.stderr)
+                return 1
+            print(f"backed up to {target} (integrity and foreign keys checked)")
+            return 0
+        if args.command == "check":
+            problems = check_db(existing_file(args.db or default_db_path()))
+            for problem in problems:
+                print(problem)
+            print(f"{len(problems)} problem(s) found" if problems
+                  else "ok: integrity_check and foreign_key_check pass")
+            return 1 if problems else 0
         db = open_db(args.db or default_db_path())
         if args.command == "import":
             report = import_file(

@@ -7,7 +7,11 @@ of the file but useless as data: they are skipped and reported with their line n
 
 Export writes TRL's conversational preference format (prompt as a list of messages, chosen
 and rejected as one assistant message each), which `DPOTrainer` and `RewardTrainer` take as
-is, to JSONL, parquet, or a `datasets.save_to_disk` folder.
+is, to JSONL, parquet, or a `datasets.save_to_disk` folder; and CSV for spreadsheets, with
+cells that a spreadsheet would run as a formula defused (`csv_cell`).
+
+Limits: MAX_IMPORT_BYTES per file (also after gunzipping), MAX_IMPORT_ROWS rows, prompts and
+answers as in `annotations.store` (MAX_PROMPT_CHARS, MAX_ANSWER_CHARS).
 """
 
 from __future__ import annotations
@@ -75,14 +79,16 @@ def _check_size(path: Path) -> None:
 
 
 def _open_text_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:  # bad header, truncated, corrupt data
-            raise ImportFormatError(path, None, f"not a valid gzip file ({e})") from None
-        if len(raw) > MAX_IMPORT_BYTES:
-            raise ImportFormatError(path, None, f"uncompressed size exceeds the limit of {MAX_IMPORT_BYTES} bytes")
+    if path.suffix.lower() != ".gz":
+        return path.read_bytes()
+    try:
+        # Read one byte past the limit at most: a small "gzip bomb" never expands in memory.
+        with gzip.open(path, "rb") as f:
+            raw = f.read(MAX_IMPORT_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as e:  # bad header, truncated, corrupt data
+        raise ImportFormatError(path, None, f"not a valid gzip file ({e})") from None
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise ImportFormatError(path, None, f"uncompressed size exceeds the limit of {MAX_IMPORT_BYTES} bytes")
     return raw
 
 
@@ -105,6 +111,10 @@ def read_jsonl(path: Path):
             row = json.loads(text)
         except json.JSONDecodeError as e:
             raise ImportFormatError(path, number, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ImportFormatError(path, number, "JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4,300 digits
+            raise ImportFormatError(path, number, f"unreadable JSON value ({e})") from None
         if not isinstance(row, dict):
             raise ImportFormatError(path, number, f"expected a JSON object, got {type(row).__name__}")
         if "\\u" in text:  # only an escape can smuggle in a lone surrogate, which is not Unicode text
@@ -127,8 +137,8 @@ def read_csv(path: Path):
         for row in reader:
             # line_num is the line where the record ended (records may span lines).
             yield reader.line_num, row
-    except csv.Error as e:
-        raise ImportFormatError(path, reader.line_num, f"malformed CSV ({e})") from None
+    except csv.Error as e:  # raised before the line it is on is counted
+        raise ImportFormatError(path, reader.line_num + 1, f"malformed CSV ({e})") from None
 
 
 def read_rows(path: Path):
@@ -170,6 +180,9 @@ def _prompt_messages(path, number, value, field_name):
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise ImportFormatError(path, number, f"malformed JSON messages ({e.msg})", field_name) from None
+        except (ValueError, RecursionError) as e:  # a huge integer, or nested too deeply
+            raise ImportFormatError(path, number, f"unreadable JSON messages ({type(e).__name__})",
+                                    field_name) from None
     try:
         return canonical_messages(value)
     except InvalidInput as e:
@@ -190,6 +203,10 @@ def parse_prompt_row(path, number, row) -> dict:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ImportFormatError(path, number, "tags must be a list of strings or comma-separated text", "tags")
     external_id = row.get("id")
+    if isinstance(external_id, bool) or not isinstance(external_id, (str, int, type(None))):
+        raise ImportFormatError(path, number, f"must be text or a whole number, not {type(external_id).__name__}", "id")
+    if isinstance(external_id, str) and not external_id.strip():
+        external_id = None  # an empty CSV cell: no id
     return {"messages": messages, "tags": tags, "external_id": None if external_id is None else str(external_id)}
 
 
@@ -301,10 +318,20 @@ def parse_file(path, fmt: str) -> tuple[list[dict], list[tuple[int, str]], int]:
         raise InvalidInput(f"format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     path = Path(path)
     records, skipped, rows = [], [], 0
+    first_line_of_id: dict[str, int] = {}
     for number, row in read_rows(path):
         rows += 1
+        if rows > MAX_IMPORT_ROWS:
+            raise ImportFormatError(path, number, f"more than {MAX_IMPORT_ROWS} rows: split the file")
+        if not isinstance(row, dict):
+            raise ImportFormatError(path, number, f"expected a record with named fields, got {type(row).__name__}")
         record = PARSERS[fmt](path, number, row)
         record["line"] = number
+        if record.get("external_id") is not None:
+            first = first_line_of_id.setdefault(record["external_id"], number)
+            if first != number:
+                raise ImportFormatError(path, number, f"duplicate id {record['external_id']!r} (first on line {first})",
+                                        "id")
         if fmt != "prompts":
             reason = degenerate_reason(record)
             if reason:
@@ -431,8 +458,21 @@ def pair_rows(
     return rows
 
 
+# A cell starting with one of these is run as a formula by Excel, LibreOffice or Google
+# Sheets (tab and carriage return too, and the full-width forms some of them accept).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def csv_cell(value) -> str:
+    """A value as a CSV cell that a spreadsheet shows as text and never evaluates: lists and
+    dicts as JSON, and a leading single quote before anything that would start a formula
+    (OWASP's advice against CSV injection). The quote changes the text: re-import JSONL, not CSV."""
+    text = value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def write_rows(rows: list[dict], out) -> str:
-    """Write rows by the output's name: .jsonl, .parquet, or (anything else) a datasets folder."""
+    """Write rows by the output's name: .jsonl, .csv, .parquet, or (anything else) a datasets folder."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = out.name.lower()
@@ -443,6 +483,15 @@ def write_rows(rows: list[dict], out) -> str:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(out)
         return "jsonl"
+    if name.endswith(".csv"):
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            columns = list(rows[0]) if rows else []
+            writer.writerow(columns)
+            writer.writerows([csv_cell(row.get(column)) for column in columns] for row in rows)
+        tmp.replace(out)
+        return "csv"
     if name.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq

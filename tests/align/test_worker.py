@@ -71,3 +71,47 @@ def test_worker_exits_cleanly_on_sigterm(tmp_path, tiny_model_dir):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_worker_started_with_parent_pid_stops_when_its_parent_is_killed(tmp_path, tiny_model_dir):
+    """The app starts its worker with --parent-pid: an app killed outright must not leave an
+    orphaned worker behind (a restarted app would run a second one beside it)."""
+    open_db(tmp_path / "rankloop.db").close()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    worker_command = [sys.executable, "-m", "align", "--db", str(tmp_path / "rankloop.db"), "worker",
+                      "--base", str(tiny_model_dir), "--poll", "30"]
+    # A stand-in for the app: starts the worker with its own pid, prints the worker's pid, waits.
+    log = tmp_path / "w.log"
+    parent_code = (
+        "import os, subprocess, time\n"
+        f"command = {worker_command!r} + ['--parent-pid', str(os.getpid())]\n"
+        f"p = subprocess.Popen(command, stderr=open({str(log)!r}, 'w'))\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              text=True)
+    worker_pid = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while "watching" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker_pid)
+        assert "parent process" in log.read_text()
+    finally:
+        if _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from annotations import ImportFormatError, open_db
+from annotations import ImportFormatError, InvalidInput, open_db
 from annotations.formats import export_pairs, import_file
 from annotations.store import (
     add_candidates,
@@ -341,6 +341,123 @@ def test_import_failed_file_leaves_row_counts_unchanged(db, tmp_path, fmt):
     assert table_counts(db) == before
 
 
+# ---------------------------------------------------------------- limits and duplicates
+
+
+def test_import_prompts_duplicate_id_names_both_lines(db, tmp_path):
+    rows = [{"id": "p1", "prompt": "one"}, {"id": 2, "prompt": "two"}, {"id": "p1", "prompt": "three"}]
+    with pytest.raises(ImportFormatError, match=r"line 3, field 'id': duplicate id 'p1' \(first on line 1\)"):
+        import_file(db, write_jsonl(tmp_path / "p.jsonl", rows), "prompts")
+    assert table_counts(db) == {"prompts": 0, "items": 0, "pairs": 0}
+
+
+def test_import_prompts_duplicate_id_in_csv_names_the_line(db, tmp_path):
+    path = write_csv(tmp_path / "p.csv", ["id", "prompt"], [["a", "one"], ["b", "two"], ["a", "three"]])
+    with pytest.raises(ImportFormatError, match=r"line 4, field 'id': duplicate id 'a' \(first on line 2\)"):
+        import_file(db, path, "prompts")
+
+
+@pytest.mark.parametrize("value", [{"x": 1}, [1], 1.5, True])
+def test_import_prompts_id_of_wrong_type_names_line_and_field(db, tmp_path, value):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"id": value, "prompt": "two"}])
+    with pytest.raises(ImportFormatError, match=r"line 2, field 'id': must be text or a whole number"):
+        import_file(db, path, "prompts")
+
+
+def test_import_prompt_over_the_length_limit_names_line_and_field(db, tmp_path):
+    from annotations.store import MAX_PROMPT_CHARS
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}])
+    message = rf"line 2, field 'prompt': prompt is {MAX_PROMPT_CHARS + 1} characters long; the limit is"
+    with pytest.raises(ImportFormatError, match=message):
+        import_file(db, path, "prompts")
+
+
+def test_import_answer_over_the_length_limit_is_skipped_with_its_line(db, tmp_path):
+    from annotations.store import MAX_ANSWER_CHARS
+
+    rows = trl_rows(2) + [{"prompt": "q", "chosen": "y" * (MAX_ANSWER_CHARS + 1), "rejected": "n"}]
+    report = import_file(db, write_jsonl(tmp_path / "t.jsonl", rows), "trl")
+    assert report.pairs_created == 2
+    assert report.skipped == [(3, f"answer longer than {MAX_ANSWER_CHARS} characters")]
+
+
+def test_import_file_over_the_size_limit_is_refused_unread(db, tmp_path, monkeypatch):
+    monkeypatch.setattr("annotations.formats.MAX_IMPORT_BYTES", 100)
+    path = write_jsonl(tmp_path / "big.jsonl", trl_rows(5))
+    with pytest.raises(ImportFormatError, match=r"big.jsonl: file is \d+ bytes; the import limit is 100"):
+        import_file(db, path, "trl")
+
+
+def test_import_gzip_that_expands_past_the_limit_stops_reading(db, tmp_path, monkeypatch):
+    monkeypatch.setattr("annotations.formats.MAX_IMPORT_BYTES", 10_000)
+    path = tmp_path / "bomb.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n" * 5_000_000))  # 5 MB of nothing in a few kB
+    assert path.stat().st_size < 10_000
+    with pytest.raises(ImportFormatError, match="uncompressed size exceeds the limit of 10000 bytes"):
+        import_file(db, path, "trl")
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv"])
+def test_import_with_more_rows_than_the_limit_names_the_line(db, tmp_path, monkeypatch, name):
+    monkeypatch.setattr("annotations.formats.MAX_IMPORT_ROWS", 3)
+    path = (write_csv(tmp_path / name, ["prompt"], [[f"q{i}"] for i in range(5)]) if name.endswith(".csv")
+            else write_jsonl(tmp_path / name, [{"prompt": f"q{i}"} for i in range(5)]))
+    with pytest.raises(ImportFormatError, match="more than 3 rows"):
+        import_file(db, path, "prompts")
+    assert table_counts(db)["prompts"] == 0
+
+
+def test_import_json_nested_too_deeply_names_the_line(db, tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(GOOD + b"\n" + b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    with pytest.raises(ImportFormatError, match="line 2: JSON nested too deeply"):
+        import_file(db, path, "trl")
+
+
+@pytest.mark.parametrize("k", [1, 7])
+def test_import_with_k_out_of_range_is_refused_and_stores_nothing(db, tmp_path, k):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    with pytest.raises(InvalidInput, match=f"K={k} is out of range"):
+        import_file(db, path, "prompts", mode="ranking", k=k)
+    assert table_counts(db) == {"prompts": 0, "items": 0, "pairs": 0}
+
+
+# ---------------------------------------------------------------- CSV export
+
+FORMULAS = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd", "\uff1d1+1"]
+
+
+def test_export_csv_defuses_every_cell_that_would_start_a_formula(db, tmp_path):
+    rows = [{"prompt": f, "chosen": f"{f} chosen", "rejected": "plain text"} for f in FORMULAS]
+    rows.append({"prompt": "a = b, and +1", "chosen": "fine", "rejected": "also fine"})
+    import_file(db, write_jsonl(tmp_path / "in.jsonl", rows), "trl")
+    assert export_pairs(db, tmp_path / "out.csv", style="standard") == len(rows)
+    with (tmp_path / "out.csv").open(encoding="utf-8", newline="") as f:
+        exported = list(csv.DictReader(f))
+    for row, original in zip(exported, rows):
+        for column in ("prompt", "chosen", "rejected"):
+            value = original[column]
+            expected = "'" + value if value[0] in "=+-@\t\r\uff1d" else value
+            assert row[column] == expected
+
+
+def test_export_csv_from_the_command_line_writes_messages_as_json_text(db, tmp_path, capsys):
+    from annotations.__main__ import main
+
+    db_path = tmp_path / "cli.db"
+    store_db = open_db(db_path)
+    import_file(store_db, write_jsonl(tmp_path / "in.jsonl", [{"prompt": "=1+1", "chosen": "a", "rejected": "b"}]),
+                "trl")
+    store_db.close()
+    assert main(["--db", str(db_path), "export", "--out", str(tmp_path / "x.csv")]) == 0
+    assert "exported 1 pairs" in capsys.readouterr().out
+    with (tmp_path / "x.csv").open(encoding="utf-8", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["prompt"] == json.dumps([user("=1+1")], ensure_ascii=False)  # a JSON list: starts with '['
+    assert row["chosen"] == json.dumps([assistant("a")])
+
+
 # ---------------------------------------------------------------- properties
 
 # Text that survives as data: at least one non-whitespace character. Surrogates are not
@@ -402,3 +519,75 @@ def test_derive_pairs_never_pairs_within_a_tier(policy, ranking):
 def test_derive_pairs_chosen_always_ranked_above_rejected(policy, ranking):
     tier = tier_of(ranking)
     assert all(tier[chosen] < tier[rejected] for chosen, rejected in derive_pairs(ranking, policy))
+
+
+def transitive_closure(pairs):
+    closure = set(pairs)
+    while True:
+        more = {(a, d) for a, b in closure for c, d in closure if b == c} - closure
+        if not more:
+            return closure
+        closure |= more
+
+
+@given(ranking=rankings())
+def test_derive_pairs_adjacent_implies_exactly_the_all_pairs(ranking):
+    assert transitive_closure(derive_pairs(ranking, "adjacent")) == set(derive_pairs(ranking, "all"))
+
+
+@given(ranking=rankings())
+def test_derive_pairs_best_vs_rest_and_adjacent_are_subsets_of_all(ranking):
+    everything = set(derive_pairs(ranking, "all"))
+    assert set(derive_pairs(ranking, "best_vs_rest")) <= everything
+    assert set(derive_pairs(ranking, "adjacent")) <= everything
+    assert {b for _, b in derive_pairs(ranking, "best_vs_rest")} == {c for tier in ranking[1:] for c in tier}
+
+
+@given(ranking=rankings(), data=st.data())
+def test_derive_pairs_ignores_the_order_within_a_tier(ranking, data):
+    shuffled = [data.draw(st.permutations(tier)) for tier in ranking]
+    for policy in ("all", "best_vs_rest", "adjacent"):
+        assert set(derive_pairs(shuffled, policy)) == set(derive_pairs(ranking, policy))
+
+
+@st.composite
+def judgements(draw):
+    """(k, tiers as positions 0..k-1 best first, policy, both_bad, human text or None)."""
+    k = draw(st.integers(2, 6))
+    order = draw(st.permutations(range(k)))
+    cuts = sorted(draw(st.sets(st.integers(1, k - 1), max_size=k - 1)))
+    bounds = [0, *cuts, k]
+    tiers = [list(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+    human = draw(st.none() | st.text(min_size=1, max_size=20).filter(lambda t: t.strip()))
+    return k, tiers, draw(st.sampled_from(["all", "best_vs_rest", "adjacent"])), draw(st.booleans()), human
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=judgements())
+def test_submitted_judgement_stores_exactly_the_derived_pairs(case):
+    k, tiers, policy, both_bad, human = case
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_db(Path(tmp) / "s.db")
+        # An account row without add_user's Argon2 hashing, which would dominate this test's time.
+        annotator = store.execute("INSERT INTO users (name, role, password_hash) VALUES ('ann', 'annotator', '-')"
+                                  ).lastrowid
+        prompt_id, _ = add_prompt(store, "Rank these")
+        (item_id,) = queue_items(store, [prompt_id], mode="ranking", k=k)
+        ids = add_candidates(store, item_id, [{"text": f"answer {i}", "policy_version": "base"} for i in range(k)])
+        ranking = [[ids[p] for p in tier] for tier in tiers]
+        if both_bad:
+            ranking = [list(ids)]
+        result = submit_judgement(store, annotator, item_id, ranking, shown_order=ids, both_bad=both_bad,
+                                  pair_policy=policy, human_text=human)
+        stored = set(store.execute("SELECT chosen_candidate_id, rejected_candidate_id FROM pairs"
+                                   " WHERE judgement_id = ?", [result["judgement_id"]]).fetchall())
+        expected = set() if both_bad else set(derive_pairs(ranking, policy))
+        human_id = store.execute("SELECT id FROM candidates WHERE policy_version IS NULL").fetchone()
+        if human is not None and human.strip() not in {f"answer {i}" for i in range(k)}:
+            expected |= {(human_id[0], c) for c in ids}
+        else:
+            assert human_id is None
+        assert stored == expected and result["pairs"] == len(expected)
+        negative = store.execute("SELECT count(*) FROM ratings WHERE value = -1").fetchone()[0]
+        assert negative == (k if both_bad else 0)
+        store.close()
