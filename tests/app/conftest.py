@@ -83,3 +83,21 @@ def running_app(tmp_path_factory, tiny_model_dir):
     app = start_app(tmp_path_factory.mktemp("app-home"), tiny_model_dir)
     yield app
     app.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """A PolicyServer over the tiny model (one per test module)."""
+    from app.serving import PolicyServer
+
+    return PolicyServer(tiny_model_dir)
+
+
+@pytest.fixture
+def empty_ctx(tmp_path, server):
+    """Handler context over a fresh, migrated store and the tiny model's server."""
+    from annotations import open_db
+    from app import handlers
+
+    open_db(tmp_path / "rankloop.db").close()
+    return handlers.AppContext(db_path=tmp_path / "rankloop.db", server=server)

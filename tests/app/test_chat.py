@@ -4,24 +4,14 @@ import pytest
 
 from annotations import store
 from annotations.errors import InvalidInput, PermissionDenied
-from app import chat, handlers
-from app.serving import PolicyServer
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    return PolicyServer(tiny_model_dir)
+from app import chat
 
 
 @pytest.fixture
-def ctx(tmp_path, server):
-    from annotations import open_db
-
-    open_db(tmp_path / "rankloop.db").close()
-    context = handlers.AppContext(db_path=tmp_path / "rankloop.db", server=server)
-    context.db().execute("INSERT INTO users (name, role, password_hash) VALUES ('ann', 'annotator', 'x')")
-    context.db().conn.commit()
-    return context
+def ctx(empty_ctx):
+    empty_ctx.db().execute("INSERT INTO users (name, role, password_hash) VALUES ('ann', 'annotator', 'x')")
+    empty_ctx.db().conn.commit()
+    return empty_ctx
 
 
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 6}

@@ -9,20 +9,12 @@ from annotations import store
 from annotations.errors import InvalidInput, PermissionDenied
 from app import handlers
 from app.prefetch import Prefetcher
-from app.serving import PolicyServer, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    return PolicyServer(tiny_model_dir)
+from app.serving import SamplingParams
 
 
 @pytest.fixture
-def ctx(tmp_path, server):
-    from annotations import open_db
-
-    open_db(tmp_path / "rankloop.db").close()
-    context = handlers.AppContext(db_path=tmp_path / "rankloop.db", server=server)
+def ctx(empty_ctx, server):
+    context = empty_ctx
     db = context.db()
     prompt_ids = [store.add_prompt(db, f"Question number {i}?")[0] for i in range(3)]
     store.queue_items(db, prompt_ids)
