@@ -37,6 +37,10 @@ browser:
 run: setup
 	$(PY) -m app
 
+# The training worker alone (the app starts one itself unless run with --no-worker).
+worker: setup
+	$(PY) -m align worker --threads 1
+
 test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
