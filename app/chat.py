@@ -62,14 +62,16 @@ def chat_stream(ctx: AppContext, user: dict | None, history, message: str, *, co
     user = _annotator(user)
     messages = store.canonical_messages(history_messages(history) + [{"role": "user", "content": message or ""}])
     params = _sampling(sampling)
-    version = _resolve(ctx, version)
+    # "live" is resolved by the server when this request's turn comes, so a request queued
+    # behind a promotion is answered by the new version
+    version = None if not version or version == LIVE else _resolve(ctx, version)
     start = time.perf_counter()
-    text = ""
+    text, produced_by = "", version
     for text, produced_by in ctx.server.stream(messages, params, version):
         yield text, produced_by
-    reply_id = chat.add_reply(ctx.db(), user["id"], conversation, messages, text.strip(), version,
+    reply_id = chat.add_reply(ctx.db(), user["id"], conversation, messages, text.strip(), produced_by,
                               sampling=params.as_dict(), seconds=time.perf_counter() - start)
-    yield text, version, reply_id
+    yield text, produced_by, reply_id
 
 
 def rate_reply(ctx: AppContext, user: dict | None, reply_id: int, liked: bool | None) -> None:

@@ -3,8 +3,9 @@ cores with training, and supervising the training worker process.
 
 The store is the only channel between the app and the worker. The worker registers and
 (through the promotion gate or an admin) promotes versions; `LiveWatcher` notices a new live
-policy within `poll_seconds`, loads its adapter beside the ones already loaded, and makes it
-the default for new generations — generations already running finish on their version.
+policy within `poll_seconds` (its adapter usually preloaded when it was registered as a
+candidate), loads it if needed, and makes it the default for new generations — generations
+already running finish on their version.
 
 Thread budget (2 cores): while a round runs, the worker trains with 1 torch thread and the
 app serves with 1; when no round runs, the app takes both. Two processes each asking for 2
@@ -29,6 +30,7 @@ from app.serving import BASE_VERSION, ensure_loaded
 logger = logging.getLogger(__name__)
 
 WORKER_THREADS = 1
+PRELOAD_CANDIDATES = 2  # newest candidate adapters kept loaded, ready to go live
 
 
 class LiveWatcher:
@@ -43,6 +45,7 @@ class LiveWatcher:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._unloadable: set[str] = set()
 
     def start(self) -> "LiveWatcher":
         self.check()
@@ -74,11 +77,34 @@ class LiveWatcher:
             requeued = store.retire_stale_items(db, live)
             logger.info("live policy %s -> %s (%d unjudged items requeued)", previous, live, requeued)
             self.ctx.wake_prefetcher()
+        self._preload(db)
         training = db.execute("SELECT count(*) FROM rounds WHERE status = 'running'").fetchone()[0] > 0
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
             logger.info("serving threads: %d (%s)", threads, "a round is training" if training else "idle worker")
+
+    def _preload(self, db) -> None:
+        """Load, one per check, the adapters a promotion or rollback would need next: the newest
+        candidates and the live version's parent. Promoting a loaded version is a pointer
+        change that waits for nothing; the arena needs them loaded anyway."""
+        server = self.ctx.server
+        rows = db.execute(
+            "SELECT version, path FROM policies WHERE kind = 'policy' AND path IS NOT NULL AND ("
+            " version IN (SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
+            "             ORDER BY created_at DESC LIMIT ?)"
+            " OR version = (SELECT parent FROM policies WHERE kind = 'policy' AND state = 'live'))"
+            " ORDER BY created_at DESC", [PRELOAD_CANDIDATES]).fetchall()
+        for version, path in rows:
+            if version in server.versions() or version in self._unloadable:
+                continue
+            try:
+                server.load_adapter(version, Path(path))
+                logger.info("preloaded adapter %s", version)
+            except Exception as e:  # a broken candidate must not stop the watcher; promoting it will say why
+                self._unloadable.add(version)
+                logger.warning("cannot preload %s from %s: %s", version, path, e)
+            return
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):

@@ -4,11 +4,18 @@ Generation is serialised by one lock: on 2 cores, two concurrent generations onl
 other down, and the lock is also what makes adapter swaps safe. A swap (`set_live`) only
 changes which version the *next* generation uses; a generation in flight keeps the version
 it started with, and every result records the version that produced it.
+
+The lock is fair and ordered (`ModelLock`): loading an adapter goes first, then interactive
+requests (chat, arena) in arrival order, then background work (prefetching answers). With a
+plain `threading.Lock` a thread that releases it usually takes it straight back, so under a
+steady stream of chat requests a promotion waited seconds for its turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -69,6 +76,60 @@ class _StopWhen:
         return torch.full((input_ids.shape[0],), bool(self.predicate()), dtype=torch.bool)
 
 
+class ModelLock:
+    """A lock granted by priority, then in arrival order (a ticket queue).
+
+    Priorities: `SWAP` (loading an adapter), `INTERACTIVE` (a person waits), `BACKGROUND`.
+    `urgent_waiting()` tells a running background job that someone more urgent is queued.
+    """
+
+    SWAP, INTERACTIVE, BACKGROUND = 0, 1, 2
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._held = False
+        self._queue: list[tuple[int, int]] = []  # heap of (priority, arrival number)
+        self._arrivals = itertools.count()
+
+    def acquire(self, priority: int = BACKGROUND) -> None:
+        with self._cond:
+            ticket = (priority, next(self._arrivals))
+            heapq.heappush(self._queue, ticket)
+            try:
+                while self._held or self._queue[0] != ticket:
+                    self._cond.wait()
+            except BaseException:  # interrupted while queued: leave the queue as found
+                self._queue.remove(ticket)
+                heapq.heapify(self._queue)
+                self._cond.notify_all()
+                raise
+            heapq.heappop(self._queue)
+            self._held = True
+
+    def release(self) -> None:
+        with self._cond:
+            if not self._held:
+                raise RuntimeError("release of an unheld ModelLock")
+            self._held = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, priority: int = BACKGROUND):
+        self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def urgent_waiting(self) -> bool:
+        """Whether a request more urgent than background work is queued."""
+        with self._cond:
+            return bool(self._queue) and self._queue[0][0] < self.BACKGROUND
+
+
 class PolicyServer:
     """Serves generations from the base model and any registered adapter version.
 
@@ -85,9 +146,7 @@ class PolicyServer:
         self.tokenizer.padding_side = "left"
         self.model = load_causal_lm(self.base_path, dtype=getattr(torch, dtype))
         self.max_prompt_tokens = max_prompt_tokens
-        self._lock = threading.Lock()
-        self._waiting = 0  # interactive requests waiting for the lock
-        self._waiting_lock = threading.Lock()
+        self._lock = ModelLock()
         self._adapters: dict[str, Path] = {}
         self._live = BASE_VERSION
 
@@ -107,7 +166,7 @@ class PolicyServer:
         from peft import PeftModel
 
         path = Path(path)
-        with self._lock:
+        with self._lock.hold(ModelLock.SWAP):
             if not hasattr(self.model, "peft_config"):
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
             else:
@@ -133,26 +192,12 @@ class PolicyServer:
         attention = ids["attention_mask"][:, -self.max_prompt_tokens:]
         return {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention.repeat(n, 1)}
 
-    @contextlib.contextmanager
     def _model_lock(self, interactive: bool):
-        if not interactive:
-            with self._lock:
-                yield
-            return
-        with self._waiting_lock:
-            self._waiting += 1
-        try:
-            self._lock.acquire()
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-        try:
-            yield
-        finally:
-            self._lock.release()
+        return self._lock.hold(ModelLock.INTERACTIVE if interactive else ModelLock.BACKGROUND)
 
     def interactive_waiting(self) -> bool:
-        return self._waiting > 0
+        """Whether a chat/arena request or an adapter load is queued for the model."""
+        return self._lock.urgent_waiting()
 
     def _generate_kwargs(self, sampling: SamplingParams) -> dict:
         kwargs = dict(
@@ -230,12 +275,15 @@ class PolicyServer:
             thread = threading.Thread(target=work, name="rankloop-stream", daemon=True)
             thread.start()
             try:
-                text = ""
+                text, pieces = "", 0
                 for piece in streamer:
                     text += piece
+                    pieces += 1
                     yield text, version
                 if failure:
                     raise failure[0]
+                if not pieces:  # an empty answer still says which version gave it
+                    yield text, version
             finally:
                 stop.set()
                 thread.join()
