@@ -28,6 +28,7 @@ from align.training import (
     TrainingOptions,
     as_dataset,
     attach_progress,
+    cpu_has_bf16,
     load_policy_for_training,
     make_preference_collator,
     save_adapter,
@@ -37,6 +38,14 @@ from align.training import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def default_precision() -> str:
+    """bf16 autocast on a CPU with native bf16 (1.5x faster DPO steps, docs/benchmarks.md);
+    elsewhere 'auto' (bf16 on a GPU that supports it, else fp32)."""
+    import torch
+
+    return "bf16" if not torch.cuda.is_available() and cpu_has_bf16() else "auto"
 
 # The loss types TRL 1.16's DPOTrainer implements.
 DPO_LOSS_TYPES = (
@@ -50,6 +59,17 @@ class DPORoundConfig(TrainingOptions):
     """A DPO round. Defaults fit SmolLM2-135M with a LoRA adapter on a 2-core CPU."""
 
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA adapter."})
+    lora_top_layers: int = field(
+        default=8,
+        metadata={"help": "Adapt only the last N transformer layers (0: all). Back-propagation then stops at the "
+                          "lowest adapted layer: on SmolLM2 (30 layers) 8 trains 1.6x faster than all of them "
+                          "and needs half the memory (docs/benchmarks.md)."},
+    )
+    precision: str = field(
+        default_factory=default_precision,
+        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
+                          "(a GPU, or a CPU with avx512_bf16/AMX). Default: bf16 where the CPU has it, else auto."},
+    )
     beta: float = field(
         default=0.1,
         metadata={"help": "Strength of the pull towards the reference: higher stays closer (0.01-0.5 is usual)."},
@@ -64,6 +84,12 @@ class DPORoundConfig(TrainingOptions):
     label_smoothing: float = field(
         default=0.0,
         metadata={"help": "Assumed fraction of flipped labels for 'robust' (in [0, 0.5)), epsilon for 'exo_pair'."},
+    )
+    packed: bool = field(
+        default=True,
+        metadata={"help": "Run each pair as one sequence whose prompt is computed once for both answers "
+                          "(align/packing.py); same log-probabilities, fewer tokens. Losses: sigmoid, hinge, ipo, "
+                          "robust; others train unpacked."},
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -111,6 +137,8 @@ def train_dpo(
     """
     from trl import DPOConfig, DPOTrainer
 
+    from align.packing import PACKED_LOSS_TYPES, PackedDPOTrainer, make_packed_collator
+
     set_threads(config.threads)
     model, tokenizer, peft_config = load_policy_for_training(base_path, config, parent_adapter)
     args = DPOConfig(
@@ -122,13 +150,16 @@ def train_dpo(
         precompute_ref_log_probs=config.precompute_ref_log_probs,
         max_length=None,  # our collator truncates (from the left); TRL's would cut the answers' ends
     )
-    trainer = DPOTrainer(
+    packed = config.packed and set(args.loss_type) <= set(PACKED_LOSS_TYPES)
+    trainer_class, collator = (PackedDPOTrainer, make_packed_collator) if packed else \
+        (DPOTrainer, make_preference_collator)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=as_dataset([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in train_rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        data_collator=make_preference_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
+        data_collator=collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
     )
     attach_progress(trainer, progress)
     output = trainer.train()

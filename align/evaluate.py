@@ -98,6 +98,39 @@ def answer_logprobs(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def pair_token_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token ids of a preference row, the prompt cut from the left
+    so that it fits with the longer answer, as the packed DPO trainer sees the pair."""
+    prompt, chosen = _prompt_and_answer_ids(tokenizer, row["prompt"], answer_text(row["chosen"]), 10**9)
+    _, rejected = _prompt_and_answer_ids(tokenizer, row["prompt"], answer_text(row["rejected"]), 10**9)
+    prompt, (chosen, rejected) = truncate(prompt, [chosen, rejected], max_length, "left")
+    return prompt, chosen, rejected
+
+
+def pair_logprobs(model, tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 512):
+    """Summed log-probabilities of each row's chosen and rejected answers under `model` as it is,
+    both answers in one packed sequence (`align.packing`), rows batched by length."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from align.packing import pack_pairs, packed_logps
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "_rankloop_fused_head", False):
+        add_fused_lm_head(inner)  # log-probs in tiles, without (batch, length, vocabulary) logits
+        inner._rankloop_fused_head = True
+    triples = [pair_token_ids(tokenizer, row, max_length) for row in rows]
+    order = sorted(range(len(triples)), key=lambda i: sum(map(len, triples[i])))
+    chosen, rejected = torch.zeros(len(rows)), torch.zeros(len(rows))
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in pack_pairs([triples[i] for i in index], tokenizer.pad_token_id).items()}
+            good, bad, _, _ = packed_logps(model, batch)
+            chosen[index], rejected[index] = good.float().cpu(), bad.float().cpu()
+    return chosen, rejected
+
+
 def implicit_rewards(
     policy, tokenizer, rows: Sequence[dict], beta: float, batch_size: int = 8, max_length: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,15 +138,10 @@ def implicit_rewards(
 
     π is `policy` with its active adapter, π_ref the same model with adapters disabled (the base).
     """
-    prompts = [row["prompt"] for row in rows]
-    rewards = []
-    for key in ("chosen", "rejected"):
-        answers = [answer_text(row[key]) for row in rows]
-        policy_logps = answer_logprobs(policy, tokenizer, prompts, answers, batch_size, max_length)
-        with using_version(policy, BASE_VERSION):
-            reference_logps = answer_logprobs(policy, tokenizer, prompts, answers, batch_size, max_length)
-        rewards.append(beta * (policy_logps - reference_logps))
-    return rewards[0], rewards[1]
+    chosen, rejected = pair_logprobs(policy, tokenizer, rows, batch_size, max_length)
+    with using_version(policy, BASE_VERSION):
+        ref_chosen, ref_rejected = pair_logprobs(policy, tokenizer, rows, batch_size, max_length)
+    return beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
 
 
 def dpo_implicit_accuracy(

@@ -75,7 +75,8 @@ class TrainingOptions:
     )
     precision: str = field(
         default="auto",
-        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; or 'fp32' / 'bf16'."},
+        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
+                          "(a GPU, or a CPU with avx512_bf16/AMX: master weights stay fp32, matmuls run in bf16)."},
     )
     logging_steps: int = field(default=5, metadata={"help": "Optimizer steps between two log lines."})
     seed: int = field(default=0, metadata={"help": "Seed for the adapter's initialisation and the data order."})
@@ -110,8 +111,9 @@ class TrainingOptions:
             raise ValueError("lora_target_modules is empty: use 'all-linear' or name the layers to adapt.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
-        if self.precision == "bf16" and not torch.cuda.is_available():
-            raise ValueError("precision 'bf16' needs a GPU; use 'auto' or 'fp32' on CPU.")
+        if self.precision == "bf16" and not (torch.cuda.is_available() or cpu_has_bf16()):
+            raise ValueError("precision 'bf16' needs a GPU or a CPU with bf16 instructions (avx512_bf16 or AMX); "
+                             "use 'auto' or 'fp32' here.")
         if self.lora_top_layers < 0:
             raise ValueError(f"lora_top_layers must be 0 (all layers) or positive, got {self.lora_top_layers}.")
         if self.threads < 0:
@@ -123,14 +125,24 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (Linux: avx512_bf16 or AMX in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def device_arguments(precision: str = "auto") -> dict:
     """TRL/transformers config arguments for the device at hand.
 
-    TRL's configs default to bf16=True, which fails on CPU: without a GPU this forces CPU
-    and fp32. With one, 'auto' turns bf16 mixed precision on where the GPU supports it.
+    TRL's configs default to bf16=True, which fails on CPU: without a GPU this forces CPU,
+    and fp32 unless 'bf16' was asked for (CPU autocast; checked to be native by the options).
+    With a GPU, 'auto' turns bf16 mixed precision on where the GPU supports it.
     """
     if not torch.cuda.is_available():
-        return {"use_cpu": True, "bf16": False, "fp16": False}
+        return {"use_cpu": True, "bf16": precision == "bf16", "fp16": False}
     bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
     return {"bf16": bf16, "fp16": False}
 

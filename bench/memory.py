@@ -70,9 +70,8 @@ def _worker_peak(home: Path, base_path: Path, quick: bool) -> float:
     db.close()
     steps = 4 if quick else 12
     command = [sys.executable, "-m", "align", "--db", str(home / "rankloop.db"), "round", "--method", "dpo",
-               "--base", str(base_path), "--set", f"max_steps={steps}", "--set", "batch_size=8",
-               "--set", "max_length=256", "--set", "lora_top_layers=8", "--set", "eval_pairs=16",
-               "--set", "eval_prompts=4", "--set", "threads=2"]
+               "--base", str(base_path), "--set", f"max_steps={steps}", "--set", "eval_pairs=16",
+               "--set", "eval_prompts=4", "--set", "threads=2"]  # otherwise the product's DPO defaults
     script = ("import resource, subprocess, sys, json; subprocess.run(sys.argv[1:], check=True);"
               "print(json.dumps({'peak_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
     return _python(script, *command)["peak_mib"]

@@ -11,7 +11,7 @@ import torch
 TOPICS = ["the sea", "the sky", "France", "a poem", "dogs", "foxes", "good answers", "questions", "thanks", "the world"]
 
 # Round settings that keep a round on the tiny model to a few seconds.
-FAST_TRAINING = {"max_steps": 2, "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2,
+FAST_TRAINING = {"max_steps": 2, "batch_size": 2, "precision": "fp32", "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2,
                  "logging_steps": 1}
 FAST_EVAL = {"eval_pairs": 4, "eval_prompts": 2, "eval_max_new_tokens": 4, "eval_samples": 1}
 

@@ -70,6 +70,22 @@ def test_answer_logprobs_sum_answer_tokens_only(tiny_model_dir, tokenizer):
     assert got[1].item() == pytest.approx(expected, abs=1e-4)
 
 
+def test_pair_logprobs_packed_equal_each_answer_scored_apart(tiny_model_dir, tokenizer):
+    from align.evaluate import pair_logprobs
+
+    model = load_causal_lm(tiny_model_dir)
+    pairs = [{"messages": PROMPTS[0], "chosen": "hello world", "rejected": "no"},
+             {"messages": PROMPTS[1], "chosen": "yes thanks", "rejected": "a longer answer than yes"},
+             {"messages": PROMPTS[0], "chosen": "good", "rejected": "bad answer"}]
+    rows = preference_rows(pairs)
+    chosen, rejected = pair_logprobs(model, tokenizer, rows, batch_size=2)
+    prompts = [p["messages"] for p in pairs]
+    torch.testing.assert_close(chosen, answer_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs]),
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(rejected, answer_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs]),
+                               atol=1e-4, rtol=0)
+
+
 def test_fresh_adapter_has_zero_implicit_reward_and_zero_kl(fresh_policy, tokenizer):
     rows = preference_rows([{"messages": PROMPTS[0], "chosen": "yes", "rejected": "no"}])
     with using_version(fresh_policy, "v1"):

@@ -68,10 +68,28 @@ def test_device_arguments_turn_off_bf16_on_cpu():
     assert args["report_to"] == [] and args["save_strategy"] == "no" and args["use_cpu"] is True
 
 
-def test_bf16_precision_refused_without_gpu():
+def test_bf16_precision_refused_without_gpu_or_bf16_cpu(monkeypatch):
     import torch
+
+    from align import training
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU path")
-    with pytest.raises(ValueError, match="needs a GPU"):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="needs a GPU or a CPU with bf16"):
         TrainingOptions(precision="bf16")
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert device_arguments(TrainingOptions(precision="bf16").precision)["bf16"] is True
+
+
+def test_dpo_defaults_to_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from align import dpo
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    monkeypatch.setattr(dpo, "cpu_has_bf16", lambda: True)
+    assert dpo.DPORoundConfig().precision == "bf16"
+    monkeypatch.setattr(dpo, "cpu_has_bf16", lambda: False)
+    assert dpo.DPORoundConfig().precision == "auto"
