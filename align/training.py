@@ -121,8 +121,41 @@ class TrainingOptions:
 
 
 def set_threads(threads: int) -> None:
+    tune_malloc()
     if threads:
         torch.set_num_threads(threads)
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process instead of handing it back to the kernel at once.
+
+    glibc returns every large freed block (activations, attention masks, optimizer buffers)
+    to the kernel and faults it in again on the next step: a 16-pair DPO run on two cores
+    spent 9.3 s of its 19.3 s in the kernel. Serving blocks up to 1 GiB from the heap and
+    raising the trim threshold and top pad cut it to 14.9 s (1.6 s in the kernel), for 0.5 GiB
+    more peak memory (docs/training.md).
+    Linux/glibc only; elsewhere it does nothing. Returns whether it applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = all(libc.mallopt(option, value) == 1 for option, value in (
+            (m_mmap_threshold, 1024 ** 3),
+            (m_trim_threshold, 2 * 1024 ** 3 - 1),
+            (m_top_pad, 256 * 1024 * 1024),
+        ))
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = ok
+    return ok
 
 
 def cpu_has_bf16() -> bool:

@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RANKLOOP_SERVE_THREADS", "2")),
                         help="torch threads for serving")
     parser.add_argument("--prefetch", type=int, default=4, help="ready items to keep ahead of annotators (0: off)")
-    parser.add_argument("--dtype", default=os.environ.get("RANKLOOP_SERVE_DTYPE", "float32"),
-                        choices=("float32", "bfloat16"), help="weights of the serving model")
+    parser.add_argument("--dtype", default=os.environ.get("RANKLOOP_SERVE_DTYPE", "auto"),
+                        choices=("auto", "float32", "bfloat16"),
+                        help="weights of the serving model (auto: bfloat16 on a CPU with native bf16, else float32)")
     parser.add_argument("--no-demo", action="store_true", help="do not queue the demo prompts on an empty store")
     parser.add_argument("--no-worker", action="store_true",
                         help="do not start the training worker (run `python -m align worker` yourself)")

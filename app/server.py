@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True,
-               worker: bool = False, live_poll_seconds: float = 0.1, dtype: str = "float32"):
+               worker: bool = False, live_poll_seconds: float = 0.1, dtype: str = "auto"):
     """Returns (context, blocks, authenticator, created_admin or None).
 
     Starts the prefetcher, the live-version watcher (hot-loading), and with `worker` the

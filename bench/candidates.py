@@ -22,7 +22,7 @@ PROMPTS = [
 K, MAX_NEW = 4, 96
 
 
-def run(base_path: Path, quick: bool = False, dtype: str = "float32") -> list[Result]:
+def run(base_path: Path, quick: bool = False, dtype: str = "auto") -> list[Result]:
     import torch
 
     from app.serving import PolicyServer, SamplingParams
@@ -59,7 +59,7 @@ def run(base_path: Path, quick: bool = False, dtype: str = "float32") -> list[Re
     return [Result(
         name="candidates", metric=f"s per item (K={K}, ≤{MAX_NEW} new tokens)", value=served_s / n,
         baseline=naive_s / n, baseline_label="4 × generate, fp32", unit="s", target="≥ 5× (stretch 10×)",
-        details={"serving_dtype": dtype, "items": n,
+        details={"serving_dtype": server.dtype, "items": n,
                  "naive_tokens_per_s": round(naive_tokens / naive_s, 1),
                  "served_tokens_per_s": round(served_tokens / served_s, 1)},
     )]
