@@ -209,6 +209,10 @@ class PPOConfig:
     cliprange: float = option(0.2, "Policy ratio clip: updates stop pulling outside [1 - c, 1 + c].")
     cliprange_value: float = option(0.2, "Value clip: how far a value may move from its rollout value.")
     vf_coef: float = option(0.1, "Weight of the value loss in the total loss.")
+    value_init: str = option(
+        "reward", "Critic start: 'reward' copies the reward model's score head (when the reward is a model of the "
+        "policy's width), 'zero' starts every value at 0."
+    )
     seed: int = option(0, "Seed for prompt order and sampling.")
     lora_r: int = option(8, "LoRA rank of the policy adapter (used by attach_lora).")
     lora_alpha: int = option(16, "LoRA scaling alpha (used by attach_lora).")
@@ -237,12 +241,46 @@ class PPOConfig:
                 f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size}): "
                 f"use mini_batch_size={fits}, or a batch_size that is a multiple of {self.mini_batch_size}."
             )
+        if self.value_init not in ("reward", "zero"):
+            raise ValueError(f"value_init must be 'reward' or 'zero', got {self.value_init!r}.")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1] (1.0 turns it off), got {self.top_p}.")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty: name the layers to adapt, or use 'all-linear'.")
+
+
+def reward_score_head(reward) -> nn.Linear | None:
+    """The linear `score` head a sequence-classification reward model reads its score with
+    (the trained copy, under PEFT's modules_to_save), or None for a reward function."""
+    if not isinstance(reward, nn.Module):
+        return None
+    heads = {name: module for name, module in reward.named_modules()
+             if name.split(".")[-1] in ("score", "default") and "score" in name
+             and isinstance(module, nn.Linear) and module.out_features == 1}
+    trained = [m for name, m in heads.items() if "modules_to_save" in name]
+    return (trained or list(heads.values()) or [None])[0]
+
+
+def init_value_head(hidden_size: int, reward=None) -> nn.Linear:
+    """The critic: a linear head over the policy's last hidden state.
+
+    Initialised from the reward model's score head where there is one of the same width, so
+    that the first values already estimate the score (TRL starts its value model as a copy of
+    the reward model; here the critic shares the policy's trunk, so only the head is copied).
+    Otherwise every value starts at 0: no made-up preferences.
+    """
+    head = nn.Linear(hidden_size, 1)
+    source = reward_score_head(reward)
+    with torch.no_grad():
+        if source is not None and source.in_features == hidden_size:
+            head.weight.copy_(source.weight.detach().float())
+            head.bias.copy_(source.bias.detach().float() if source.bias is not None else torch.zeros(1))
+        else:
+            head.weight.zero_()
+            head.bias.zero_()
+    return head
 
 
 def attach_lora(model, config: PPOConfig):
@@ -465,9 +503,8 @@ def train_ppo(
 
     torch.manual_seed(config.seed)
     device = next(policy.parameters()).device
-    value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
-    nn.init.zeros_(value_head.weight)  # every value starts at 0: no made-up preferences
-    nn.init.zeros_(value_head.bias)
+    value_head = init_value_head(policy.config.hidden_size, reward if config.value_init == "reward" else None)
+    value_head = value_head.to(device)
     trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     # No weight decay: it would pull the adapter towards zero, i.e. towards the reference, a job
     # the KL penalty already does in the units the objective cares about.

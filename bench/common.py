@@ -84,6 +84,8 @@ def write_results(results: list[Result], command: str) -> None:
         f"Reproduce with `{command}` (all of them: `make bench`). Machine: {info['cpu']}, {info['cores']} cores, "
         f"torch {info['torch']}, Python {info['python']}; commit {info['commit']}, {info['date']}.",
         "Each figure is a ratio against a baseline measured in the same run on the same data.",
+        "What each figure measures, the levers tried, what helped and what did not: "
+        "[performance.md](performance.md).",
         "",
         "| benchmark | metric | rankloop | baseline | ratio | target |",
         "|---|---|---|---|---|---|",

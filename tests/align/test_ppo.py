@@ -296,6 +296,25 @@ def test_train_ppo_scores_with_a_reward_model(policy, tokenizer):
     assert all(torch.equal(frozen[name], p) for name, p in reward_model.named_parameters())
 
 
+def test_critic_starts_as_the_reward_models_score_head(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from align.ppo import init_value_head
+
+    reward_model = tiny_reward_model(tokenizer)
+    head = init_value_head(reward_model.config.hidden_size, reward_model)
+    assert torch.equal(head.weight, reward_model.score.weight)
+    # a LoRA reward model (the score head trained in full under modules_to_save): the trained copy
+    lora = get_peft_model(tiny_reward_model(tokenizer), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"],
+                                                                    modules_to_save=["score"]))
+    with torch.no_grad():
+        lora.base_model.model.score.modules_to_save["default"].weight.fill_(0.25)
+    assert torch.equal(init_value_head(lora.config.hidden_size, lora).weight, torch.full((1, lora.config.hidden_size), 0.25))
+    # a reward function, or a reward model of another width: values start at 0
+    assert init_value_head(16, length_reward).weight.abs().sum() == 0
+    assert init_value_head(reward_model.config.hidden_size + 1, reward_model).weight.abs().sum() == 0
+
+
 def test_train_ppo_rejects_model_without_adapter(tokenizer):
     with pytest.raises(TypeError, match="attach_lora"):
         train_ppo(build_model(tokenizer), tokenizer, PROMPTS, length_reward, SMALL)
