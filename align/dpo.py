@@ -59,6 +59,15 @@ class DPORoundConfig(TrainingOptions):
     """A DPO round. Defaults fit SmolLM2-135M with a LoRA adapter on a 2-core CPU."""
 
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA adapter."})
+    batch_size: int = field(
+        default=2,
+        metadata={"help": "Pairs per device per forward pass; with gradient_accumulation_steps 2 an optimizer step "
+                          "sees 4. Two at a time pad less and need less memory than four (docs/performance.md)."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=2,
+        metadata={"help": "Batches summed into one optimizer step (effective batch: batch_size x this x processes)."},
+    )
     lora_top_layers: int = field(
         default=8,
         metadata={"help": "Adapt only the last N transformer layers (0: all). Back-propagation then stops at the "

@@ -98,6 +98,34 @@ def answer_logprobs(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def _fused_head(model) -> None:
+    """Give `model` TRL's fused LM head (once): `model(..., shift_labels=..., fused_lm_head=True)`
+    returns per-token log-probs, computed in tiles for the labelled positions only, without the
+    (batch, length, vocabulary) logits — 1 GB for 8 answers of 600 tokens to SmolLM2."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "_rankloop_fused_head", False):
+        add_fused_lm_head(inner)
+        inner._rankloop_fused_head = True
+
+
+def sequence_answer_logps(model, prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int) -> torch.Tensor:
+    """Summed log-probabilities of each answer after its prompt (token ids), shape (n,), one
+    right-padded batch, through the fused LM head."""
+    _fused_head(model)
+    device = next(model.parameters()).device
+    ids, mask = _padded([list(p) + list(a) for p, a in zip(prompts, answers)], pad_id)
+    labels = torch.full_like(ids, -100)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        for j, token in enumerate(a):
+            if len(p) + j >= 1:
+                labels[i, len(p) + j - 1] = token  # position t predicts token t + 1
+    logps = model(input_ids=ids.to(device), attention_mask=mask.to(device), shift_labels=labels.to(device),
+                  fused_lm_head=True, use_cache=False).log_probs
+    return (logps * (labels != -100).to(device)).sum(dim=1).float().cpu()
+
+
 def pair_token_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token ids of a preference row, the prompt cut from the left
     so that it fits with the longer answer, as the packed DPO trainer sees the pair."""
@@ -110,14 +138,9 @@ def pair_token_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], li
 def pair_logprobs(model, tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 512):
     """Summed log-probabilities of each row's chosen and rejected answers under `model` as it is,
     both answers in one packed sequence (`align.packing`), rows batched by length."""
-    from trl.trainer.utils import add_fused_lm_head
-
     from align.packing import pack_pairs, packed_logps
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(inner, "_rankloop_fused_head", False):
-        add_fused_lm_head(inner)  # log-probs in tiles, without (batch, length, vocabulary) logits
-        inner._rankloop_fused_head = True
+    _fused_head(model)
     triples = [pair_token_ids(tokenizer, row, max_length) for row in rows]
     order = sorted(range(len(triples)), key=lambda i: sum(map(len, triples[i])))
     chosen, rejected = torch.zeros(len(rows)), torch.zeros(len(rows))
@@ -235,14 +258,11 @@ def kl_to_reference(
         batch = [s for s in samples[start:start + batch_size] if s["answer_ids"]]
         if not batch:
             continue
-        ids, mask = _padded([s["prompt_ids"] + s["answer_ids"] for s in batch], tokenizer.pad_token_id)
-        answer_mask = torch.zeros_like(mask)
-        for i, s in enumerate(batch):
-            answer_mask[i, len(s["prompt_ids"]): len(s["prompt_ids"]) + len(s["answer_ids"])] = 1
-        policy_logps = _token_logprobs(policy, ids, mask)
+        prompts_ids, answers_ids = [s["prompt_ids"] for s in batch], [s["answer_ids"] for s in batch]
+        policy_logps = sequence_answer_logps(policy, prompts_ids, answers_ids, tokenizer.pad_token_id)
         with using_version(policy, BASE_VERSION):
-            reference_logps = _token_logprobs(policy, ids, mask)
-        per_answer = ((policy_logps - reference_logps) * answer_mask[:, 1:]).sum(dim=1)
+            reference_logps = sequence_answer_logps(policy, prompts_ids, answers_ids, tokenizer.pad_token_id)
+        per_answer = policy_logps - reference_logps
         total += per_answer.sum().item()
         count += len(batch)
     return total / max(count, 1)

@@ -100,7 +100,9 @@ class RoundConfig:
     )
     eval_samples: int = field(default=3, metadata={"help": "Side-by-side sample answers stored with the metrics."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled answer during evaluation."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass during evaluation."})
+    eval_batch_size: int = field(
+        default=4, metadata={"help": "Pairs or answers per forward pass during evaluation (4 keeps a DPO round's "
+                                     "worker under 5 GiB at 512 tokens)."})
     fail_after_steps: int = field(
         default=0, metadata={"help": "Testing only: raise an error after this many training steps (0: never)."}
     )

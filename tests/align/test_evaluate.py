@@ -86,6 +86,18 @@ def test_pair_logprobs_packed_equal_each_answer_scored_apart(tiny_model_dir, tok
                                atol=1e-4, rtol=0)
 
 
+def test_fused_answer_logps_equal_full_logits(tiny_model_dir):
+    from align.evaluate import _token_logprobs, sequence_answer_logps
+
+    model = load_causal_lm(tiny_model_dir)
+    prompts, answers = [[5, 6, 7], [9, 8, 7, 6, 5]], [[40, 41, 42, 43], [50]]
+    got = sequence_answer_logps(model, prompts, answers, pad_id=0)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids = torch.tensor([p + a])
+        expected = _token_logprobs(model, ids, torch.ones_like(ids))[0, len(p) - 1:].sum().item()
+        assert got[i].item() == pytest.approx(expected, abs=1e-4)
+
+
 def test_fresh_adapter_has_zero_implicit_reward_and_zero_kl(fresh_policy, tokenizer):
     rows = preference_rows([{"messages": PROMPTS[0], "chosen": "yes", "rejected": "no"}])
     with using_version(fresh_policy, "v1"):
