@@ -88,7 +88,12 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
 
     from align.models import load_causal_lm, using_version
 
+    from align.training import tune_malloc
+
     torch.set_num_threads(2)
+    # rankloop's allocator setting for both sides, so that the ratio is the training's alone
+    # (without it TRL's side runs about 1.5x slower: 0.29 instead of 0.46 pairs/s)
+    tune_malloc()
     train, heldout = _pairs(quick)
     work = Path(tempfile.mkdtemp(prefix="rankloop-dpo-bench-"))
 
