@@ -38,7 +38,6 @@ OURS = textwrap.dedent("""
     from pathlib import Path
     from align.models import load_causal_lm, load_tokenizer
     from align.ppo import PPOConfig, attach_lora, train_ppo
-    from align.reward import load_sequence_classifier
     base, rm_dir, prompts, s, steps = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
     from align.training import tune_malloc; tune_malloc()
     tokenizer = load_tokenizer(base)

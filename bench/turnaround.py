@@ -11,7 +11,6 @@ about 20 minutes for this round, too long for `make bench`; the DPO-throughput f
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import subprocess
