@@ -28,7 +28,7 @@ from align.training import (
     TrainingOptions,
     as_dataset,
     attach_progress,
-    cpu_has_bf16,
+    default_precision,
     load_policy_for_training,
     make_preference_collator,
     save_adapter,
@@ -39,13 +39,6 @@ from align.training import (
 
 logger = logging.getLogger(__name__)
 
-
-def default_precision() -> str:
-    """bf16 autocast on a CPU with native bf16 (1.5x faster DPO steps, docs/benchmarks.md);
-    elsewhere 'auto' (bf16 on a GPU that supports it, else fp32)."""
-    import torch
-
-    return "bf16" if not torch.cuda.is_available() and cpu_has_bf16() else "auto"
 
 # The loss types TRL 1.16's DPOTrainer implements.
 DPO_LOSS_TYPES = (

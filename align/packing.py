@@ -103,13 +103,18 @@ def make_packed_collator(pad_token_id: int, max_length: int, side: str):
     return collate
 
 
+def float_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """The additive attention mask (0 where allowed, the dtype's minimum elsewhere) of a bool one."""
+    dtype = next(p for p in model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the chosen and rejected answers, and their token counts.
 
     `model` has TRL's fused LM head (log-probabilities without the full logits)."""
-    dtype = next(p for p in model.parameters()).dtype
-    mask = torch.zeros(batch["allowed"].shape, dtype=dtype, device=batch["allowed"].device)
-    mask.masked_fill_(~batch["allowed"], torch.finfo(dtype).min)
+    mask = float_mask(model, batch["allowed"])
     tokens = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
     outputs = model(**tokens, attention_mask=mask, position_ids=batch["position_ids"],
                     shift_labels=batch["shift_labels"], fused_lm_head=True, use_cache=False)

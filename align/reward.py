@@ -9,6 +9,12 @@ Tokenisation is ours, not TRL's, so that training and `score` see exactly the sa
 the conversation through the chat template, cut from the left to `max_length` so the answer
 (where the score is read) always survives, padded on the right (positions of real tokens do
 not move, so padding cannot change a score).
+
+Training is packed by default, as DPO is (align/packing.py): a pair is one sequence
+`prompt | chosen | copy of the prompt's last token | rejected`, its two scores read at the
+ends of the two branches, so the shared prompt is run once instead of twice. The scores are
+those of the two conversations run apart (tests/align/test_reward.py); the one difference is
+truncation, which cuts the shared prompt until the longer answer fits.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from align.training import (
     TrainingOptions,
     as_dataset,
     attach_progress,
+    default_precision,
     lora_config,
     save_adapter,
     set_threads,
     train_metrics,
     trainer_arguments,
+    truncate,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,16 @@ class RewardConfig(TrainingOptions):
     center_rewards_coefficient: float = field(
         default=0.0,
         metadata={"help": "Weight of a penalty pulling mean scores to 0 (0 turns it off; 0.01 is typical)."},
+    )
+    precision: str = field(
+        default_factory=default_precision,
+        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
+                          "(a GPU, or a CPU with avx512_bf16/AMX). Default: bf16 where the CPU has it, else auto."},
+    )
+    packed: bool = field(
+        default=True,
+        metadata={"help": "Run each pair as one sequence whose shared prompt is computed once for both answers "
+                          "(same scores, fewer tokens; the shared prompt is what truncation cuts)."},
     )
 
     def __post_init__(self):
@@ -149,27 +167,137 @@ def train_reward_model(
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
+    PackedRewardTrainer = _packed_reward_trainer()
+
     set_threads(config.threads)
     torch.manual_seed(config.seed)  # the new score head's initialisation
     tokenizer = load_tokenizer(base_path)
     model = load_sequence_classifier(base_path, tokenizer)
-    dataset = as_dataset(tokenize_pairs(tokenizer, train_rows, config.max_length, config.truncation_side))
+    # Packed pairs are truncated by the collator, which first finds the shared prompt.
+    cut = 1 << 30 if config.packed else config.max_length
+    dataset = as_dataset(tokenize_pairs(tokenizer, train_rows, cut, config.truncation_side))
     args = TRLRewardConfig(
         **trainer_arguments(config, out_dir),
-        max_length=None,  # already truncated (from the left); TRL would drop long pairs instead
+        max_length=None,  # truncated by us (from the left); TRL would drop long pairs instead
         center_rewards_coefficient=config.center_rewards_coefficient or None,
     )
-    trainer = RewardTrainer(
+    trainer_class = PackedRewardTrainer if config.packed else RewardTrainer
+    collator = make_packed_reward_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side) \
+        if config.packed else None
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
+        data_collator=collator,
         peft_config=lora_config(config, "SEQ_CLS", modules_to_save=["score"], model=model),
     )
     attach_progress(trainer, progress)
     output = trainer.train()
     save_adapter(trainer, trainer.model, tokenizer, out_dir)
     return train_metrics(trainer, output)
+
+
+# ---------------------------------------------------------------- packed training
+
+
+def split_pair(chosen_ids: list[int], rejected_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """(shared prompt, rest of chosen, rest of rejected) of two conversations: their longest
+    common prefix, leaving each answer at least its last token (where its score is read)."""
+    limit = min(len(chosen_ids), len(rejected_ids)) - 1
+    n = 0
+    while n < limit and chosen_ids[n] == rejected_ids[n]:
+        n += 1
+    return chosen_ids[:n], chosen_ids[n:], rejected_ids[n:]
+
+
+def make_packed_reward_collator(pad_token_id: int, max_length: int, side: str):
+    """Collate {"chosen_ids", "rejected_ids"} conversations into packed rows (align/packing.py)
+    plus `chosen_end` / `rejected_end`, the positions whose outputs are the two scores."""
+
+    from align.packing import pack_pairs  # imports TRL, which scoring alone does not need
+
+    def collate(examples: list[dict]) -> dict:
+        triples = []
+        for example in examples:
+            prompt, chosen, rejected = split_pair(list(example["chosen_ids"]), list(example["rejected_ids"]))
+            prompt, (chosen, rejected) = truncate(prompt, [chosen, rejected], max_length, side)
+            triples.append((prompt, chosen, rejected))
+        batch = pack_pairs(triples, pad_token_id)
+        p = torch.tensor([len(t[0]) for t in triples])
+        c = torch.tensor([len(t[1]) for t in triples])
+        r = torch.tensor([len(t[2]) for t in triples])
+        copied = (p > 0).long()  # pack_pairs repeats the prompt's last token before the rejected branch
+        packed = {key: batch[key] for key in ("input_ids", "position_ids", "allowed")}
+        packed["chosen_end"] = p + c - 1
+        packed["rejected_end"] = p + c + copied + r - 1
+        packed["num_tokens"] = (p + c + copied + r).sum()
+        if "margin" in examples[0]:
+            packed["margin"] = torch.tensor([float(e["margin"]) for e in examples])
+        return packed
+
+    return collate
+
+
+def packed_scores(model, head, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (fp32) of the chosen and rejected branches of packed rows.
+
+    `head` is the classifier's score module inside `model`: its per-position output is taken
+    with a hook (gradients flow), since the classifier itself pools at the last non-pad token."""
+    from align.packing import float_mask
+
+    box = {}
+    handle = head.register_forward_hook(lambda module, args, output: box.__setitem__("scores", output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=float_mask(model, batch["allowed"]),
+              position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    scores = box["scores"][..., 0].float()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, batch["chosen_end"]], scores[rows, batch["rejected_end"]]
+
+
+def score_head(model):
+    """The `score` module of a (PEFT-wrapped) sequence classifier."""
+    from accelerate.utils import is_peft_model
+
+    inner = model.get_base_model() if is_peft_model(model) else model
+    return inner.score
+
+
+def _packed_reward_trainer():
+    from trl import RewardTrainer
+
+    class PackedRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer over packed pairs: the same loss, margin, centring and metrics."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            head = score_head(self.accelerator.unwrap_model(model))
+            rewards_chosen, rewards_rejected = packed_scores(model, head, inputs)
+            delta = rewards_chosen - rewards_rejected
+            if "margin" in inputs:
+                delta = delta - inputs["margin"]
+            loss = -torch.nn.functional.logsigmoid(delta).mean()
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+
+            metrics = self._metrics[mode]
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["num_tokens"]).sum().item()
+            metrics["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():
+                rewards = self.accelerator.gather(torch.cat([rewards_chosen, rewards_rejected]))
+                metrics["min_reward"].append(rewards.min().item())
+                metrics["mean_reward"].append(rewards.mean().item())
+                metrics["max_reward"].append(rewards.max().item())
+                chosen_minus_rejected = self.accelerator.gather_for_metrics(rewards_chosen - rewards_rejected)
+                metrics["accuracy"].append((chosen_minus_rejected > 0).float().mean().item())
+                metrics["margin"].append(chosen_minus_rejected.mean().item())
+            return (loss, None) if return_outputs else loss
+
+    return PackedRewardTrainer
 
 
 # ---------------------------------------------------------------- scoring

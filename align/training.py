@@ -167,6 +167,12 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def default_precision() -> str:
+    """bf16 autocast on a CPU with native bf16 (1.5x faster DPO steps, docs/benchmarks.md);
+    elsewhere 'auto' (bf16 on a GPU that supports it, else fp32)."""
+    return "bf16" if not torch.cuda.is_available() and cpu_has_bf16() else "auto"
+
+
 def device_arguments(precision: str = "auto") -> dict:
     """TRL/transformers config arguments for the device at hand.
 

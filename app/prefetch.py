@@ -1,8 +1,10 @@
 """Background generation of candidates, so annotators never wait on the model.
 
 One daemon thread keeps up to `target_ready` items ready beyond those already handed out:
-it takes the oldest pending item, samples its K answers from the live version in one batch,
-and stores them. It sleeps when enough items are ready and wakes when an item is judged.
+it takes the oldest pending items (up to `batch_items` at once when the buffer has that much
+room and they share K and sampling settings), samples all their answers from the live
+version in one batch, and stores them. It sleeps when enough items are ready and wakes when
+an item is judged. Contrast items (answers from named versions) are generated one at a time.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    def __init__(self, connect, server, *, target_ready: int = 4, sampling=None, poll_seconds: float = 5.0):
+    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = 2, sampling=None,
+                 poll_seconds: float = 5.0):
+        if batch_items < 1:
+            raise ValueError(f"batch_items must be at least 1, got {batch_items}")
         self._connect = connect  # () -> a store connection for this thread
         self.server = server
         self.target_ready = target_ready
+        self.batch_items = batch_items
         self.sampling = sampling
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
@@ -54,39 +60,61 @@ class Prefetcher:
             " AND NOT EXISTS (SELECT 1 FROM judgements WHERE judgements.item_id = items.id)"
         ).fetchone()[0]
 
+    def _sampling(self, db, item) -> SamplingParams:
+        return self.sampling or SamplingParams(**(item["sampling"] or store.get_setting(db, "sampling", {}) or {}))
+
     def fill_once(self, db) -> bool:
-        """Generate candidates for one pending item if the buffer is low. True if it did."""
-        if self._unclaimed_ready(db) >= self.target_ready:
+        """Generate candidates for the oldest pending item(s) if the buffer is low. True if it did."""
+        room = self.target_ready - self._unclaimed_ready(db)
+        if room <= 0:
             return False
-        pending = store.pending_items(db, limit=1)
+        pending = store.pending_items(db, limit=min(room, self.batch_items))
         if not pending:
             return False
-        item = pending[0]
-        sampling = SamplingParams(**(item["sampling"] or store.get_setting(db, "sampling", {}) or {}))
-        # Contrast items split their K answers over the requested versions; others use the live one.
-        versions = item["versions"] or [None]
+        first = pending[0]
+        if first["versions"] is not None:
+            return self._fill_contrast(db, first)
+        sampling = self._sampling(db, first)
+        batch = [first] + [item for item in pending[1:] if item["versions"] is None and item["k"] == first["k"]
+                           and self._sampling(db, item) == sampling]
+        answers = self.server.generate_many([item["messages"] for item in batch], n=first["k"], sampling=sampling,
+                                            preemptible=True)
+        if any(g.version != self.server.live_version for group in answers for g in group):
+            # A new version went live while these answers were generated: they would be stale
+            # on arrival. Leave the items pending; the next pass answers them with the new version.
+            self.discarded += len(batch)
+            return True
+        total = sum(len(group) for group in answers)
+        for item, group in zip(batch, answers):
+            try:
+                self._store(db, item, group, total)
+            except AnnotationsError as e:  # this item changed under us (retired, filled): keep the others
+                logger.warning("prefetch: item %s: %s", item["id"], e)
+        return True
+
+    def _fill_contrast(self, db, item) -> bool:
+        """A contrast item splits its K answers over the requested versions."""
+        versions = item["versions"]
         counts = [item["k"] // len(versions) + (i < item["k"] % len(versions)) for i in range(len(versions))]
         generations = []
         for version, n in zip(versions, counts):
             version = ensure_loaded(self.server, db, version)
-            generations += self.server.generate(item["messages"], n=n, sampling=self.sampling or sampling,
+            generations += self.server.generate(item["messages"], n=n, sampling=self._sampling(db, item),
                                                 version=version, preemptible=True)
-        if item["versions"] is None and any(g.version != self.server.live_version for g in generations):
-            # A new version went live while these answers were generated: they would be stale
-            # on arrival. Leave the item pending; the next pass answers it with the new version.
-            self.discarded += 1
-            return True
+        self._store(db, item, generations, len(generations))
+        return True
+
+    def _store(self, db, item, generations, batch_answers: int) -> None:
         store.add_candidates(
             db,
             item["id"],
             [
                 {"text": g.text, "policy_version": g.version, "sampling": g.sampling,
-                 "gen_seconds": g.seconds / len(generations)}
+                 "gen_seconds": g.seconds / batch_answers}
                 for g in generations
             ],
         )
         self.generated += 1
-        return True
 
     def _run(self) -> None:
         db = self._connect()

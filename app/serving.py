@@ -198,12 +198,20 @@ class PolicyServer:
 
     # ------------------------------------------------------------ generation
 
-    def _encode(self, messages: list[dict], n: int) -> dict:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)
-        input_ids = ids["input_ids"][:, -self.max_prompt_tokens:]
-        attention = ids["attention_mask"][:, -self.max_prompt_tokens:]
-        return {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention.repeat(n, 1)}
+    def _encode(self, prompts: list[list[dict]], n: int) -> dict:
+        """Each chat prompt (its last `max_prompt_tokens` tokens) `n` times, left-padded to one width."""
+        rows = []
+        for messages in prompts:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+            rows.append(list(ids)[-self.max_prompt_tokens:])
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows) * n, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows) * n, width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i * n:(i + 1) * n, width - len(ids):] = torch.tensor(ids)
+            attention[i * n:(i + 1) * n, width - len(ids):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention}
 
     def _model_lock(self, interactive: bool):
         return self._lock.hold(ModelLock.INTERACTIVE if interactive else ModelLock.BACKGROUND)
@@ -237,13 +245,27 @@ class PolicyServer:
         `interactive` requests jump ahead of background work; a `preemptible` one stops and
         raises `Preempted` when an interactive request is waiting.
         """
+        return self.generate_many([messages], n, sampling, version, seed, preemptible=preemptible,
+                                  interactive=interactive)[0]
+
+    def generate_many(self, prompts: list[list[dict]], n: int = 1, sampling: SamplingParams | None = None,
+                      version: str | None = None, seed: int | None = None, *, preemptible: bool = False,
+                      interactive: bool = False) -> list[list[Generation]]:
+        """`n` answers to each of several chat prompts, all sampled in one batch (the prompts
+        left-padded): on two CPU cores a decoding step costs little more for 8 rows than for 4,
+        so two items' candidates together take far less than twice one item's time.
+
+        Each Generation's `seconds` is the whole batch's time.
+        """
         from transformers import StoppingCriteriaList
 
+        if not prompts:
+            return []
         sampling = sampling or SamplingParams()
         with self._model_lock(interactive):
             version = version or self._live
             self._check_version(version)
-            inputs = self._encode(messages, n)
+            inputs = self._encode(prompts, n)
             if seed is not None:
                 torch.manual_seed(seed)
             start = time.perf_counter()
@@ -257,7 +279,8 @@ class PolicyServer:
                 raise Preempted()
         prompt_len = inputs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-        return [Generation(t.strip(), version, seconds, sampling.as_dict()) for t in texts]
+        answers = [Generation(t.strip(), version, seconds, sampling.as_dict()) for t in texts]
+        return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
         """Yield (text so far, version) while one answer is generated; an interactive request.
@@ -271,7 +294,7 @@ class PolicyServer:
         with self._model_lock(interactive=True):
             version = version or self._live
             self._check_version(version)
-            inputs = self._encode(messages, 1)
+            inputs = self._encode([messages], 1)
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
             kwargs = self._generate_kwargs(sampling)
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(stop.is_set)])

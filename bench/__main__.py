@@ -9,7 +9,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-BENCHMARKS = ("candidates", "next_item", "hot_swap", "memory", "load", "dpo", "turnaround", "ppo")
+BENCHMARKS = ("candidates", "next_item", "hot_swap", "memory", "load", "dpo", "reward", "turnaround", "ppo")
 
 
 def main(argv=None) -> int:

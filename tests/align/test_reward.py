@@ -14,7 +14,11 @@ from align.reward import (
     conversation_ids,
     load_reward_model,
     load_sequence_classifier,
+    make_packed_reward_collator,
+    packed_scores,
     score,
+    score_head,
+    split_pair,
     train_reward_model,
 )
 from align.training import preference_rows
@@ -104,3 +108,60 @@ def test_score_refuses_tokenizer_whose_pad_is_eos(reward_model):
     bad.pad_token = bad.eos_token
     with pytest.raises(ValueError, match="pad token distinct from EOS"):
         score(model, bad, [PROMPT], ["Paris."])
+
+
+# ---------------------------------------------------------------- packed training
+
+
+def test_split_pair_finds_the_shared_prompt_and_leaves_each_answer_a_token():
+    assert split_pair([1, 2, 3, 4], [1, 2, 5]) == ([1, 2], [3, 4], [5])
+    assert split_pair([1, 2, 3], [1, 2, 3]) == ([1, 2], [3], [3])  # identical: the last token is each score's
+    assert split_pair([1, 2], [1, 2, 3]) == ([1], [2], [2, 3])
+    assert split_pair([7], [8, 9]) == ([], [7], [8, 9])
+
+
+def test_packed_collator_reads_scores_at_each_branch_end_worked_by_hand():
+    collate = make_packed_reward_collator(pad_token_id=0, max_length=100, side="left")
+    batch = collate([{"chosen_ids": [5, 6, 7, 8], "rejected_ids": [5, 6, 9]},
+                     {"chosen_ids": [3], "rejected_ids": [4, 4]}])
+    # row 0: 5 6 | 7 8 | 6 (copy) | 9  -> chosen ends at 3, rejected at 5
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 6, 9]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 1, 2]
+    # row 1: no shared prompt: 3 | 4 4 (no copy), positions restart at 0
+    assert batch["input_ids"][1].tolist()[:3] == [3, 4, 4] and batch["position_ids"][1].tolist()[:3] == [0, 0, 1]
+    assert batch["chosen_end"].tolist() == [3, 0] and batch["rejected_end"].tolist() == [5, 2]
+    assert batch["num_tokens"].item() == 9
+    assert not batch["allowed"][0, 0, 5, 2] and batch["allowed"][0, 0, 5, 0] and not batch["allowed"][1, 0, 1, 0]
+
+
+def test_packed_collator_cuts_the_shared_prompt_from_the_left():
+    collate = make_packed_reward_collator(pad_token_id=0, max_length=5, side="left")
+    batch = collate([{"chosen_ids": [1, 2, 3, 4, 5, 6], "rejected_ids": [1, 2, 3, 4, 7, 8]}])
+    # prompt 1 2 3 4, answers (5 6) and (7 8): the prompt keeps its last 3 tokens
+    assert batch["input_ids"][0].tolist() == [2, 3, 4, 5, 6, 4, 7, 8]
+
+
+def test_packed_scores_equal_each_conversation_scored_apart(reward_model):
+    model, tokenizer = reward_model
+    prompts = [PROMPT, [{"role": "user", "content": "name a colour of the sea, please"}]]
+    answers = [("Paris is the capital.", "no"), ("blue", "It is often green or grey, and blue.")]
+    examples = [{"chosen_ids": conversation_ids(tokenizer, p, c, 10_000),
+                 "rejected_ids": conversation_ids(tokenizer, p, r, 10_000)} for p, (c, r) in zip(prompts, answers)]
+    batch = make_packed_reward_collator(tokenizer.pad_token_id, 10_000, "left")(examples)
+    with torch.no_grad():
+        chosen, rejected = packed_scores(model, score_head(model), batch)
+    apart = score(model, tokenizer, prompts + prompts, [c for c, _ in answers] + [r for _, r in answers])
+    torch.testing.assert_close(torch.cat([chosen, rejected]), apart, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_and_unpacked_reward_rounds_take_the_same_first_step(tiny_model_dir, tmp_path):
+    config = {**FAST_TRAINING, "max_steps": 1, "lora_dropout": 0.0}
+    weights = {}
+    for packed in (True, False):
+        out = tmp_path / str(packed)
+        metrics = train_reward_model(tiny_model_dir, rows(4), RewardConfig(**config, packed=packed), out)
+        assert metrics["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # a fresh head: scores all near 0
+        weights[packed] = load_file(out / "adapter_model.safetensors")
+    assert weights[True].keys() == weights[False].keys()
+    for name in weights[True]:
+        torch.testing.assert_close(weights[True][name], weights[False][name], atol=1e-5, rtol=1e-4)

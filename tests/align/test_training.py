@@ -82,14 +82,16 @@ def test_bf16_precision_refused_without_gpu_or_bf16_cpu(monkeypatch):
     assert device_arguments(TrainingOptions(precision="bf16").precision)["bf16"] is True
 
 
-def test_dpo_defaults_to_bf16_only_where_the_cpu_has_it(monkeypatch):
+def test_dpo_and_reward_model_default_to_bf16_only_where_the_cpu_has_it(monkeypatch):
     import torch
 
-    from align import dpo
+    from align import training
+    from align.dpo import DPORoundConfig
+    from align.reward import RewardConfig
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU path")
-    monkeypatch.setattr(dpo, "cpu_has_bf16", lambda: True)
-    assert dpo.DPORoundConfig().precision == "bf16"
-    monkeypatch.setattr(dpo, "cpu_has_bf16", lambda: False)
-    assert dpo.DPORoundConfig().precision == "auto"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert DPORoundConfig().precision == "bf16" and RewardConfig().precision == "bf16"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert DPORoundConfig().precision == "auto" and RewardConfig().precision == "auto"

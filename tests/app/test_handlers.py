@@ -98,6 +98,53 @@ def test_sampling_params_reject_out_of_range_values():
         SamplingParams(temperature=5)
 
 
+def test_prompts_generated_together_get_the_answers_they_get_alone(server):
+    """Left padding does not change an answer: greedy answers to prompts of different lengths,
+    sampled in one batch, equal each prompt's own."""
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    prompts = [[{"role": "user", "content": "hi"}],
+               [{"role": "user", "content": "a much longer question about the colour of the sea at night?"}]]
+    together = server.generate_many(prompts, n=2, sampling=greedy)
+    assert [len(group) for group in together] == [2, 2]
+    for messages, group in zip(prompts, together):
+        alone = server.generate(messages, n=1, sampling=greedy)[0].text
+        assert [g.text for g in group] == [alone, alone]
+
+
+def test_prefetch_batches_plain_items_and_generates_contrast_items_alone(empty_ctx, server):
+    db = empty_ctx.db()
+    plain = store.queue_items(db, [store.add_prompt(db, f"Plain question {i}?")[0] for i in range(3)])
+    (contrast,) = store.queue_items(db, [store.add_prompt(db, "Contrast question?")[0]], versions=["base"])
+    filler = Prefetcher(empty_ctx.db, server, target_ready=10, batch_items=2, sampling=SamplingParams(max_new_tokens=4))
+    calls = []
+    original = server.generate_many
+
+    def counting(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return original(prompts, *args, **kwargs)
+
+    server.generate_many = counting
+    try:
+        while filler.fill_once(db):
+            pass
+    finally:
+        server.generate_many = original
+    assert calls == [2, 1, 1]  # two plain items together, then the third, then the contrast item
+    for item_id in plain + [contrast]:
+        status, = db.execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()
+        count, = db.execute("SELECT count(*) FROM candidates WHERE item_id = ?", [item_id]).fetchone()
+        assert (status, count) == ("ready", 2)
+    assert filler.generated == 4
+
+
+def test_prefetch_batches_no_more_items_than_the_buffer_lacks(empty_ctx, server):
+    db = empty_ctx.db()
+    store.queue_items(db, [store.add_prompt(db, f"Question {i}?")[0] for i in range(3)])
+    filler = Prefetcher(empty_ctx.db, server, target_ready=1, batch_items=4, sampling=SamplingParams(max_new_tokens=4))
+    assert filler.fill_once(db) and not filler.fill_once(db)
+    assert store.count_items(db, "ready") == 1
+
+
 def test_stream_yields_growing_text_and_records_the_version(server):
     pieces = list(server.stream([{"role": "user", "content": "hello"}], SamplingParams(max_new_tokens=6)))
     assert pieces and all(version == "base" for _, version in pieces)
@@ -216,18 +263,18 @@ def test_answers_generated_across_a_promotion_are_not_stored(ctx, server, tmp_pa
     prompt_id, _ = store.add_prompt(ctx.db(), "A question asked during a promotion?")
     (item_id,) = store.queue_items(ctx.db(), [prompt_id])
     filler = Prefetcher(ctx.db, server, target_ready=10, sampling=SamplingParams(max_new_tokens=4))
-    original = server.generate
+    original = server.generate_many
 
     def generate_then_promote(*args, **kwargs):
         out = original(*args, **kwargs)
         server._live = "v-new"  # what set_live does, mid-generation from the prefetcher's view
         return out
 
-    server.generate = generate_then_promote
+    server.generate_many = generate_then_promote
     try:
         assert filler.fill_once(ctx.db())
     finally:
-        server.generate = original
+        server.generate_many = original
         server._live = "base"
     assert filler.discarded == 1
     assert ctx.db().execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()[0] == "pending"
