@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     base_help = "local base model folder (default: $RANKLOOP_HOME/models/SmolLM2-135M-Instruct)"
     p = commands.add_parser("round", help="queue a training round and run it in this process")
-    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto"),
+    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto", "sft"),
                    help="rm: reward model; dpo, kto, ppo: policy")
     p.add_argument("--config", default=None, help="YAML file of config keys (round keys and the method's keys)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_round)
 
     p = commands.add_parser("config", help="list the config keys of a method, with defaults and help")
-    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto"))
+    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto", "sft"))
     p.set_defaults(func=cmd_config)
 
     p = commands.add_parser("worker", help="run queued rounds as they come")

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_PROGRESS_SHARE = 0.85  # progress bar: training fills 0 → 0.85, evaluation the rest
 DATA_CHOICES = ("all", "new")
 KTO_DATA_CHOICES = ("ratings", "pairs", "both")
+SFT_DATA_CHOICES = ("written", "chosen")
 CURVE_SKIP = ("epoch", "total_flos", "step")  # logged values that are not curves
 PAUSE_ENV, PAUSE_MARKER_ENV = "RANKLOOP_TEST_PAUSE_AT", "RANKLOOP_TEST_PAUSE_MARKER"
 PAUSE_SECONDS = 600.0
@@ -81,13 +82,17 @@ class RoundConfig:
         default="both",
         metadata={"help": "KTO examples from thumbs 'ratings', from 'pairs' split in two, or 'both'."},
     )
+    sft_data: str = field(
+        default="written",
+        metadata={"help": "SFT answers: those annotators 'written' in the editor, or every pair's 'chosen' answer."},
+    )
     parent: str = field(
         default="live",
         metadata={"help": "Version the new one descends from: 'live', 'base', or a version name."},
     )
     continue_from_parent: bool = field(
         default=True,
-        metadata={"help": "dpo, kto, ppo: start from the parent's adapter (its reference becomes the parent). "
+        metadata={"help": "dpo, kto, ppo, sft: start from the parent's adapter (its reference becomes the parent). "
                           "A reward model always trains fresh from the base."},
     )
     reward_model: str = field(
@@ -110,6 +115,8 @@ class RoundConfig:
     def __post_init__(self):
         if self.data not in DATA_CHOICES:
             raise ValueError(f"data must be 'all' or 'new', got {self.data!r}.")
+        if self.sft_data not in SFT_DATA_CHOICES:
+            raise ValueError(f"sft_data must be one of {', '.join(SFT_DATA_CHOICES)}, got {self.sft_data!r}.")
         if self.kto_data not in KTO_DATA_CHOICES:
             raise ValueError(f"kto_data must be one of {', '.join(KTO_DATA_CHOICES)}, got {self.kto_data!r}.")
         for name in ("eval_pairs", "eval_prompts", "eval_samples", "fail_after_steps"):
@@ -128,8 +135,10 @@ def method_configs() -> dict:
     from align.kto import KTORoundConfig
     from align.ppo import PPOConfig
     from align.reward import RewardConfig
+    from align.sft import SFTRoundConfig
 
-    return {"rm": RewardConfig, "dpo": DPORoundConfig, "kto": KTORoundConfig, "ppo": PPOConfig}
+    return {"rm": RewardConfig, "dpo": DPORoundConfig, "kto": KTORoundConfig, "ppo": PPOConfig,
+            "sft": SFTRoundConfig}
 
 
 def parse_round_config(method: str, values: dict | None):
@@ -336,6 +345,18 @@ def _select_data(db, method: str, round_config: RoundConfig, pair_until: int, ra
             raise RoundError(f"no ratings or pairs to train KTO on{' ' if since else ''}{hint}")
         rows = unpaired_rows(snapshot)
         return rows, snapshot, f"{len(rows)} rated answers ({len(ratings)} ratings, {len(paired)} pairs)"
+    if method == "sft":
+        from align.sft import answer_rows
+
+        snapshot = pairs()
+        rows = answer_rows(snapshot, round_config.sft_data)
+        if not rows:
+            written = round_config.sft_data == "written"
+            raise RoundError(
+                f"no {'written ' if written else ''}answers to train SFT on{' ' if since else ''}{hint}"
+                + ("; or run with sft_data=chosen to use every pair's chosen answer" if written else ""))
+        return rows, [pair for pair in snapshot if round_config.sft_data == "chosen" or pair["chosen_written"]], \
+            f"{len(rows)} answers ({round_config.sft_data})"
     if method == "ppo":
         prompts = select_prompts(db, "train")
         if not prompts:
@@ -433,6 +454,10 @@ def _train(plan: dict, round_config: RoundConfig, method_config, progress) -> di
         from align.kto import train_kto
 
         return train_kto(base, rows, method_config, staging, parent_adapter, progress)
+    if method == "sft":
+        from align.sft import train_sft
+
+        return train_sft(base, rows, method_config, staging, parent_adapter, progress)
     if method == "ppo":
         return _train_ppo(plan, method_config, parent_adapter, progress)
     raise RoundError(f"method {method!r} is unknown")

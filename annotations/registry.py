@@ -24,7 +24,7 @@ from annotations.errors import InvalidInput, NotFound
 from annotations.store import iter_pairs
 
 # Each training method and the kind of version it produces.
-METHODS = {"rm": "reward", "dpo": "policy", "kto": "policy", "ppo": "policy"}
+METHODS = {"rm": "reward", "dpo": "policy", "kto": "policy", "ppo": "policy", "sft": "policy"}
 KINDS = ("policy", "reward")
 VERSION_PREFIX = {"policy": "v", "reward": "rm"}
 ROUND_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -594,10 +594,12 @@ def count_rows(db, table: str) -> int:
 
 def iter_pairs(db, split: str | None = None) -> Iterable[dict]:
     """Every preference pair with its prompt messages, oldest first; `split` filters by the
-    prompt's train/held-out split."""
+    prompt's train/held-out split. `chosen_written`: the chosen answer was written by an
+    annotator (in the editor), not sampled from a model or imported."""
     sql = (
         "SELECT pairs.id, prompts.messages, pairs.chosen, pairs.rejected, pairs.weight, prompts.split,"
-        " pairs.source FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id"
+        " pairs.source, candidates.author_id IS NOT NULL FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id"
+        " LEFT JOIN candidates ON candidates.id = pairs.chosen_candidate_id"
     )
     params = []
     if split:
@@ -612,6 +614,7 @@ def iter_pairs(db, split: str | None = None) -> Iterable[dict]:
             "weight": row[4],
             "split": row[5],
             "source": row[6],
+            "chosen_written": bool(row[7]),
         }
 
 

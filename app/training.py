@@ -17,7 +17,7 @@ from app.handlers import AppContext, _admin
 
 require_admin = _admin
 
-METHODS = ("dpo", "rm", "ppo", "kto")
+METHODS = ("dpo", "rm", "ppo", "kto", "sft")
 
 
 def method_defaults(method: str) -> dict:

@@ -1,8 +1,11 @@
 """Candidates: K=4 sampled answers of up to 96 new tokens per item.
 
 Baseline: the naive path, four separate `model.generate` calls, fp32. rankloop: the serving
-path (`PolicyServer.generate`, one batch of K), in the configuration the app uses. Same
+path as the prefetcher uses it (`PolicyServer.generate_many`: the K answers of
+`Prefetcher.batch_items` items in one batch), in the configuration the app uses. Same
 prompts, same sampling settings; answers may stop early at EOS, so tokens are counted too.
+The time of one item alone (one batch of K) is reported beside it: what an annotator waits
+when the prefetch buffer is empty.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ PROMPTS = [
     "How do I make a cup of green tea?",
     "Write a short thank-you note to a teacher.",
     "What should I pack for a weekend hiking trip?",
+    "Suggest three names for a small bakery.",
 ]
 K, MAX_NEW = 4, 96
 
@@ -25,6 +29,7 @@ K, MAX_NEW = 4, 96
 def run(base_path: Path, quick: bool = False, dtype: str = "auto") -> list[Result]:
     import torch
 
+    from app.prefetch import Prefetcher
     from app.serving import PolicyServer, SamplingParams
 
     torch.set_num_threads(2)
@@ -48,18 +53,27 @@ def run(base_path: Path, quick: bool = False, dtype: str = "auto") -> list[Resul
             naive_s += time.perf_counter() - start
             naive_tokens += out.shape[1] - ids["input_ids"].shape[1]
 
+    items = Prefetcher.__init__.__kwdefaults__["batch_items"]
     served_s, served_tokens = 0.0, 0
+    for i in range(0, len(prompts), items):
+        start = time.perf_counter()
+        groups = server.generate_many([[{"role": "user", "content": text}] for text in prompts[i:i + items]], n=K,
+                                      sampling=sampling, seed=i)
+        served_s += time.perf_counter() - start
+        served_tokens += sum(len(tokenizer(a.text)["input_ids"]) for group in groups for a in group)
+
+    alone_s = 0.0
     for i, text in enumerate(prompts):
         start = time.perf_counter()
-        answers = server.generate([{"role": "user", "content": text}], n=K, sampling=sampling, seed=i)
-        served_s += time.perf_counter() - start
-        served_tokens += sum(len(tokenizer(a.text)["input_ids"]) for a in answers)
+        server.generate([{"role": "user", "content": text}], n=K, sampling=sampling, seed=i)
+        alone_s += time.perf_counter() - start
 
     n = len(prompts)
     return [Result(
         name="candidates", metric=f"s per item (K={K}, ≤{MAX_NEW} new tokens)", value=served_s / n,
         baseline=naive_s / n, baseline_label="4 × generate, fp32", unit="s", target="≥ 5× (stretch 10×)",
-        details={"serving_dtype": server.dtype, "items": n,
+        details={"serving_dtype": server.dtype, "items": n, "items_per_batch": items,
+                 "one_item_alone_s": round(alone_s / n, 2),
                  "naive_tokens_per_s": round(naive_tokens / naive_s, 1),
                  "served_tokens_per_s": round(served_tokens / served_s, 1)},
     )]

@@ -26,8 +26,8 @@ def test_parse_round_config_unknown_key_names_valid_keys():
 
 
 def test_parse_round_config_rejects_unknown_method():
-    with pytest.raises(ConfigError, match="use one of rm, dpo, kto, ppo"):
-        parse_round_config("sft", {})
+    with pytest.raises(ConfigError, match="use one of rm, dpo, kto, ppo, sft"):
+        parse_round_config("orpo", {})
 
 
 @pytest.mark.parametrize(

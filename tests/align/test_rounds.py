@@ -144,6 +144,20 @@ def test_new_data_round_trains_only_on_pairs_since_last_round(store, tiny_model_
     assert get_round(db, round_id)["data_hash"] == snapshot_hash(newer)
 
 
+def test_sft_round_then_a_dpo_round_that_continues_from_it(store, tiny_model_dir):
+    _, home, db = store
+    with pytest.raises(RoundError, match="no written answers to train SFT on.*sft_data=chosen"):
+        run(store, tiny_model_dir, "sft")  # imported pairs: nothing written in the editor
+    round_id, result = run(store, tiny_model_dir, "sft", sft_data="chosen", parent="base")
+    assert result["status"] == "succeeded" and result["version"] == "v1"
+    assert get_version(db, "v1")["method"] == "sft"
+    distinct = {(repr(p["messages"]), p["chosen"]) for p in select_pairs(db)}
+    assert f"{len(distinct)} answers (chosen)" in get_round(db, round_id)["log_tail"]
+    assert "kl_to_base" in get_version(db, "v1")["metrics"]
+    round_id, _ = run(store, tiny_model_dir, "dpo", parent="v1")
+    assert get_round(db, round_id)["parent_version"] == "v1" and get_version(db, "v2")["parent"] == "v1"
+
+
 PPO_FAST = {"steps": 2, "batch_size": 2, "mini_batch_size": 1, "ppo_epochs": 1, "max_new_tokens": 4, "lora_r": 4}
 
 

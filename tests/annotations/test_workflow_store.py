@@ -77,6 +77,15 @@ def test_submit_judgement_written_answer_ranks_above_all_model_answers(db, users
     assert json.loads(ranking) == [[h], [a], [b]]
 
 
+def test_pairs_say_which_chosen_answers_were_written_by_an_annotator(db, users):
+    from annotations.store import iter_pairs
+
+    item_id, (a, b) = ready_item(db)
+    submit_judgement(db, users["ann"], item_id, [[a], [b]], shown_order=[a, b], human_text="Mine.")
+    flags = sorted((pair["chosen"], pair["chosen_written"]) for pair in iter_pairs(db))
+    assert flags == [("Mine.", True), ("Mine.", True), (f"answer 0 to Which is better?", False)]
+
+
 def test_submit_judgement_written_answer_pairs_carry_no_policy_version(db, users):
     item_id, (a, b) = ready_item(db)
     submit_judgement(db, users["ann"], item_id, [[a], [b]], shown_order=[a, b], human_text="Mine.")
