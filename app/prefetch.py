@@ -1,10 +1,13 @@
 """Background generation of candidates, so annotators never wait on the model.
 
-One daemon thread keeps up to `target_ready` items ready beyond those already handed out:
-it takes the oldest pending items (up to `batch_items` at once when the buffer has that much
-room and they share K and sampling settings), samples all their answers from the live
-version in one batch, and stores them. It sleeps when enough items are ready and wakes when
-an item is judged. Contrast items (answers from named versions) are generated one at a time.
+One daemon thread keeps at least `target_ready` items ready beyond those already handed out:
+when fewer are ready it takes the oldest pending items (up to `batch_items` that share K and
+sampling settings), samples all their answers from the live version in one batch, and
+stores them — so the buffer may hold up to target_ready + batch_items - 1. On two CPU cores
+a decoding step costs little more for 16 rows than for 4: K=4 answers of 96 tokens take
+3.6 s for one item alone and 1.3 s per item four at a time (docs/performance.md). It
+sleeps when enough items are ready and wakes when an item is judged. Contrast items
+(answers from named versions) are generated one at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = 2, sampling=None,
+    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = 4, sampling=None,
                  poll_seconds: float = 5.0):
         if batch_items < 1:
             raise ValueError(f"batch_items must be at least 1, got {batch_items}")
@@ -65,10 +68,9 @@ class Prefetcher:
 
     def fill_once(self, db) -> bool:
         """Generate candidates for the oldest pending item(s) if the buffer is low. True if it did."""
-        room = self.target_ready - self._unclaimed_ready(db)
-        if room <= 0:
+        if self._unclaimed_ready(db) >= self.target_ready:
             return False
-        pending = store.pending_items(db, limit=min(room, self.batch_items))
+        pending = store.pending_items(db, limit=self.batch_items)
         if not pending:
             return False
         first = pending[0]

@@ -137,12 +137,12 @@ def test_prefetch_batches_plain_items_and_generates_contrast_items_alone(empty_c
     assert filler.generated == 4
 
 
-def test_prefetch_batches_no_more_items_than_the_buffer_lacks(empty_ctx, server):
+def test_prefetch_fills_a_whole_batch_once_the_buffer_is_low(empty_ctx, server):
     db = empty_ctx.db()
-    store.queue_items(db, [store.add_prompt(db, f"Question {i}?")[0] for i in range(3)])
-    filler = Prefetcher(empty_ctx.db, server, target_ready=1, batch_items=4, sampling=SamplingParams(max_new_tokens=4))
-    assert filler.fill_once(db) and not filler.fill_once(db)
-    assert store.count_items(db, "ready") == 1
+    store.queue_items(db, [store.add_prompt(db, f"Question {i}?")[0] for i in range(5)])
+    filler = Prefetcher(empty_ctx.db, server, target_ready=1, batch_items=3, sampling=SamplingParams(max_new_tokens=4))
+    assert filler.fill_once(db) and not filler.fill_once(db)  # 3 ready: the buffer holds more than 1
+    assert store.count_items(db, "ready") == 3
 
 
 def test_stream_yields_growing_text_and_records_the_version(server):
