@@ -7,6 +7,7 @@
   config --method M       the config keys of a method (and of every round), with defaults
   versions / rounds       list model versions / recent rounds
   promote V / rollback    make a version live / make the live version's parent live again
+  compare A [B]           reward-model-judged win rate of policy version A over B (default: base)
   cancel ROUND            cancel a queued or running round
 """
 
@@ -154,6 +155,50 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import math
+
+    from annotations import open_db
+    from annotations.registry import get_live_version, get_version, select_prompts
+
+    from align import evaluate
+    from align.models import BASE_VERSION, ModelError, load_policy, load_tokenizer
+    from align.reward import load_reward_model
+    from align.training import set_threads
+
+    db = open_db(db_path(args))
+    judge = get_live_version(db, "reward") if args.judge == "live" else get_version(db, args.judge)
+    if judge is None or judge["kind"] != "reward":
+        raise ModelError(f"{args.judge} is not a reward model: train one (`python -m align round --method rm`) "
+                         "and promote it, or name one with --judge")
+    adapters = {}
+    for name in dict.fromkeys((args.version_a, args.version_b)):
+        if name == BASE_VERSION:
+            continue
+        row = get_version(db, name)
+        if row["kind"] != "policy":
+            raise ModelError(f"{name} is a {row['kind']} version: compare policy versions")
+        adapters[name] = Path(row["path"])
+    prompts = [p["messages"] for p in select_prompts(db, "heldout", limit=args.prompts)]
+    if not prompts:
+        raise ModelError("no held-out prompts to compare on: import some data first")
+    set_threads(args.threads)
+    base = base_path(args)
+    policy = load_policy(base, adapters).eval()
+    tokenizer = load_tokenizer(base)
+    rm, _ = load_reward_model(base, Path(judge["path"]))
+    result = evaluate.win_rate(rm, tokenizer, policy, prompts, args.version_a, args.version_b, args.max_new_tokens,
+                               seed=args.seed, batch_size=4)
+    rate, n = result["win_rate"], result["n"]
+    print(f"{args.version_a} vs {args.version_b}, judged by {judge['version']} on {n} held-out prompts: "
+          f"win rate {rate:.3f} ± {math.sqrt(rate * (1 - rate) / n):.3f} "
+          f"({result['wins']} wins, {result['ties']} ties, {result['losses']} losses)")
+    if args.json:
+        print(json.dumps({**result, "version_a": args.version_a, "version_b": args.version_b,
+                          "judge": judge["version"]}))
+    return 0
+
+
 KEY_METRICS = (
     ("heldout_accuracy", "rm acc"),
     ("heldout_implicit_accuracy", "impl acc"),
@@ -248,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("rollback", help="make the live version's parent live again")
     p.add_argument("--kind", default="policy", choices=("policy", "reward"))
     p.set_defaults(func=cmd_rollback)
+
+    p = commands.add_parser("compare", help="reward-model-judged win rate of one policy version over another")
+    p.add_argument("version_a")
+    p.add_argument("version_b", nargs="?", default="base")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts to sample answers to")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--judge", default="live", help="reward model version (default: the live one)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (both versions use the same)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="also print the counts as JSON")
+    p.add_argument("--base", default=None, help=base_help)
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("versions", help="list model versions with their lineage and key metrics")
     p.add_argument("--kind", default=None, choices=("policy", "reward"))

@@ -61,6 +61,26 @@ def test_round_with_unknown_key_exits_2_naming_valid_keys(store, capsys):
     assert open_db(store).execute("SELECT count(*) FROM rounds").fetchone()[0] == 0  # nothing queued
 
 
+def test_compare_judges_two_policy_versions_with_the_live_reward_model(store, tiny_model_dir, capsys):
+    db = ["--db", str(store)]
+    base = ["--base", str(tiny_model_dir)]
+    assert main([*db, "compare", "v1", *base]) == 2
+    assert "live is not a reward model" in capsys.readouterr().err
+    assert main([*db, "round", "--method", "rm", *base, *settings()]) == 0
+    assert main([*db, "promote", "rm1"]) == 0
+    assert main([*db, "round", "--method", "dpo", *base, *settings(parent="base")]) == 0
+    capsys.readouterr()
+    assert main([*db, "compare", "rm1", *base]) == 2
+    assert "rm1 is a reward version" in capsys.readouterr().err
+    assert main([*db, "compare", "v1", "--prompts", "3", "--max-new-tokens", "4", "--threads", "1", "--json",
+                 *base]) == 0
+    line, counts = capsys.readouterr().out.splitlines()[-2:]
+    assert line.startswith("v1 vs base, judged by rm1 on 3 held-out prompts: win rate ")
+    result = json.loads(counts)
+    assert result["wins"] + result["ties"] + result["losses"] == result["n"] == 3
+    assert result["win_rate"] == (result["wins"] + 0.5 * result["ties"]) / 3
+
+
 def test_versions_json_lists_base(store, capsys):
     assert main(["--db", str(store), "versions", "--json"]) == 0
     assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["base"]
