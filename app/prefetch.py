@@ -3,7 +3,9 @@
 One daemon thread keeps at least `target_ready` items ready beyond those already handed out:
 when fewer are ready it takes the oldest pending items (up to `batch_items` that share K and
 sampling settings), samples all their answers from the live version in one batch, and
-stores them — so the buffer may hold up to target_ready + batch_items - 1. On two CPU cores
+stores them — so the buffer may hold up to target_ready + batch_items - 1. A batch stays
+within `batch_tokens` padded prompt tokens (rows x longest prompt), which bounds the memory
+of its first forward pass. On two CPU cores
 a decoding step costs little more for 16 rows than for 4: K=4 answers of 96 tokens take
 3.6 s for one item alone and 1.3 s per item four at a time (docs/performance.md). It
 sleeps when enough items are ready and wakes when an item is judged. Contrast items
@@ -23,14 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = 4, sampling=None,
-                 poll_seconds: float = 5.0):
+    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = 4, batch_tokens: int = 4096,
+                 sampling=None, poll_seconds: float = 5.0):
         if batch_items < 1:
             raise ValueError(f"batch_items must be at least 1, got {batch_items}")
         self._connect = connect  # () -> a store connection for this thread
         self.server = server
         self.target_ready = target_ready
         self.batch_items = batch_items
+        self.batch_tokens = batch_tokens  # prompt tokens x K per batch: bounds the prefill's memory
         self.sampling = sampling
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
@@ -77,8 +80,15 @@ class Prefetcher:
         if first["versions"] is not None:
             return self._fill_contrast(db, first)
         sampling = self._sampling(db, first)
-        batch = [first] + [item for item in pending[1:] if item["versions"] is None and item["k"] == first["k"]
-                           and self._sampling(db, item) == sampling]
+        batch, width = [first], self.server.prompt_tokens(first["messages"])
+        for item in pending[1:]:
+            if item["versions"] is not None or item["k"] != first["k"] or self._sampling(db, item) != sampling:
+                continue
+            tokens = self.server.prompt_tokens(item["messages"])
+            if max(width, tokens) * first["k"] * (len(batch) + 1) > self.batch_tokens:
+                break  # left-padded to the longest prompt: this many rows would outgrow the budget
+            batch.append(item)
+            width = max(width, tokens)
         answers = self.server.generate_many([item["messages"] for item in batch], n=first["k"], sampling=sampling,
                                             preemptible=True)
         if any(g.version != self.server.live_version for group in answers for g in group):

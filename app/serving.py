@@ -198,6 +198,12 @@ class PolicyServer:
 
     # ------------------------------------------------------------ generation
 
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """How many tokens `messages` take as a prompt (after the cut to `max_prompt_tokens`)."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        return min(len(ids), self.max_prompt_tokens)
+
     def _encode(self, prompts: list[list[dict]], n: int) -> dict:
         """Each chat prompt (its last `max_prompt_tokens` tokens) `n` times, left-padded to one width."""
         rows = []

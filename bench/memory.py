@@ -1,5 +1,5 @@
 """Memory: peak RSS of the app serving the live version with its parent loaded (the arena's
-pair) and generating a prefetch batch (4 items x 4 answers, ~500-token prompts), and of the worker during a DPO round, on the default model. Baseline: a process that
+pair) and prefetching 4 items (K=4, ~500-token prompts), and of the worker during a DPO round, on the default model. Baseline: a process that
 only loads the base model and answers once."""
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ user = store.get_user(db, "bench")
 sampling = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 32}
 for version in ("v2", "v1"):
     list(chat.chat_stream(ctx, user, [], "Tell me about the sea.", conversation="m", version=version, sampling=sampling))
-# what the prefetcher does: the K=4 answers of 4 items (long prompts) in one batch
+# what the prefetcher does: the answers of queued items, batched within its token budget
 from app.prefetch import Prefetcher
 from app.serving import SamplingParams
-items = Prefetcher.__init__.__kwdefaults__["batch_items"]
-prompts = [[{"role": "user", "content": f"Question {i}: " + "tell me about the sea and the sky, " * 60}] for i in range(items)]
-ctx.server.generate_many(prompts, n=4, sampling=SamplingParams(max_new_tokens=96))
+prompt_ids = [store.add_prompt(db, f"Question {i}: " + "tell me about the sea and the sky, " * 60)[0] for i in range(4)]
+store.queue_items(db, prompt_ids, k=4, mode="ranking")
+filler = Prefetcher(ctx.db, ctx.server, target_ready=4, sampling=SamplingParams(max_new_tokens=96))
+while filler.fill_once(db):
+    pass
 shutdown(ctx, demo)
 print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

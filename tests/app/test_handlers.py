@@ -137,6 +137,25 @@ def test_prefetch_batches_plain_items_and_generates_contrast_items_alone(empty_c
     assert filler.generated == 4
 
 
+def test_prefetch_keeps_a_batch_within_its_prompt_token_budget(empty_ctx, server):
+    db = empty_ctx.db()
+    short = [store.add_prompt(db, f"Short {i}?")[0] for i in range(2)]
+    long = store.add_prompt(db, "A long question about the sea and the sky, " * 30)[0]
+    store.queue_items(db, short + [long])
+    width = server.prompt_tokens([{"role": "user", "content": "Short 0?"}])
+    filler = Prefetcher(empty_ctx.db, server, target_ready=10, batch_items=4, batch_tokens=2 * 2 * (width + 1),
+                        sampling=SamplingParams(max_new_tokens=2))
+    calls = []
+    original = server.generate_many
+    server.generate_many = lambda prompts, *a, **k: calls.append(len(prompts)) or original(prompts, *a, **k)
+    try:
+        while filler.fill_once(db):
+            pass
+    finally:
+        server.generate_many = original
+    assert calls == [2, 1]  # the two short prompts together; the long one alone (a single item always goes)
+
+
 def test_prefetch_fills_a_whole_batch_once_the_buffer_is_low(empty_ctx, server):
     db = empty_ctx.db()
     store.queue_items(db, [store.add_prompt(db, f"Question {i}?")[0] for i in range(5)])
