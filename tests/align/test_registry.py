@@ -60,8 +60,8 @@ def test_create_round_queues_with_config(db):
 
 
 def test_create_round_rejects_unknown_method(db):
-    with pytest.raises(InvalidInput, match="use one of rm, dpo, kto, ppo"):
-        create_round(db, "sft", {})
+    with pytest.raises(InvalidInput, match="use one of rm, dpo, kto, ppo, sft"):
+        create_round(db, "orpo", {})
 
 
 def test_claim_next_round_takes_oldest_queued_once(db):
