@@ -28,7 +28,7 @@ from align.training import (
     TrainingOptions,
     as_dataset,
     attach_progress,
-    default_precision,
+    native_bf16_precision,
     load_policy_for_training,
     make_preference_collator,
     save_adapter,
@@ -67,11 +67,7 @@ class DPORoundConfig(TrainingOptions):
                           "lowest adapted layer: on SmolLM2 (30 layers) 8 trains 1.6x faster than all of them "
                           "and needs half the memory (docs/benchmarks.md)."},
     )
-    precision: str = field(
-        default_factory=default_precision,
-        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
-                          "(a GPU, or a CPU with avx512_bf16/AMX). Default: bf16 where the CPU has it, else auto."},
-    )
+    precision: str = native_bf16_precision()
     beta: float = field(
         default=0.1,
         metadata={"help": "Strength of the pull towards the reference: higher stays closer (0.01-0.5 is usual)."},

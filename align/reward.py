@@ -32,7 +32,7 @@ from align.training import (
     TrainingOptions,
     as_dataset,
     attach_progress,
-    default_precision,
+    native_bf16_precision,
     lora_config,
     save_adapter,
     set_threads,
@@ -57,11 +57,7 @@ class RewardConfig(TrainingOptions):
         default=0.0,
         metadata={"help": "Weight of a penalty pulling mean scores to 0 (0 turns it off; 0.01 is typical)."},
     )
-    precision: str = field(
-        default_factory=default_precision,
-        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
-                          "(a GPU, or a CPU with avx512_bf16/AMX). Default: bf16 where the CPU has it, else auto."},
-    )
+    precision: str = native_bf16_precision()
     packed: bool = field(
         default=True,
         metadata={"help": "Run each pair as one sequence whose shared prompt is computed once for both answers "

@@ -25,7 +25,7 @@ from align.training import (
     TrainingOptions,
     as_dataset,
     attach_progress,
-    default_precision,
+    native_bf16_precision,
     load_policy_for_training,
     save_adapter,
     set_threads,
@@ -48,11 +48,7 @@ class SFTRoundConfig(TrainingOptions):
         metadata={"help": "Adapt only the last N transformer layers (0: all); 8 matches DPO's default, so a DPO "
                           "round continuing from this adapter trains the same layers."},
     )
-    precision: str = field(
-        default_factory=default_precision,
-        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
-                          "(a GPU, or a CPU with avx512_bf16/AMX). Default: bf16 where the CPU has it, else auto."},
-    )
+    precision: str = native_bf16_precision()
 
 
 def answer_rows(pairs: Sequence[dict], source: str = "written") -> list[dict]:

@@ -173,6 +173,16 @@ def default_precision() -> str:
     return "bf16" if not torch.cuda.is_available() and cpu_has_bf16() else "auto"
 
 
+def native_bf16_precision():
+    """The `precision` field of a method whose rounds default to `default_precision()`
+    (DPO, reward model, SFT): bf16 where the CPU has it natively, else 'auto'."""
+    return field(
+        default_factory=default_precision,
+        metadata={"help": "'auto': bf16 mixed precision on a GPU that supports it, fp32 on CPU; 'fp32'; or 'bf16' "
+                          "(a GPU, or a CPU with avx512_bf16/AMX). Default: bf16 where the CPU has it, else auto."},
+    )
+
+
 def device_arguments(precision: str = "auto") -> dict:
     """TRL/transformers config arguments for the device at hand.
 

@@ -23,9 +23,13 @@ from app.serving import Preempted, SamplingParams, ensure_loaded
 
 logger = logging.getLogger(__name__)
 
+BATCH_ITEMS = 4  # items whose answers are sampled together
+BATCH_TOKENS = 4096  # padded prompt tokens (rows x longest prompt) a batch may hold
+
 
 class Prefetcher:
-    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = 4, batch_tokens: int = 4096,
+    def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = BATCH_ITEMS,
+                 batch_tokens: int = BATCH_TOKENS,
                  sampling=None, poll_seconds: float = 5.0):
         if batch_items < 1:
             raise ValueError(f"batch_items must be at least 1, got {batch_items}")
@@ -33,7 +37,7 @@ class Prefetcher:
         self.server = server
         self.target_ready = target_ready
         self.batch_items = batch_items
-        self.batch_tokens = batch_tokens  # prompt tokens x K per batch: bounds the prefill's memory
+        self.batch_tokens = batch_tokens  # bounds the memory of a batch's first forward pass
         self.sampling = sampling
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
