@@ -1,14 +1,21 @@
 """PolicyServer: the base model loaded once, policy versions as LoRA adapters over it.
 
-Generation is serialised by one lock: on 2 cores, two concurrent generations only slow each
-other down, and the lock is also what makes adapter swaps safe. A swap (`set_live`) only
-changes which version the *next* generation uses; a generation in flight keeps the version
-it started with, and every result records the version that produced it.
+The model is used by one thread at a time, under one lock: on 2 cores, two concurrent
+generations only slow each other down, and the lock is also what makes adapter swaps safe. A
+swap (`set_live`) only changes which version the *next* request uses; an answer in flight keeps
+the version it started with, and every result records the version that produced it.
+
+Chat answers share the model differently from the rest: they are decoded together, one token
+per step, in one running batch that a new request joins at the next step (`app.decoding`), so
+concurrent chats and a promotion's first answer do not wait for other answers to finish.
+Batches of candidates (`generate_many`) and arena answers run whole, with `generate`.
 
 The lock is fair and ordered (`ModelLock`): loading an adapter goes first, then interactive
-requests (chat, arena) in arrival order, then background work (prefetching answers). With a
-plain `threading.Lock` a thread that releases it usually takes it straight back, so under a
-steady stream of chat requests a promotion waited seconds for its turn.
+requests (the chat batch, arena answers) in arrival order, then background work (prefetching
+answers). With a plain `threading.Lock` a thread that releases it usually takes it straight
+back, so under a steady stream of chat requests a promotion waited seconds for its turn. The
+chat batch lets go of the lock between two steps whenever an adapter load or an arena request
+is queued.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -26,11 +34,13 @@ import torch
 
 from align.models import load_causal_lm, load_tokenizer
 from align.training import cpu_has_bf16, tune_malloc
+from app.decoding import ChatBatcher
 
 logger = logging.getLogger(__name__)
 
 BASE_VERSION = "base"
 SERVING_DTYPES = ("auto", "float32", "bfloat16")
+STREAM_TIMEOUT_S = 300
 
 
 def default_serving_dtype() -> str:
@@ -133,6 +143,11 @@ class ModelLock:
     def locked(self) -> bool:
         return self._held
 
+    def waiting(self, priority: int) -> bool:
+        """Whether a request of `priority` or more urgent is queued."""
+        with self._cond:
+            return bool(self._queue) and self._queue[0][0] <= priority
+
     def urgent_waiting(self) -> bool:
         """Whether a request more urgent than background work is queued."""
         with self._cond:
@@ -162,6 +177,7 @@ class PolicyServer:
         self._lock = ModelLock()
         self._adapters: dict[str, Path] = {}
         self._live = BASE_VERSION
+        self._batcher = ChatBatcher(self)
 
     # ------------------------------------------------------------ versions
 
@@ -204,13 +220,15 @@ class PolicyServer:
                                                  return_dict=True)["input_ids"]
         return min(len(ids), self.max_prompt_tokens)
 
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """A chat prompt's token ids, cut to its last `max_prompt_tokens`."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        return list(ids)[-self.max_prompt_tokens:]
+
     def _encode(self, prompts: list[list[dict]], n: int) -> dict:
         """Each chat prompt (its last `max_prompt_tokens` tokens) `n` times, left-padded to one width."""
-        rows = []
-        for messages in prompts:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
-            rows.append(list(ids)[-self.max_prompt_tokens:])
+        rows = [self._prompt_ids(messages) for messages in prompts]
         width = max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows) * n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows) * n, width), dtype=torch.long)
@@ -291,44 +309,40 @@ class PolicyServer:
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
         """Yield (text so far, version) while one answer is generated; an interactive request.
 
-        Closing the generator (a browser tab closed mid-answer) stops the generation.
+        The answer is decoded in the running chat batch (`app.decoding.ChatBatcher`): it starts
+        at the next decoding step even while other answers are in flight. `version=None` means
+        the live version when the request is admitted. Closing the generator (a browser tab
+        closed mid-answer) takes the answer out of the batch at the next step.
         """
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from app.decoding import ChatRequest
 
         sampling = sampling or SamplingParams()
-        stop = threading.Event()
-        with self._model_lock(interactive=True):
-            version = version or self._live
-            self._check_version(version)
-            inputs = self._encode([messages], 1)
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-            kwargs = self._generate_kwargs(sampling)
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(stop.is_set)])
-            failure = []
-
-            def work():
+        request = ChatRequest(self._prompt_ids(messages), sampling, version)
+        self._batcher.submit(request)
+        tokens, text, version_used, yielded = [], "", version, False
+        try:
+            while True:
                 try:
-                    with torch.inference_mode(), self._using(version):
-                        self.model.generate(**inputs, streamer=streamer, **kwargs)
-                except BaseException as e:  # surfaced to the consumer below
-                    failure.append(e)
-                    streamer.end()
-
-            thread = threading.Thread(target=work, name="rankloop-stream", daemon=True)
-            thread.start()
-            try:
-                text, pieces = "", 0
-                for piece in streamer:
-                    text += piece
-                    pieces += 1
-                    yield text, version
-                if failure:
-                    raise failure[0]
-                if not pieces:  # an empty answer still says which version gave it
-                    yield text, version
-            finally:
-                stop.set()
-                thread.join()
+                    kind, value = request.events.get(timeout=STREAM_TIMEOUT_S)
+                except queue.Empty:
+                    raise TimeoutError(f"no token for {STREAM_TIMEOUT_S} s: the model is stuck or overloaded") from None
+                if kind == "version":
+                    version_used = value
+                elif kind == "token":
+                    tokens.append(value)
+                    decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    if decoded != text and not decoded.endswith("\ufffd"):  # wait for a whole character
+                        text, yielded = decoded, True
+                        yield text, version_used
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+            final = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if final != text or not yielded:  # an empty answer still says which version gave it
+                yield final, version_used
+        finally:
+            request.cancelled.set()
 
     def _using(self, version: str):
         """Context in which the model runs as `version` (the caller holds the lock)."""

@@ -1,0 +1,275 @@
+"""Chat streams decoded together, one token at a time (continuous batching).
+
+Before this, a chat request took the model for a whole answer: with three people chatting the
+third waited two answers for its first token, and after a promotion the new version's first
+answer came only once the answer in flight had finished. Here a request joins the running batch
+at the next decoding step: its prompt is prefilled alone, its KV cache is left-padded into the
+batch's cache, and from then on every step gives one token to every row. On two CPU cores a
+step costs about the same for a few rows as for one (decoding is bound by reading the weights),
+so concurrent answers take little longer than one.
+
+Rows may belong to different versions: PEFT's mixed-batch LoRA (`adapter_names`) applies each
+row's adapter to that row only, so a request admitted after a promotion runs on the new version
+beside an answer still finishing on the old one. Each row keeps its own sampling settings,
+applied to its own logits with transformers' logits processors.
+
+The loop runs in one thread that holds the model lock (`ModelLock.INTERACTIVE`) while rows are
+in flight, and lets go between steps whenever an adapter load or another interactive request
+(an arena battle) is queued; the rows keep their cache and go on afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 8  # chat answers decoded together; later requests wait for a free row
+_TOKEN, _VERSION, _END, _ERROR = "token", "version", "end", "error"
+
+
+@dataclass
+class ChatRequest:
+    """One chat answer to decode. `events` receives ("version", v) when the request is
+    admitted, then ("token", id) per token, then ("end", None) or ("error", exception)."""
+
+    prompt_ids: list[int]
+    sampling: object  # app.serving.SamplingParams
+    version: str | None  # None: the live version at admission
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Row:
+    request: ChatRequest
+    version: str
+    context: list[int]  # prompt and answer so far (the repetition penalty looks at both)
+    processors: object  # transformers.LogitsProcessorList
+    generated: int = 0
+    finished: bool = False
+
+    @property
+    def next_token(self) -> int:
+        return self.context[-1]
+
+
+def logits_processors(sampling):
+    """The processors `generate` would apply for these settings, in its order."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.temperature > 0:
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+    return processors
+
+
+class ChatBatcher:
+    """Admits chat requests into one running batch and decodes it step by step."""
+
+    def __init__(self, server, max_rows: int = MAX_ROWS):
+        self.server = server
+        self.max_rows = max_rows
+        self._pending: collections.deque[ChatRequest] = collections.deque()
+        self._guard = threading.Lock()
+        self._running = False
+        self._rows: list[_Row] = []
+        self._state = None  # (DynamicCache, attention mask [rows, length]) of the rows in flight
+        self.peak_rows = 0  # the most rows decoded together so far (for benchmarks and tests)
+
+    def submit(self, request: ChatRequest) -> None:
+        """Queue `request` and make sure the decoding loop runs."""
+        with self._guard:
+            self._pending.append(request)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="rankloop-chat", daemon=True).start()
+
+    def enqueue(self, request: ChatRequest) -> None:
+        """Queue `request` without starting the loop (tests drive `advance` by hand)."""
+        with self._guard:
+            self._pending.append(request)
+
+    def advance(self) -> int:
+        """Admit what is queued, then decode one token for every row. Returns the rows still in
+        flight. The caller holds the model lock."""
+        with torch.inference_mode():
+            self._rows, self._state = self._admit(self._rows, self._state)
+            if self._rows:
+                self._rows, self._state = self._step(self._rows, self._state)
+        return len(self._rows)
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        from app.serving import ModelLock
+
+        lock = self.server._lock
+        try:
+            while True:
+                with lock.hold(ModelLock.INTERACTIVE):
+                    while self.advance() and not lock.waiting(ModelLock.INTERACTIVE):
+                        pass  # between two steps, an adapter load or an arena request may go first
+                with self._guard:
+                    if not self._rows and not self._pending:
+                        self._running = False
+                        return
+        except BaseException as e:  # every waiting stream hears of it; the next request starts afresh
+            logger.exception("chat decoding failed")
+            with self._guard:
+                waiting = [row.request for row in self._rows] + list(self._pending)
+                self._pending.clear()
+                self._rows, self._state = [], None
+                self._running = False
+            for request in waiting:
+                request.events.put((_ERROR, e))
+
+    def _admit(self, rows: list[_Row], state):
+        """Prefill queued requests (each alone) and add them to the batch."""
+        while len(rows) < self.max_rows:
+            with self._guard:
+                if not self._pending:
+                    break
+                request = self._pending.popleft()
+            if request.cancelled.is_set():
+                request.events.put((_END, None))
+                continue
+            try:
+                version = request.version or self.server.live_version
+                self.server._check_version(version)
+                row, cache = self._prefill(request, version)
+            except Exception as e:  # this request's problem (an unknown version, say), not the batch's
+                request.events.put((_ERROR, e))
+                continue
+            rows, state = self._join(rows, state, row, cache)
+        self.peak_rows = max(self.peak_rows, len(rows))
+        return rows, state
+
+    def _prefill(self, request: ChatRequest, version: str):
+        from transformers import DynamicCache
+
+        request.events.put((_VERSION, version))
+        model = self.server.model
+        ids = torch.tensor([request.prompt_ids])
+        cache = DynamicCache(config=model.config)
+        with self._adapters(model, [version]) as extra:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1, **extra)
+        row = _Row(request, version, list(request.prompt_ids), logits_processors(request.sampling))
+        self._emit(row, out.logits[0, -1])
+        return row, out.past_key_values
+
+    def _join(self, rows, state, row, cache):
+        """The batch with `row` added: both caches left-padded to the longer one."""
+        from transformers import DynamicCache
+
+        new_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        new_mask = torch.ones((1, new_kv[0][0].shape[-2]), dtype=torch.long)
+        if row.finished:  # answered in one token: nothing to decode further
+            return rows, state
+        if state is None:
+            return [row], (cache, new_mask)
+        old_cache, old_mask = state
+        old_kv = [(layer.keys, layer.values) for layer in old_cache.layers]
+        width = max(old_mask.shape[1], new_mask.shape[1])
+        kv = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
+               torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
+              for (k0, v0), (k1, v1) in zip(old_kv, new_kv)]
+        mask = torch.cat([_pad_left(old_mask, width), _pad_left(new_mask, width)])
+        return rows + [row], (DynamicCache(ddp_cache_data=kv, config=self.server.model.config), mask)
+
+    def _step(self, rows: list[_Row], state):
+        """One token for every row; finished and cancelled rows leave the batch."""
+        cache, mask = state
+        model = self.server.model
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        input_ids = torch.tensor([[row.next_token] for row in rows])
+        positions = mask.sum(dim=1, keepdim=True) - 1
+        with self._adapters(model, [row.version for row in rows]) as extra:
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, **extra)
+        for i, row in enumerate(rows):
+            if row.request.cancelled.is_set():
+                row.finished = True
+                row.request.events.put((_END, None))
+            else:
+                self._emit(row, out.logits[i, -1])
+        keep = [i for i, row in enumerate(rows) if not row.finished]
+        if not keep:
+            return [], None
+        if len(keep) < len(rows):
+            index = torch.tensor(keep)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+            rows = [rows[i] for i in keep]
+            start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # columns that are padding in every row
+            if start:
+                from transformers import DynamicCache
+
+                kv = [(layer.keys[..., start:, :], layer.values[..., start:, :]) for layer in cache.layers]
+                cache, mask = DynamicCache(ddp_cache_data=kv, config=model.config), mask[:, start:]
+        return rows, (cache, mask)
+
+    # ------------------------------------------------------------ pieces
+
+    def _emit(self, row: _Row, logits: torch.Tensor) -> None:
+        """Pick the row's next token from its logits and hand it to the stream."""
+        sampling = row.request.sampling
+        scores = row.processors(torch.tensor([row.context]), logits[None].float())
+        if sampling.temperature > 0:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0])
+        else:
+            token = int(scores[0].argmax())
+        row.context.append(token)
+        row.generated += 1
+        tokenizer = self.server.tokenizer
+        eos = tokenizer.eos_token_id
+        if token == eos or (isinstance(eos, list) and token in eos):
+            row.finished = True
+            row.request.events.put((_END, None))
+            return
+        row.request.events.put((_TOKEN, token))
+        if row.generated >= sampling.max_new_tokens:
+            row.finished = True
+            row.request.events.put((_END, None))
+
+    @contextlib.contextmanager
+    def _adapters(self, model, versions: list[str]):
+        """Run `model` as these rows' versions; yields extra forward arguments."""
+        from app.serving import BASE_VERSION
+
+        if not hasattr(model, "peft_config"):
+            yield {}
+        elif len(set(versions)) > 1:
+            yield {"adapter_names": ["__base__" if v == BASE_VERSION else v for v in versions]}
+        elif versions[0] == BASE_VERSION:
+            with model.disable_adapter():
+                yield {}
+        else:
+            if model.active_adapter != versions[0]:
+                model.set_adapter(versions[0])
+            yield {}
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` (a mask [rows, length] or a cache [rows, heads, length, dim]) left-padded with zeros."""
+    dim = 1 if t.dim() == 2 else 2
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)

@@ -1,0 +1,187 @@
+"""Chat streams decoded together (app/decoding.py): a request joins the running batch at the
+next step, and every row's answer is exactly the answer it gets alone from transformers'
+`generate` — whatever else is in the batch, whenever it joined or left, whatever its version."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from app.decoding import ChatBatcher, ChatRequest
+from app.serving import ModelLock, PolicyServer, SamplingParams
+from tests.app.test_hot_swap import save_tiny_adapter
+
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=20)
+PROMPTS = ["hi", "a much longer question about the colour of the sea at night, and the sky?", "capital of France"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    server = PolicyServer(tiny_model_dir)
+    server.load_adapter("v1", save_tiny_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "v1"))
+    return server
+
+
+def messages(prompt):
+    return [{"role": "user", "content": prompt}]
+
+
+def alone(server, prompt, sampling=GREEDY, version="base"):
+    """Token ids of the answer transformers' `generate` gives this prompt on its own."""
+    inputs = server._encode([messages(prompt)], 1)
+    with torch.inference_mode(), server._using(version):
+        out = server.model.generate(**inputs, **server._generate_kwargs(sampling))
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return ids[:-1] if ids and ids[-1] == server.tokenizer.eos_token_id else ids
+
+
+def request(server, prompt, sampling=GREEDY, version=None):
+    return ChatRequest(server._prompt_ids(messages(prompt)), sampling, version)
+
+
+def drained(req):
+    """(version, token ids, how it ended) from a request's events."""
+    version, ids, end = None, [], None
+    while not req.events.empty():
+        kind, value = req.events.get()
+        if kind == "version":
+            version = value
+        elif kind == "token":
+            ids.append(value)
+        else:
+            end = (kind, value)
+    return version, ids, end
+
+
+def test_answers_joining_at_different_steps_equal_each_answer_alone(server):
+    batcher = ChatBatcher(server)
+    reqs = [request(server, p) for p in PROMPTS]
+    batcher.enqueue(reqs[0])
+    batcher.advance()
+    batcher.advance()
+    batcher.enqueue(reqs[1])  # a longer prompt joins a row two tokens in
+    batcher.advance()
+    batcher.enqueue(reqs[2])
+    while batcher.advance():
+        pass
+    assert batcher.peak_rows == 3
+    for prompt, req in zip(PROMPTS, reqs):
+        version, ids, end = drained(req)
+        assert (version, end) == ("base", ("end", None))
+        assert ids == alone(server, prompt)
+
+
+def test_rows_of_different_versions_share_a_batch(server):
+    batcher = ChatBatcher(server)
+    plan = [(PROMPTS[0], "base"), (PROMPTS[0], "v1"), (PROMPTS[1], "v1")]
+    reqs = [request(server, p, version=v) for p, v in plan]
+    for req in reqs:
+        batcher.enqueue(req)
+    while batcher.advance():
+        pass
+    answers = [drained(req) for req in reqs]
+    for (prompt, version), (recorded, ids, _) in zip(plan, answers):
+        assert recorded == version
+        assert ids == alone(server, prompt, version=version)
+    assert answers[0][1] != answers[1][1]  # the adapter really changes the answer
+
+
+def test_a_row_leaves_at_its_own_length_and_the_others_go_on(server):
+    batcher = ChatBatcher(server)
+    short = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=3)
+    long_prompt, short_prompt = request(server, PROMPTS[1], short), request(server, PROMPTS[0])
+    batcher.enqueue(long_prompt)
+    batcher.enqueue(short_prompt)
+    steps = 0
+    while batcher.advance():
+        steps += 1
+        if steps == 3:  # the long prompt's row has left: the padding it needed is gone too
+            _, mask = batcher._state
+            assert mask[:, 0].all()
+    assert drained(long_prompt)[1] == alone(server, PROMPTS[1], short)
+    assert drained(short_prompt)[1] == alone(server, PROMPTS[0])
+
+
+def test_a_cancelled_row_leaves_and_the_others_are_unaffected(server):
+    batcher = ChatBatcher(server)
+    kept, cancelled = request(server, PROMPTS[2]), request(server, PROMPTS[1])
+    batcher.enqueue(kept)
+    batcher.enqueue(cancelled)
+    batcher.advance()
+    cancelled.cancelled.set()  # the browser tab closed
+    batcher.advance()
+    assert len(batcher._rows) == 1
+    _, ids, end = drained(cancelled)
+    assert end == ("end", None) and len(ids) == 2
+    while batcher.advance():
+        pass
+    assert drained(kept)[1] == alone(server, PROMPTS[2])
+
+
+def test_an_unknown_version_fails_that_request_only(server):
+    batcher = ChatBatcher(server)
+    bad, good = request(server, PROMPTS[0], version="v404"), request(server, PROMPTS[0])
+    batcher.enqueue(bad)
+    batcher.enqueue(good)
+    while batcher.advance():
+        pass
+    kind, error = drained(bad)[2]
+    assert kind == "error" and isinstance(error, KeyError) and "v404" in str(error)
+    assert drained(good)[1] == alone(server, PROMPTS[0])
+
+
+def test_sampled_rows_keep_their_own_settings(server):
+    batcher = ChatBatcher(server)
+    hot = SamplingParams(temperature=1.5, top_p=0.5, max_new_tokens=7)
+    cold = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
+    sampled, greedy = request(server, PROMPTS[0], hot), request(server, PROMPTS[2], cold)
+    batcher.enqueue(sampled)
+    batcher.enqueue(greedy)
+    while batcher.advance():
+        pass
+    assert len(drained(sampled)[1]) == 7
+    assert drained(greedy)[1] == alone(server, PROMPTS[2], cold)
+
+
+def test_concurrent_streams_are_decoded_in_one_batch(server):
+    """Three people chat at once: all three answers come from one running batch."""
+    server._batcher = ChatBatcher(server)
+    results = {}
+
+    def chat(i):
+        results[i] = list(server.stream(messages(PROMPTS[i]), GREEDY))[-1]
+
+    server._lock.acquire(ModelLock.INTERACTIVE)  # the model is busy while all three arrive
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while (len(server._batcher._pending) < 3 or not server._lock._queue) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server._lock.release()
+    for thread in threads:
+        thread.join(30)
+    assert server._batcher.peak_rows == 3
+    for i, prompt in enumerate(PROMPTS):
+        text, version = results[i]
+        assert version == "base"
+        assert text == server.tokenizer.decode(alone(server, prompt), skip_special_tokens=True)
+
+
+def test_an_interactive_request_goes_between_two_decoding_steps(server):
+    """An arena request does not wait for the chat batch to finish; the chat answer goes on
+    afterwards from where it was, unchanged."""
+    long = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=300)
+    expected = alone(server, PROMPTS[2], long)
+    assert len(expected) == 300  # no end of answer before the arena request comes
+    results = []
+    thread = threading.Thread(target=lambda: results.append(list(server.stream(messages(PROMPTS[2]), long))[-1]))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server._batcher._rows and time.monotonic() < deadline:
+        time.sleep(0.001)
+    server.generate(messages("quick"), sampling=SamplingParams(max_new_tokens=2), interactive=True)
+    assert server._batcher._rows, "the chat answer was still in flight when the arena request got the model"
+    thread.join(30)
+    assert results[0][0] == server.tokenizer.decode(expected, skip_special_tokens=True)
