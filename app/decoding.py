@@ -10,18 +10,18 @@ so concurrent answers take little longer than one.
 
 Rows may belong to different versions: PEFT's mixed-batch LoRA (`adapter_names`) applies each
 row's adapter to that row only, so a request admitted after a promotion runs on the new version
-beside an answer still finishing on the old one. Each row keeps its own sampling settings,
-applied to its own logits with transformers' logits processors.
+beside an answer still finishing on the old one. Each row keeps its own sampling settings
+(temperature, top-p, repetition penalty, length), applied to its own logits.
 
 The loop runs in one thread that holds the model lock (`ModelLock.INTERACTIVE`) while rows are
-in flight, and lets go between steps whenever an adapter load or another interactive request
-(an arena battle) is queued; the rows keep their cache and go on afterwards.
+in flight, and lets go between steps whenever an adapter load, another interactive request (an
+arena battle) or brief upkeep (one layer of a merge) is queued; the rows keep their cache and go
+on afterwards.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import queue
 import threading
@@ -32,6 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # chat answers decoded together; later requests wait for a free row
+TOP_P_CANDIDATES = 256  # tokens searched for the nucleus before sorting the whole vocabulary
 _TOKEN, _VERSION, _END, _ERROR = "token", "version", "end", "error"
 
 
@@ -52,7 +53,7 @@ class _Row:
     request: ChatRequest
     version: str
     context: list[int]  # prompt and answer so far (the repetition penalty looks at both)
-    processors: object  # transformers.LogitsProcessorList
+    penalty: object  # transformers' RepetitionPenaltyLogitsProcessor, or None
     generated: int = 0
     finished: bool = False
 
@@ -61,20 +62,38 @@ class _Row:
         return self.context[-1]
 
 
-def logits_processors(sampling):
-    """The processors `generate` would apply for these settings, in its order."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopPLogitsWarper)
+def repetition_penalty(sampling):
+    """transformers' repetition-penalty processor for these settings (None when off)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
 
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if sampling.temperature > 0:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
-    return processors
+    return RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty) if sampling.repetition_penalty != 1.0 else None
+
+
+def sample_token(scores: torch.Tensor, temperature: float, top_p: float) -> int:
+    """One token from `scores` (logits over the vocabulary, 1-D) with temperature and nucleus
+    (top-p) sampling, greedy when `temperature` is 0.
+
+    The nucleus is the same as transformers' `TopPLogitsWarper` keeps (a token stays when the
+    probability of the tokens ranked above it is below `top_p`), found among the
+    `TOP_P_CANDIDATES` likeliest tokens instead of by sorting the whole vocabulary (49,152 on
+    SmolLM2: sorting it took 3 ms per row and step); when those hold less than `top_p` of the
+    probability, the whole vocabulary is sorted after all.
+    """
+    if temperature == 0:
+        return int(scores.argmax())
+    scores = scores / temperature
+    if top_p >= 1.0:
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+    log_total = torch.logsumexp(scores, dim=-1)
+    for k in (min(TOP_P_CANDIDATES, scores.shape[-1]), scores.shape[-1]):
+        top, index = scores.topk(k)
+        probs = (top - log_total).exp()
+        above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each
+        if above[-1] + probs[-1] >= top_p or k == scores.shape[-1]:
+            break
+    keep = above < top_p
+    keep[0] = True
+    return int(index[keep][torch.multinomial(probs[keep], 1)])
 
 
 class ChatBatcher:
@@ -115,14 +134,14 @@ class ChatBatcher:
     # ------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        from app.serving import ModelLock
+        from app.serving import ModelLock, on_model_thread
 
         lock = self.server._lock
         try:
             while True:
                 with lock.hold(ModelLock.INTERACTIVE):
-                    while self.advance() and not lock.waiting(ModelLock.INTERACTIVE):
-                        pass  # between two steps, an adapter load or an arena request may go first
+                    while on_model_thread(self.advance) and not lock.waiting(ModelLock.BRIEF):
+                        pass  # between two steps, an adapter load, an arena request or upkeep goes first
                 with self._guard:
                     if not self._rows and not self._pending:
                         self._running = False
@@ -162,13 +181,12 @@ class ChatBatcher:
         from transformers import DynamicCache
 
         request.events.put((_VERSION, version))
-        model = self.server.model
         ids = torch.tensor([request.prompt_ids])
-        cache = DynamicCache(config=model.config)
-        with self._adapters(model, [version]) as extra:
+        cache = DynamicCache(config=self.server.model.config)
+        with self.server._runner([version]) as (model, extra):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
                         logits_to_keep=1, **extra)
-        row = _Row(request, version, list(request.prompt_ids), logits_processors(request.sampling))
+        row = _Row(request, version, list(request.prompt_ids), repetition_penalty(request.sampling))
         self._emit(row, out.logits[0, -1])
         return row, out.past_key_values
 
@@ -194,11 +212,10 @@ class ChatBatcher:
     def _step(self, rows: list[_Row], state):
         """One token for every row; finished and cancelled rows leave the batch."""
         cache, mask = state
-        model = self.server.model
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         input_ids = torch.tensor([[row.next_token] for row in rows])
         positions = mask.sum(dim=1, keepdim=True) - 1
-        with self._adapters(model, [row.version for row in rows]) as extra:
+        with self.server._runner([row.version for row in rows]) as (model, extra):
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, **extra)
         for i, row in enumerate(rows):
@@ -220,7 +237,7 @@ class ChatBatcher:
                 from transformers import DynamicCache
 
                 kv = [(layer.keys[..., start:, :], layer.values[..., start:, :]) for layer in cache.layers]
-                cache, mask = DynamicCache(ddp_cache_data=kv, config=model.config), mask[:, start:]
+                cache, mask = DynamicCache(ddp_cache_data=kv, config=self.server.model.config), mask[:, start:]
         return rows, (cache, mask)
 
     # ------------------------------------------------------------ pieces
@@ -228,11 +245,10 @@ class ChatBatcher:
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:
         """Pick the row's next token from its logits and hand it to the stream."""
         sampling = row.request.sampling
-        scores = row.processors(torch.tensor([row.context]), logits[None].float())
-        if sampling.temperature > 0:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0])
-        else:
-            token = int(scores[0].argmax())
+        scores = logits[None].float()
+        if row.penalty is not None:
+            scores = row.penalty(torch.tensor([row.context]), scores)
+        token = sample_token(scores[0], sampling.temperature, sampling.top_p)
         row.context.append(token)
         row.generated += 1
         tokenizer = self.server.tokenizer
@@ -245,23 +261,6 @@ class ChatBatcher:
         if row.generated >= sampling.max_new_tokens:
             row.finished = True
             row.request.events.put((_END, None))
-
-    @contextlib.contextmanager
-    def _adapters(self, model, versions: list[str]):
-        """Run `model` as these rows' versions; yields extra forward arguments."""
-        from app.serving import BASE_VERSION
-
-        if not hasattr(model, "peft_config"):
-            yield {}
-        elif len(set(versions)) > 1:
-            yield {"adapter_names": ["__base__" if v == BASE_VERSION else v for v in versions]}
-        elif versions[0] == BASE_VERSION:
-            with model.disable_adapter():
-                yield {}
-        else:
-            if model.active_adapter != versions[0]:
-                model.set_adapter(versions[0])
-            yield {}
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -5,7 +5,9 @@ The store is the only channel between the app and the worker. The worker registe
 (through the promotion gate or an admin) promotes versions; `LiveWatcher` notices a new live
 policy within `poll_seconds` (its adapter usually preloaded when it was registered as a
 candidate), loads it if needed, and makes it the default for new generations — generations
-already running finish on their version.
+already running finish on their version. In the background it also merges the live version's
+adapter (or else the newest candidate's) into a serving copy of the base, which runs as fast
+as the base itself.
 
 Thread budget (2 cores): while a round runs, the worker trains with 1 torch thread and the
 app serves with 1; when no round runs, the app takes both. Two processes each asking for 2
@@ -22,10 +24,9 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
 
 from annotations import store
-from app.serving import BASE_VERSION, ensure_loaded
+from app.serving import BASE_VERSION, configure_threads, ensure_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class LiveWatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._unloadable: set[str] = set()
+        self._merging: threading.Thread | None = None
+        self._threads: int | None = None
+        self._merge_tried: set[str] = set()  # versions not to try again until the next swap
 
     def start(self) -> "LiveWatcher":
         self.check()
@@ -57,6 +61,8 @@ class LiveWatcher:
         self._stop.set()
         if self._thread:
             self._thread.join(10)
+        if self._merging:
+            self._merging.join(30)
 
     def check(self) -> None:
         """One look at the store: hot-load a new live version, set the thread budget.
@@ -77,11 +83,14 @@ class LiveWatcher:
             requeued = store.retire_stale_items(db, live)
             logger.info("live policy %s -> %s (%d unjudged items requeued)", previous, live, requeued)
             self.ctx.wake_prefetcher()
+            self._merge_tried.clear()
         self._preload(db)
+        self._merge_next(db)
         training = db.execute("SELECT count(*) FROM rounds WHERE status = 'running'").fetchone()[0] > 0
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if self._threads != threads:
+            configure_threads(threads)  # on the model thread: torch's thread count is per thread
+            self._threads = threads
             logger.info("serving threads: %d (%s)", threads, "a round is training" if training else "idle worker")
 
     def _preload(self, db) -> None:
@@ -105,6 +114,33 @@ class LiveWatcher:
                 self._unloadable.add(version)
                 logger.warning("cannot preload %s from %s: %s", version, path, e)
             return
+
+    def _merge_next(self, db) -> None:
+        """Merge, in a thread of its own, the live version's adapter into a serving copy of the
+        base, or else the newest candidate's, so that a promotion finds it merged. The watcher
+        goes on polling meanwhile (a merge takes about a second of CPU on SmolLM2)."""
+        if self._merging is not None and self._merging.is_alive():
+            return
+        server = self.ctx.server
+        wanted = [server.live_version]
+        row = db.execute("SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
+                         " ORDER BY created_at DESC LIMIT 1").fetchone()
+        if row:
+            wanted.append(row[0])
+        for version in wanted:
+            if version == BASE_VERSION or version in self._merge_tried or version in server.merged_versions() \
+                    or version not in server.versions():
+                continue
+            self._merge_tried.add(version)
+            self._merging = threading.Thread(target=self._merge, args=(version,), name="rankloop-merge", daemon=True)
+            self._merging.start()
+            return
+
+    def _merge(self, version: str) -> None:
+        try:
+            self.ctx.server.merge(version)
+        except Exception:  # served unmerged, as before
+            logger.exception("merging %s", version)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):

@@ -21,12 +21,14 @@ is queued.
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 import itertools
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +43,29 @@ logger = logging.getLogger(__name__)
 BASE_VERSION = "base"
 SERVING_DTYPES = ("auto", "float32", "bfloat16")
 STREAM_TIMEOUT_S = 300
+# Memory for merged serving copies of adapter versions (the live one's first). A copy holds its
+# own copy of each weight its adapter adapts: on SmolLM2-135M in bf16, 57 MB for the top 8
+# layers (a DPO or SFT round's default), 212 MB for all 30 (KTO, PPO); twice that in fp32.
+MERGED_BUDGET_MIB = 600
+MERGE_CHUNK = 7  # adapted linear layers merged per hold of the lock: one decoder layer of SmolLM2
+
+
+_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankloop-model")
+
+
+def on_model_thread(fn, *args, **kwargs):
+    """Run `fn(*args, **kwargs)` on the process's one model thread and return its result.
+
+    Every forward pass of the serving path runs on that one thread. Each thread that runs
+    parallel torch work gets its own OpenMP team, and as soon as a second team exists, libgomp
+    (PyTorch's OpenMP on Linux) stops its workers spinning between operations because more
+    threads than cores exist: every bf16 matmul then pays a futex wake-up, and a decoding step
+    of SmolLM2 took 45-60 ms instead of 25 ms (docs/performance.md). The thread count set by
+    `torch.set_num_threads` is also per thread: the thread budget is set here, on this thread.
+    """
+    if threading.current_thread().name.startswith("rankloop-model"):
+        return fn(*args, **kwargs)
+    return _MODEL_THREAD.submit(fn, *args, **kwargs).result()
 
 
 def default_serving_dtype() -> str:
@@ -98,11 +123,13 @@ class _StopWhen:
 class ModelLock:
     """A lock granted by priority, then in arrival order (a ticket queue).
 
-    Priorities: `SWAP` (loading an adapter), `INTERACTIVE` (a person waits), `BACKGROUND`.
-    `urgent_waiting()` tells a running background job that someone more urgent is queued.
+    Priorities: `SWAP` (loading an adapter), `INTERACTIVE` (a person waits), `BRIEF` (a few
+    milliseconds of upkeep, such as one layer of a merge, slipped between two chat decoding
+    steps), `BACKGROUND` (prefetching answers). `urgent_waiting()` tells a running background
+    job that someone interactive (or a swap) is queued; `BRIEF` work waits for it instead.
     """
 
-    SWAP, INTERACTIVE, BACKGROUND = 0, 1, 2
+    SWAP, INTERACTIVE, BRIEF, BACKGROUND = 0, 1, 2, 3
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
@@ -149,9 +176,8 @@ class ModelLock:
             return bool(self._queue) and self._queue[0][0] <= priority
 
     def urgent_waiting(self) -> bool:
-        """Whether a request more urgent than background work is queued."""
-        with self._cond:
-            return bool(self._queue) and self._queue[0][0] < self.BACKGROUND
+        """Whether an interactive request or a swap is queued."""
+        return self.waiting(self.INTERACTIVE)
 
 
 class PolicyServer:
@@ -172,7 +198,14 @@ class PolicyServer:
         tune_malloc()  # the KV cache grows and is freed on every answer
         self.tokenizer = load_tokenizer(self.base_path)
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(self.base_path, dtype=getattr(torch, dtype))
+        self.model = on_model_thread(load_causal_lm, self.base_path, dtype=getattr(torch, dtype))
+        # The base without PEFT's wrappers (loading an adapter wraps `self.model`'s layers in
+        # place): the same weights, none copied. Base generations run on it.
+        self._plain = copy.deepcopy(self.model, {id(t): t for t in (*self.model.parameters(), *self.model.buffers())})
+        self._merged: dict[str, tuple[torch.nn.Module, int]] = {}  # version -> (merged copy, bytes of its own)
+        self._unmergeable: set[str] = set()
+        self.merged_budget_bytes = MERGED_BUDGET_MIB * 2**20
+        self._merge_guard = threading.Lock()
         self.max_prompt_tokens = max_prompt_tokens
         self._lock = ModelLock()
         self._adapters: dict[str, Path] = {}
@@ -195,12 +228,15 @@ class PolicyServer:
         from peft import PeftModel
 
         path = Path(path)
-        with self._lock.hold(ModelLock.SWAP):
+        def load():
             if not hasattr(self.model, "peft_config"):
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
             else:
                 self.model.load_adapter(str(path), adapter_name=version)
             self.model.eval()
+
+        with self._lock.hold(ModelLock.SWAP):
+            on_model_thread(load)
             self._adapters[version] = path
         logger.info("loaded adapter %s from %s", version, path)
 
@@ -211,6 +247,75 @@ class PolicyServer:
                 raise KeyError(f"version {version} is not loaded and no adapter path was given")
             self.load_adapter(version, path)
         self._live = version
+
+    def merged_versions(self) -> list[str]:
+        return list(self._merged)
+
+    def merge(self, version: str) -> bool:
+        """Make a serving copy of the base with `version`'s adapter merged into the weights it
+        adapts, so that generations of that version alone run at the base model's speed: PEFT's
+        unmerged LoRA adds two small matmuls and a Python call to every adapted layer, 50% more
+        time per token with an adapter on all 30 layers of SmolLM2 (docs/performance.md). The
+        copy shares every weight the adapter leaves alone (an adapter on the top 8 layers costs
+        57 MB in bf16, one on all layers 212 MB). Mixed batches of versions still run unmerged.
+
+        The merge goes one layer at a time under the model lock at `ModelLock.BRIEF` priority,
+        between two chat decoding steps, so it neither fights the answers for the two cores nor
+        throws away a prefetch batch. Returns False when the copy does not fit in
+        `MERGED_BUDGET_MIB` beside the live version's, or when the adapter is not plain LoRA on
+        linear layers (it is then served unmerged).
+        """
+        from peft.tuners.lora import Linear as LoraLinear
+
+        if version == BASE_VERSION or version in self._merged:
+            return True
+        if version in self._unmergeable:
+            return False
+        start = time.perf_counter()
+        with self._lock.hold(ModelLock.BRIEF):
+            self._check_version(version)
+            layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and version in m.lora_A]
+            plain = all(version not in m.lora_variant for m in layers)
+            embedding = self._plain.get_input_embeddings().weight
+            if not layers or not plain or any(m.get_base_layer().weight is embedding for m in layers) \
+                    or self.model.peft_config[version].modules_to_save:
+                self._unmergeable.add(version)
+                logger.info("%s is not plain LoRA on linear layers: served unmerged", version)
+                return False
+        size = sum(m.get_base_layer().weight.nbytes for m in layers)
+        if not self._merge_room(size, evict=False):
+            return False
+        merged_weights: dict[int, torch.nn.Parameter] = {}
+
+        def merge_chunk(modules):
+            with torch.no_grad():
+                for module in modules:
+                    weight = module.get_base_layer().weight
+                    delta = module.get_delta_weight(version).to(weight.dtype)
+                    merged_weights[id(weight)] = torch.nn.Parameter(weight + delta, requires_grad=False)
+
+        for chunk in range(0, len(layers), MERGE_CHUNK):
+            with self._lock.hold(ModelLock.BRIEF):
+                on_model_thread(merge_chunk, layers[chunk:chunk + MERGE_CHUNK])
+        memo = {id(t): t for t in (*self._plain.parameters(), *self._plain.buffers())}
+        memo.update(merged_weights)
+        model = copy.deepcopy(self._plain, memo)  # the module tree; tensors shared unless merged
+        with self._merge_guard:
+            if self._merge_room(size, evict=True):
+                self._merged[version] = (model, size)
+        logger.info("merged %s into a serving copy (%d MB) in %.2f s", version, size // 2**20,
+                    time.perf_counter() - start)
+        return version in self._merged
+
+    def _merge_room(self, size: int, evict: bool) -> bool:
+        """Whether a merged copy of `size` bytes fits in the budget beside the live version's
+        copy; with `evict`, make the room by dropping the oldest other copies."""
+        live = self._merged.get(self._live)
+        if (live[1] if live else 0) + size > self.merged_budget_bytes:
+            return False
+        while evict and sum(s for _, s in self._merged.values()) + size > self.merged_budget_bytes:
+            del self._merged[next(v for v in self._merged if v != self._live)]
+        return True
 
     # ------------------------------------------------------------ generation
 
@@ -296,8 +401,7 @@ class PolicyServer:
             kwargs = self._generate_kwargs(sampling)
             if preemptible:
                 kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(self.interactive_waiting)])
-            with torch.inference_mode(), self._using(version):
-                out = self.model.generate(**inputs, **kwargs)
+            out = on_model_thread(self._run_generate, version, inputs, kwargs)
             seconds = time.perf_counter() - start
             if preemptible and self.interactive_waiting():
                 raise Preempted()
@@ -305,6 +409,10 @@ class PolicyServer:
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         answers = [Generation(t.strip(), version, seconds, sampling.as_dict()) for t in texts]
         return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _run_generate(self, version: str, inputs: dict, kwargs: dict) -> torch.Tensor:
+        with torch.inference_mode(), self._runner([version]) as (model, extra):
+            return model.generate(**inputs, **kwargs, **extra)
 
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
         """Yield (text so far, version) while one answer is generated; an interactive request.
@@ -344,14 +452,26 @@ class PolicyServer:
         finally:
             request.cancelled.set()
 
-    def _using(self, version: str):
-        """Context in which the model runs as `version` (the caller holds the lock)."""
-        if not hasattr(self.model, "peft_config"):
-            return contextlib.nullcontext()
-        if version == BASE_VERSION:
-            return self.model.disable_adapter()
-        self.model.set_adapter(version)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _runner(self, versions: list[str]):
+        """Yields (module, extra forward arguments) that run rows of `versions` (one per row) as
+        their versions. The caller holds the lock. One version: the plain base, its merged copy,
+        or the PEFT model with that adapter active; several: PEFT's mixed batch."""
+        unique = set(versions)
+        if len(unique) > 1:
+            for version in unique:
+                self._check_version(version)
+            yield self.model, {"adapter_names": ["__base__" if v == BASE_VERSION else v for v in versions]}
+            return
+        (version,) = unique
+        self._check_version(version)
+        merged = (self._plain, 0) if version == BASE_VERSION else self._merged.get(version)
+        if merged is not None:
+            yield merged[0], {}
+            return
+        if self.model.active_adapter != version:
+            self.model.set_adapter(version)
+        yield self.model, {}
 
 
 def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
@@ -367,7 +487,8 @@ def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
 
 
 def configure_threads(n: int | None) -> int:
-    """Set torch's intra-op threads for this process (serving and training share 2 cores)."""
+    """Set torch's intra-op threads for serving, on the model thread (serving and training
+    share 2 cores). Returns the count in force there."""
     if n:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
+        on_model_thread(torch.set_num_threads, n)
+    return on_model_thread(torch.get_num_threads)

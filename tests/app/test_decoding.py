@@ -30,8 +30,8 @@ def messages(prompt):
 def alone(server, prompt, sampling=GREEDY, version="base"):
     """Token ids of the answer transformers' `generate` gives this prompt on its own."""
     inputs = server._encode([messages(prompt)], 1)
-    with torch.inference_mode(), server._using(version):
-        out = server.model.generate(**inputs, **server._generate_kwargs(sampling))
+    with torch.inference_mode(), server._runner([version]) as (model, extra):
+        out = model.generate(**inputs, **server._generate_kwargs(sampling), **extra)
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return ids[:-1] if ids and ids[-1] == server.tokenizer.eos_token_id else ids
 
@@ -185,3 +185,80 @@ def test_an_interactive_request_goes_between_two_decoding_steps(server):
     assert server._batcher._rows, "the chat answer was still in flight when the arena request got the model"
     thread.join(30)
     assert results[0][0] == server.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("spread", [0.2, 3.0])  # flat logits: the nucleus is larger than the candidates searched
+def test_the_nucleus_is_the_one_transformers_keeps(top_p, spread):
+    from transformers import TopPLogitsWarper
+
+    from app.decoding import TOP_P_CANDIDATES, sample_token
+
+    torch.manual_seed(0)
+    scores = torch.randn(5000) * spread
+    kept = set(torch.nonzero(TopPLogitsWarper(top_p)(None, scores[None].clone())[0] > -float("inf")).flatten().tolist())
+    if spread < 1 and top_p > 0.5:
+        assert len(kept) > TOP_P_CANDIDATES  # this case does take the whole-vocabulary path
+    drawn = {sample_token(scores, 1.0, top_p) for _ in range(3000)}
+    assert drawn <= kept
+    if len(kept) <= 20:
+        assert drawn == kept  # every token of a small nucleus comes up
+
+
+def test_sampling_follows_the_nucleus_probabilities():
+    from app.decoding import sample_token
+
+    torch.manual_seed(1)
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    counts = torch.bincount(torch.tensor([sample_token(scores, 1.0, 0.9) for _ in range(4000)]), minlength=4)
+    assert counts[3] == 0  # 0.5 + 0.3 + 0.15 = 0.95 above it: outside the nucleus
+    assert abs(counts[0] / 4000 - 0.5 / 0.95) < 0.03 and abs(counts[2] / 4000 - 0.15 / 0.95) < 0.03
+    assert sample_token(scores, 0.0, 0.9) == 0
+
+
+# ---------------------------------------------------------------- merged serving copies
+
+
+@pytest.fixture
+def fresh_server(tiny_model_dir, tmp_path):
+    server = PolicyServer(tiny_model_dir)
+    for version in ("v1", "v2"):
+        server.load_adapter(version, save_tiny_adapter(tiny_model_dir, tmp_path / version))
+    return server
+
+
+def test_a_merged_version_answers_as_its_adapter_does(fresh_server):
+    server = fresh_server
+    unmerged = alone(server, PROMPTS[1], version="v1")
+    assert server.merge("v1") and server.merged_versions() == ["v1"]
+    with server._runner(["v1"]) as (model, extra):
+        assert model is not server.model and extra == {}  # a plain model: no PEFT wrappers
+    assert alone(server, PROMPTS[1], version="v1") == unmerged
+    batcher = ChatBatcher(server)
+    reqs = [request(server, PROMPTS[1], version="v1"), request(server, PROMPTS[0], version="v1")]
+    for req in reqs:
+        batcher.enqueue(req)
+    batcher.advance()
+    batcher.enqueue(mixed := request(server, PROMPTS[1], version="v2"))  # a mixed batch runs through PEFT
+    while batcher.advance():
+        pass
+    assert drained(reqs[0])[1] == unmerged
+    assert drained(mixed)[1] == alone(server, PROMPTS[1], version="v2")
+    assert alone(server, PROMPTS[1]) != unmerged  # the base is untouched by the merge
+
+
+def test_merged_copies_stay_within_their_budget_and_keep_the_live_one(fresh_server):
+    server = fresh_server
+    assert server.merge("v1")
+    (_, size), = server._merged.values()
+    server._merged.clear()
+    server.merged_budget_bytes = size  # room for one copy
+    assert server.merge("v1")
+    assert server.merge("v2") and server.merged_versions() == ["v2"]  # v1 was not live: evicted
+    server.set_live("v2")
+    assert not server.merge("v1") and server.merged_versions() == ["v2"]  # the live copy stays
+    server.set_live("v1")
+    assert server.merge("v1") and server.merged_versions() == ["v1"]
+    server.merged_budget_bytes = 0
+    server._merged.clear()
+    assert not server.merge("v1")

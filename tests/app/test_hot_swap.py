@@ -101,6 +101,15 @@ def test_after_promotion_new_items_and_chat_use_the_new_version(swap_app):
     assert "v1" in chat_once(swap_app.url, 99)
 
 
+def test_the_live_version_is_merged_into_a_serving_copy_in_the_background(swap_app):
+    """After the swap the watcher merges v1's adapter into a copy of the base; generations of
+    v1 alone then run on that copy, and chat still answers as v1."""
+    wait_until(lambda: "v1" in swap_app.ctx.server.merged_versions(), timeout=30, message="v1 merged")
+    with swap_app.ctx.server._runner(["v1"]) as (model, _):
+        assert model is swap_app.ctx.server._merged["v1"][0]
+    assert "v1" in chat_once(swap_app.url, 100)
+
+
 def test_a_chat_request_queued_behind_a_promotion_is_answered_by_the_new_version(tmp_path, tiny_model_dir):
     """"Live" is resolved when the request gets the model, not when it arrives."""
     from annotations import open_db
