@@ -8,10 +8,11 @@ batch's cache, and from then on every step gives one token to every row. On two 
 step costs about the same for a few rows as for one (decoding is bound by reading the weights),
 so concurrent answers take little longer than one.
 
-Rows may belong to different versions: PEFT's mixed-batch LoRA (`adapter_names`) applies each
-row's adapter to that row only, so a request admitted after a promotion runs on the new version
-beside an answer still finishing on the old one. Each row keeps its own sampling settings
-(temperature, top-p, repetition penalty, length), applied to its own logits.
+Answers of different versions are decoded in separate batches, one forward pass each per step:
+a request admitted after a promotion runs on the new version beside answers still finishing on
+the old one. (PEFT can mix adapters in one batch, but its mixed path cost 76-116 ms a step for
+three rows where two batches on merged copies cost about 30 ms each.) Each row keeps its own
+sampling settings (temperature, top-p, repetition penalty, length), applied to its own logits.
 
 The loop runs in one thread that holds the model lock (`ModelLock.INTERACTIVE`) while rows are
 in flight, and lets go between steps whenever an adapter load, another interactive request (an
@@ -96,8 +97,19 @@ def sample_token(scores: torch.Tensor, temperature: float, top_p: float) -> int:
     return int(index[keep][torch.multinomial(probs[keep], 1)])
 
 
+@dataclass
+class _Batch:
+    """The rows of one version decoded together: their KV cache and attention mask."""
+
+    version: str
+    rows: list[_Row]
+    cache: object  # transformers.DynamicCache, rows left-padded to one length
+    mask: torch.Tensor  # [rows, length]: 0 over each row's left padding
+
+
 class ChatBatcher:
-    """Admits chat requests into one running batch and decodes it step by step."""
+    """Admits chat requests into the running batches (one per version) and decodes them step
+    by step."""
 
     def __init__(self, server, max_rows: int = MAX_ROWS):
         self.server = server
@@ -105,9 +117,13 @@ class ChatBatcher:
         self._pending: collections.deque[ChatRequest] = collections.deque()
         self._guard = threading.Lock()
         self._running = False
-        self._rows: list[_Row] = []
-        self._state = None  # (DynamicCache, attention mask [rows, length]) of the rows in flight
+        self._batches: dict[str, _Batch] = {}
         self.peak_rows = 0  # the most rows decoded together so far (for benchmarks and tests)
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The answers in flight, every version's."""
+        return [row for batch in list(self._batches.values()) for row in batch.rows]
 
     def submit(self, request: ChatRequest) -> None:
         """Queue `request` and make sure the decoding loop runs."""
@@ -126,10 +142,11 @@ class ChatBatcher:
         """Admit what is queued, then decode one token for every row. Returns the rows still in
         flight. The caller holds the model lock."""
         with torch.inference_mode():
-            self._rows, self._state = self._admit(self._rows, self._state)
-            if self._rows:
-                self._rows, self._state = self._step(self._rows, self._state)
-        return len(self._rows)
+            self._admit()
+            for version, batch in list(self._batches.items()):
+                if not self._step(batch):
+                    del self._batches[version]
+        return len(self.rows)
 
     # ------------------------------------------------------------ the loop
 
@@ -137,28 +154,32 @@ class ChatBatcher:
         from app.serving import ModelLock, on_model_thread
 
         lock = self.server._lock
+        priority = ModelLock.INTERACTIVE
         try:
             while True:
-                with lock.hold(ModelLock.INTERACTIVE):
+                with lock.hold(priority):
                     while on_model_thread(self.advance) and not lock.waiting(ModelLock.BRIEF):
                         pass  # between two steps, an adapter load, an arena request or upkeep goes first
+                # Having let someone go first, queue behind them (at BRIEF, still ahead of any
+                # background work): at INTERACTIVE this loop would overtake a waiting merge chunk.
+                priority = ModelLock.BRIEF if self._batches else ModelLock.INTERACTIVE
                 with self._guard:
-                    if not self._rows and not self._pending:
+                    if not self._batches and not self._pending:
                         self._running = False
                         return
         except BaseException as e:  # every waiting stream hears of it; the next request starts afresh
             logger.exception("chat decoding failed")
             with self._guard:
-                waiting = [row.request for row in self._rows] + list(self._pending)
+                waiting = [row.request for row in self.rows] + list(self._pending)
                 self._pending.clear()
-                self._rows, self._state = [], None
+                self._batches = {}
                 self._running = False
             for request in waiting:
                 request.events.put((_ERROR, e))
 
-    def _admit(self, rows: list[_Row], state):
-        """Prefill queued requests (each alone) and add them to the batch."""
-        while len(rows) < self.max_rows:
+    def _admit(self) -> None:
+        """Prefill queued requests (each alone) and add each to its version's batch."""
+        while len(self.rows) < self.max_rows:
             with self._guard:
                 if not self._pending:
                     break
@@ -173,9 +194,9 @@ class ChatBatcher:
             except Exception as e:  # this request's problem (an unknown version, say), not the batch's
                 request.events.put((_ERROR, e))
                 continue
-            rows, state = self._join(rows, state, row, cache)
-        self.peak_rows = max(self.peak_rows, len(rows))
-        return rows, state
+            if not row.finished:  # an answer of one token needs no more steps
+                self._join(row, cache)
+        self.peak_rows = max(self.peak_rows, len(self.rows))
 
     def _prefill(self, request: ChatRequest, version: str):
         from transformers import DynamicCache
@@ -183,41 +204,42 @@ class ChatBatcher:
         request.events.put((_VERSION, version))
         ids = torch.tensor([request.prompt_ids])
         cache = DynamicCache(config=self.server.model.config)
-        with self.server._runner([version]) as (model, extra):
+        with self.server._runner(version) as (model, extra):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
                         logits_to_keep=1, **extra)
         row = _Row(request, version, list(request.prompt_ids), repetition_penalty(request.sampling))
         self._emit(row, out.logits[0, -1])
         return row, out.past_key_values
 
-    def _join(self, rows, state, row, cache):
-        """The batch with `row` added: both caches left-padded to the longer one."""
+    def _join(self, row: _Row, cache) -> None:
+        """Add `row` to its version's batch, both caches left-padded to the longer one."""
         from transformers import DynamicCache
 
         new_kv = [(layer.keys, layer.values) for layer in cache.layers]
         new_mask = torch.ones((1, new_kv[0][0].shape[-2]), dtype=torch.long)
-        if row.finished:  # answered in one token: nothing to decode further
-            return rows, state
-        if state is None:
-            return [row], (cache, new_mask)
-        old_cache, old_mask = state
-        old_kv = [(layer.keys, layer.values) for layer in old_cache.layers]
-        width = max(old_mask.shape[1], new_mask.shape[1])
+        batch = self._batches.get(row.version)
+        if batch is None:
+            self._batches[row.version] = _Batch(row.version, [row], cache, new_mask)
+            return
+        old_kv = [(layer.keys, layer.values) for layer in batch.cache.layers]
+        width = max(batch.mask.shape[1], new_mask.shape[1])
         kv = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
                torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
               for (k0, v0), (k1, v1) in zip(old_kv, new_kv)]
-        mask = torch.cat([_pad_left(old_mask, width), _pad_left(new_mask, width)])
-        return rows + [row], (DynamicCache(ddp_cache_data=kv, config=self.server.model.config), mask)
+        batch.mask = torch.cat([_pad_left(batch.mask, width), _pad_left(new_mask, width)])
+        batch.cache = DynamicCache(ddp_cache_data=kv, config=self.server.model.config)
+        batch.rows.append(row)
 
-    def _step(self, rows: list[_Row], state):
-        """One token for every row; finished and cancelled rows leave the batch."""
-        cache, mask = state
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+    def _step(self, batch: _Batch) -> bool:
+        """One token for every row of `batch`; finished and cancelled rows leave it. Returns
+        whether any row is left."""
+        rows = batch.rows
+        mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         input_ids = torch.tensor([[row.next_token] for row in rows])
         positions = mask.sum(dim=1, keepdim=True) - 1
-        with self.server._runner([row.version for row in rows]) as (model, extra):
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, **extra)
+        with self.server._runner(batch.version) as (model, extra):
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        past_key_values=batch.cache, use_cache=True, **extra)
         for i, row in enumerate(rows):
             if row.request.cancelled.is_set():
                 row.finished = True
@@ -225,20 +247,21 @@ class ChatBatcher:
             else:
                 self._emit(row, out.logits[i, -1])
         keep = [i for i, row in enumerate(rows) if not row.finished]
-        if not keep:
-            return [], None
-        if len(keep) < len(rows):
-            index = torch.tensor(keep)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-            rows = [rows[i] for i in keep]
-            start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # columns that are padding in every row
-            if start:
-                from transformers import DynamicCache
+        batch.mask = mask
+        if len(keep) == len(rows) or not keep:
+            return bool(keep)
+        index = torch.tensor(keep)
+        batch.cache.batch_select_indices(index)
+        batch.mask = mask[index]
+        batch.rows = [rows[i] for i in keep]
+        start = int((batch.mask.cumsum(dim=1) == 0).sum(dim=1).min())  # columns that are padding in every row
+        if start:
+            from transformers import DynamicCache
 
-                kv = [(layer.keys[..., start:, :], layer.values[..., start:, :]) for layer in cache.layers]
-                cache, mask = DynamicCache(ddp_cache_data=kv, config=self.server.model.config), mask[:, start:]
-        return rows, (cache, mask)
+            kv = [(layer.keys[..., start:, :], layer.values[..., start:, :]) for layer in batch.cache.layers]
+            batch.cache = DynamicCache(ddp_cache_data=kv, config=self.server.model.config)
+            batch.mask = batch.mask[:, start:]
+        return True
 
     # ------------------------------------------------------------ pieces
 

@@ -411,7 +411,7 @@ class PolicyServer:
         return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _run_generate(self, version: str, inputs: dict, kwargs: dict) -> torch.Tensor:
-        with torch.inference_mode(), self._runner([version]) as (model, extra):
+        with torch.inference_mode(), self._runner(version) as (model, extra):
             return model.generate(**inputs, **kwargs, **extra)
 
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
@@ -453,17 +453,9 @@ class PolicyServer:
             request.cancelled.set()
 
     @contextlib.contextmanager
-    def _runner(self, versions: list[str]):
-        """Yields (module, extra forward arguments) that run rows of `versions` (one per row) as
-        their versions. The caller holds the lock. One version: the plain base, its merged copy,
-        or the PEFT model with that adapter active; several: PEFT's mixed batch."""
-        unique = set(versions)
-        if len(unique) > 1:
-            for version in unique:
-                self._check_version(version)
-            yield self.model, {"adapter_names": ["__base__" if v == BASE_VERSION else v for v in versions]}
-            return
-        (version,) = unique
+    def _runner(self, version: str):
+        """Yields (module, extra forward arguments) that run `version`; the caller holds the
+        lock. The plain base, the version's merged copy, or the PEFT model with its adapter active."""
         self._check_version(version)
         merged = (self._plain, 0) if version == BASE_VERSION else self._merged.get(version)
         if merged is not None:

@@ -26,11 +26,19 @@ PROMPTS = [
 K, MAX_NEW = 4, 96
 
 
+def naive_generate(model, ids, pad_token_id):
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(**ids, max_new_tokens=MAX_NEW, do_sample=True, temperature=0.8, top_p=0.95,
+                              repetition_penalty=1.1, pad_token_id=pad_token_id)
+
+
 def run(base_path: Path, quick: bool = False, dtype: str = "auto") -> list[Result]:
     import torch
 
     from app.prefetch import BATCH_ITEMS
-    from app.serving import PolicyServer, SamplingParams
+    from app.serving import PolicyServer, SamplingParams, on_model_thread
 
     torch.set_num_threads(2)
     prompts = PROMPTS[:2] if quick else PROMPTS
@@ -47,9 +55,7 @@ def run(base_path: Path, quick: bool = False, dtype: str = "auto") -> list[Resul
         for k in range(K):
             torch.manual_seed(1000 * i + k)
             start = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=MAX_NEW, do_sample=True, temperature=0.8, top_p=0.95,
-                                     repetition_penalty=1.1, pad_token_id=tokenizer.pad_token_id)
+            out = on_model_thread(naive_generate, model, ids, tokenizer.pad_token_id)  # where served work runs too
             naive_s += time.perf_counter() - start
             naive_tokens += out.shape[1] - ids["input_ids"].shape[1]
 

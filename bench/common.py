@@ -119,7 +119,14 @@ def free_port() -> int:
 
 def make_adapter(base_path, out_dir, seed: int = 0, scale: float = 0.02):
     """A LoRA adapter with random (non-zero) weights over `base_path`: a stand-in version for
-    benchmarks that measure serving, not quality."""
+    benchmarks that measure serving, not quality. Made on the serving model thread: torch work
+    on any other thread of a process that serves would slow its serving (app.serving.on_model_thread)."""
+    from app.serving import on_model_thread
+
+    return on_model_thread(_make_adapter, base_path, out_dir, seed, scale)
+
+
+def _make_adapter(base_path, out_dir, seed: int, scale: float):
     import torch
     from peft import LoraConfig, get_peft_model
 

@@ -30,7 +30,7 @@ def messages(prompt):
 def alone(server, prompt, sampling=GREEDY, version="base"):
     """Token ids of the answer transformers' `generate` gives this prompt on its own."""
     inputs = server._encode([messages(prompt)], 1)
-    with torch.inference_mode(), server._runner([version]) as (model, extra):
+    with torch.inference_mode(), server._runner(version) as (model, extra):
         out = model.generate(**inputs, **server._generate_kwargs(sampling), **extra)
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return ids[:-1] if ids and ids[-1] == server.tokenizer.eos_token_id else ids
@@ -72,7 +72,7 @@ def test_answers_joining_at_different_steps_equal_each_answer_alone(server):
         assert ids == alone(server, prompt)
 
 
-def test_rows_of_different_versions_share_a_batch(server):
+def test_rows_of_different_versions_are_decoded_side_by_side(server):
     batcher = ChatBatcher(server)
     plan = [(PROMPTS[0], "base"), (PROMPTS[0], "v1"), (PROMPTS[1], "v1")]
     reqs = [request(server, p, version=v) for p, v in plan]
@@ -97,8 +97,7 @@ def test_a_row_leaves_at_its_own_length_and_the_others_go_on(server):
     while batcher.advance():
         steps += 1
         if steps == 3:  # the long prompt's row has left: the padding it needed is gone too
-            _, mask = batcher._state
-            assert mask[:, 0].all()
+            assert batcher._batches["base"].mask[:, 0].all()
     assert drained(long_prompt)[1] == alone(server, PROMPTS[1], short)
     assert drained(short_prompt)[1] == alone(server, PROMPTS[0])
 
@@ -111,7 +110,7 @@ def test_a_cancelled_row_leaves_and_the_others_are_unaffected(server):
     batcher.advance()
     cancelled.cancelled.set()  # the browser tab closed
     batcher.advance()
-    assert len(batcher._rows) == 1
+    assert len(batcher.rows) == 1
     _, ids, end = drained(cancelled)
     assert end == ("end", None) and len(ids) == 2
     while batcher.advance():
@@ -179,10 +178,10 @@ def test_an_interactive_request_goes_between_two_decoding_steps(server):
     thread = threading.Thread(target=lambda: results.append(list(server.stream(messages(PROMPTS[2]), long))[-1]))
     thread.start()
     deadline = time.monotonic() + 10
-    while not server._batcher._rows and time.monotonic() < deadline:
+    while not server._batcher.rows and time.monotonic() < deadline:
         time.sleep(0.001)
     server.generate(messages("quick"), sampling=SamplingParams(max_new_tokens=2), interactive=True)
-    assert server._batcher._rows, "the chat answer was still in flight when the arena request got the model"
+    assert server._batcher.rows, "the chat answer was still in flight when the arena request got the model"
     thread.join(30)
     assert results[0][0] == server.tokenizer.decode(expected, skip_special_tokens=True)
 
@@ -231,7 +230,7 @@ def test_a_merged_version_answers_as_its_adapter_does(fresh_server):
     server = fresh_server
     unmerged = alone(server, PROMPTS[1], version="v1")
     assert server.merge("v1") and server.merged_versions() == ["v1"]
-    with server._runner(["v1"]) as (model, extra):
+    with server._runner("v1") as (model, extra):
         assert model is not server.model and extra == {}  # a plain model: no PEFT wrappers
     assert alone(server, PROMPTS[1], version="v1") == unmerged
     batcher = ChatBatcher(server)
@@ -239,11 +238,11 @@ def test_a_merged_version_answers_as_its_adapter_does(fresh_server):
     for req in reqs:
         batcher.enqueue(req)
     batcher.advance()
-    batcher.enqueue(mixed := request(server, PROMPTS[1], version="v2"))  # a mixed batch runs through PEFT
+    batcher.enqueue(other := request(server, PROMPTS[1], version="v2"))  # v2 runs unmerged, beside
     while batcher.advance():
         pass
     assert drained(reqs[0])[1] == unmerged
-    assert drained(mixed)[1] == alone(server, PROMPTS[1], version="v2")
+    assert drained(other)[1] == alone(server, PROMPTS[1], version="v2")
     assert alone(server, PROMPTS[1]) != unmerged  # the base is untouched by the merge
 
 
@@ -262,3 +261,23 @@ def test_merged_copies_stay_within_their_budget_and_keep_the_live_one(fresh_serv
     server.merged_budget_bytes = 0
     server._merged.clear()
     assert not server.merge("v1")
+
+
+def test_a_merge_proceeds_while_chat_answers_keep_the_model_busy(fresh_server):
+    """The merge goes one layer at a time between two decoding steps; a steady stream of chat
+    answers must not starve it."""
+    server = fresh_server
+    long = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=400)
+    expected = alone(server, PROMPTS[2], long, version="v1")
+    assert len(expected) == 400
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        list(server.stream(messages(PROMPTS[2]), long, "v1"))[-1]))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server._batcher.rows and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert server.merge("v1")
+    assert server._batcher.rows, "merged while the answer was still being decoded"
+    thread.join(30)
+    assert results[0][0] == server.tokenizer.decode(expected, skip_special_tokens=True)
