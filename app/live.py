@@ -117,16 +117,14 @@ class LiveWatcher:
 
     def _merge_next(self, db) -> None:
         """Merge, in a thread of its own, the live version's adapter into a serving copy of the
-        base, or else the newest candidate's, so that a promotion finds it merged. The watcher
+        base, or else the newest candidates' (as many as fit), so that a promotion finds it merged. The watcher
         goes on polling meanwhile (a merge takes about a second of CPU on SmolLM2)."""
         if self._merging is not None and self._merging.is_alive():
             return
         server = self.ctx.server
-        wanted = [server.live_version]
-        row = db.execute("SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
-                         " ORDER BY created_at DESC LIMIT 1").fetchone()
-        if row:
-            wanted.append(row[0])
+        wanted = [server.live_version] + [r[0] for r in db.execute(
+            "SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
+            " ORDER BY created_at DESC LIMIT ?", [PRELOAD_CANDIDATES])]
         for version in wanted:
             if version == BASE_VERSION or version in self._merge_tried or version in server.merged_versions() \
                     or version not in server.versions():

@@ -12,13 +12,13 @@ worst case beside them):
 
 Three chat clients keep the server busy, each sending its next question as soon as its answer
 is complete, so at a promotion their answers are in flight on the old version (they finish on
-it, as specified). Right after each promotion a fourth asker sends a question, and again until
-the new version answers: its request joins the running chat batch at the next decoding step.
-For each promotion: when the server has the version live, when the new version's first token
-and first complete answer reach that asker (the figure against the target), and when the first
-of the three busy clients gets a complete answer from it (that includes the time until one of
-them is done with its answer in flight and asks again; before chat answers were batched, this
-was the figure reported).
+it, as specified). As soon as the server has the new version live, a fourth asker sends a
+question: it joins the running chat batch at the next decoding step. For each promotion: when
+the server has the version live, when the new version's first token and complete answer reach
+that asker (the complete answer is the figure against the target), and when the first of the
+three busy clients gets a complete answer from it (that adds the time until one of them is
+done with its answer in flight and asks again; before chat answers were batched, that was the
+figure reported).
 """
 
 from __future__ import annotations
@@ -73,40 +73,45 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
                 failures.append(repr(e))
 
     def promote(version):
-        """Promote `version` while the clients keep chatting, and ask at once, again until the
-        new version answers (an admin checking their promotion): seconds until the server has
-        it live, until the new version's first token and first complete answer reach the
-        asker, and until any client's first complete answer from it (clients that were mid-answer
-        at the promotion ask again only when that answer is complete)."""
+        """Promote `version` while the clients keep chatting; as soon as the server has it live,
+        a fourth asker sends a question (an admin checking their promotion). Seconds from the
+        promotion until the server has it live, until the new version's first token and its
+        complete answer reach that asker, and until the first of the busy clients gets a
+        complete answer from it (a client mid-answer at the promotion asks again only when that
+        answer is complete)."""
         promoted_at = time.perf_counter()
         registry.promote(db, version)
-        live_at, first_token, complete = None, None, None
         deadline = time.monotonic() + 60
-        while complete is None and time.monotonic() < deadline:
-            for text, answered_by, *_ in chat.chat_stream(ctx, user, [], "Are you the new version?",
-                                                          conversation="probe", sampling=sampling):
-                now = time.perf_counter()
-                if live_at is None and ctx.server.live_version == version:
-                    live_at = now
-                if answered_by == version and text and first_token is None:
-                    first_token = now
-            if answered_by == version:
-                complete = time.perf_counter()
+        while ctx.server.live_version != version and time.monotonic() < deadline:
+            time.sleep(0.002)
+        live_at, first_token = time.perf_counter(), None
+        for text, answered_by, *_ in chat.chat_stream(ctx, user, [], "Are you the new version?",
+                                                      conversation="probe", sampling=sampling):
+            if first_token is None and text:
+                first_token = time.perf_counter()
+        complete = time.perf_counter()
+        if answered_by != version:
+            failures.append(f"asked after {version} went live, answered by {answered_by}")
         while time.monotonic() < deadline and not any(v == version and done > promoted_at
                                                       for _, _, done, v in list(records)):
             time.sleep(0.005)
         any_client = min((done for _, _, done, v in list(records) if v == version and done > promoted_at),
                          default=float("nan"))
-        return {"live": (live_at or complete) - promoted_at, "first_token": (first_token or complete) - promoted_at,
+        return {"live": live_at - promoted_at, "first_token": (first_token or complete) - promoted_at,
                 "complete": complete - promoted_at, "any_client_complete": any_client - promoted_at}
+
+    def settle(versions, timeout=120):
+        """Wait until `versions` are loaded and merged into serving copies (what the app does in
+        the background after a registration or a promotion)."""
+        deadline = time.monotonic() + timeout
+        while not set(versions) <= set(ctx.server.merged_versions()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return set(versions) <= set(ctx.server.merged_versions())
 
     threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(3)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
-    while not set(warm) <= set(ctx.server.versions()) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the watcher preloads the registered candidates meanwhile
-    preloaded = set(warm) <= set(ctx.server.versions())
+    preloaded = settle(warm)  # registered a while ago: the app has loaded and merged them meanwhile
     time.sleep(1)
     warm_swaps, cold_swaps = [], []
     for i in range(rounds):
@@ -115,6 +120,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     for i, version in enumerate(cold):
         registry.register_version(db, version, "policy", "v1", "dpo", None, str(adapters[version]), {})
         cold_swaps.append(promote(version))
+        settle([version])
         time.sleep(0.5 + 0.37 * i)
     stop.set()
     for t in threads:
@@ -147,7 +153,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         Result(name="hot_swap", metric="s from promotion to a complete answer from it (preloaded, median)",
                value=statistics.median(s["complete"] for s in warm_swaps), baseline=restart,
                baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
-               details={"adapter_preloaded": preloaded, **summary(warm_swaps), **common}),
+               details={"preloaded_and_merged": preloaded, **summary(warm_swaps), **common}),
         Result(name="hot_swap_gate",
                metric="s from promotion to a complete answer from it (registered + promoted at once, median)",
                value=statistics.median(s["complete"] for s in cold_swaps), baseline=restart,
