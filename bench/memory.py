@@ -13,10 +13,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, Result, make_adapter
+from bench.common import REPO, Result, make_adapter, peak_rss_mib
 
-APP_SCRIPT = """
-import json, os, sys, resource
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of
+# a large process (make bench runs every benchmark in one) would report its parent's peak.
+PEAK = """
+def PEAK():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+APP_SCRIPT = PEAK + """
+import json, os, sys
 from pathlib import Path
 from annotations import registry, store
 from app import chat
@@ -49,15 +58,15 @@ filler = Prefetcher(ctx.db, ctx.server, target_ready=4, sampling=SamplingParams(
 while filler.fill_once(db):
     pass
 shutdown(ctx, demo)
-print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "merged": merged}))
+print(json.dumps({"peak_mib": PEAK(), "merged": merged}))
 """
 
-BASELINE_SCRIPT = """
-import json, sys, resource
+BASELINE_SCRIPT = PEAK + """
+import json, sys
 from app.serving import PolicyServer, SamplingParams
 server = PolicyServer(sys.argv[1])
 server.generate([{"role": "user", "content": "Tell me about the sea."}], sampling=SamplingParams(max_new_tokens=32))
-print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_mib": PEAK()}))
 """
 
 
@@ -86,9 +95,20 @@ def _worker_peak(home: Path, base_path: Path, quick: bool) -> float:
     command = [sys.executable, "-m", "align", "--db", str(home / "rankloop.db"), "round", "--method", "dpo",
                "--base", str(base_path), "--set", f"max_steps={steps}", "--set", "eval_pairs=16",
                "--set", "eval_prompts=4", "--set", "threads=2"]  # otherwise the product's DPO defaults
-    script = ("import resource, subprocess, sys, json; subprocess.run(sys.argv[1:], check=True);"
-              "print(json.dumps({'peak_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
-    return _python(script, *command)["peak_mib"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = open(home / "round.log", "w+b")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    peak = 0.0
+    while process.poll() is None:  # VmHWM only grows: the last reading is the peak (to within 0.1 s)
+        try:
+            peak = max(peak, peak_rss_mib(process.pid))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.1)
+    if process.wait() != 0:
+        log.seek(0)
+        raise RuntimeError(f"the DPO round failed: {log.read().decode(errors='replace')[-2000:]}")
+    return peak
 
 
 def run(base_path: Path, quick: bool = False) -> list[Result]:
