@@ -117,23 +117,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapter(base_path, out_dir, seed: int = 0, scale: float = 0.02):
+def make_adapter(base_path, out_dir, seed: int = 0, scale: float = 0.02, like_dpo_round: bool = False):
     """A LoRA adapter with random (non-zero) weights over `base_path`: a stand-in version for
-    benchmarks that measure serving, not quality. Made on the serving model thread: torch work
+    benchmarks that measure serving, not quality. By default r16 on every linear layer of all
+    layers (the largest adapter a round makes: KTO, PPO); `like_dpo_round`: shaped as a DPO or
+    SFT round's at its defaults (the top 8 layers). Made on the serving model thread: torch work
     on any other thread of a process that serves would slow its serving (app.serving.on_model_thread)."""
     from app.serving import on_model_thread
 
-    return on_model_thread(_make_adapter, base_path, out_dir, seed, scale)
+    return on_model_thread(_make_adapter, base_path, out_dir, seed, scale, like_dpo_round)
 
 
-def _make_adapter(base_path, out_dir, seed: int, scale: float):
+def _make_adapter(base_path, out_dir, seed: int, scale: float, like_dpo_round: bool):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from align.dpo import DPORoundConfig
     from align.models import load_causal_lm
+    from align.training import lora_config
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_causal_lm(base_path), LoraConfig(r=16, target_modules="all-linear"))
+    base = load_causal_lm(base_path)
+    config = lora_config(DPORoundConfig(), "CAUSAL_LM", model=base) if like_dpo_round else \
+        LoraConfig(r=16, target_modules="all-linear")
+    model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

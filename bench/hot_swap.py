@@ -52,6 +52,9 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     warm = ("v1", "v2")  # preloaded, promoted in turn
     cold = [f"g{i}" for i in range(rounds)]  # registered and promoted at once
     adapters = {v: make_adapter(base_path, home / "versions" / v, seed=i) for i, v in enumerate(warm + tuple(cold))}
+    dpo_like = [f"d{i}" for i in range(rounds)]  # the gate after a DPO round at its defaults: top 8 layers
+    adapters.update({v: make_adapter(base_path, home / "versions" / v, seed=10 + i, like_dpo_round=True)
+                     for i, v in enumerate(dpo_like)})
     for version in warm:
         registry.register_version(db, version, "policy", "base", "dpo", None, str(adapters[version]), {})
     store.add_user(db, "bench", "annotator", "bench-password")
@@ -122,6 +125,12 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         cold_swaps.append(promote(version))
         settle([version])
         time.sleep(0.5 + 0.37 * i)
+    dpo_swaps = []
+    for i, version in enumerate(dpo_like):
+        registry.register_version(db, version, "policy", "v1", "dpo", None, str(adapters[version]), {})
+        dpo_swaps.append(promote(version))
+        settle([version])
+        time.sleep(0.5 + 0.37 * i)
     stop.set()
     for t in threads:
         t.join(60)
@@ -153,10 +162,17 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         Result(name="hot_swap", metric="s from promotion to a complete answer from it (preloaded, median)",
                value=statistics.median(s["complete"] for s in warm_swaps), baseline=restart,
                baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
-               details={"preloaded_and_merged": preloaded, **summary(warm_swaps), **common}),
+               details={"preloaded_and_merged": preloaded, "adapters": "all 30 layers, r16", **summary(warm_swaps),
+                        **common}),
         Result(name="hot_swap_gate",
                metric="s from promotion to a complete answer from it (registered + promoted at once, median)",
                value=statistics.median(s["complete"] for s in cold_swaps), baseline=restart,
                baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
-               details={**summary(cold_swaps), **common}),
+               details={"adapters": "all 30 layers, r16", **summary(cold_swaps), **common}),
+        Result(name="hot_swap_gate_dpo",
+               metric="s from promotion to a complete answer from it (registered + promoted at once, "
+                      "adapter of a DPO round: top 8 layers, median)",
+               value=statistics.median(s["complete"] for s in dpo_swaps), baseline=restart,
+               baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
+               details={"adapters": "top 8 layers, r16 (DPO/SFT round defaults)", **summary(dpo_swaps), **common}),
     ]
