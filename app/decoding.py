@@ -204,9 +204,9 @@ class ChatBatcher:
         request.events.put((_VERSION, version))
         ids = torch.tensor([request.prompt_ids])
         cache = DynamicCache(config=self.server.model.config)
-        with self.server._runner(version) as (model, extra):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1, **extra)
+        model = self.server._model_for(version)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
         row = _Row(request, version, list(request.prompt_ids), repetition_penalty(request.sampling))
         self._emit(row, out.logits[0, -1])
         return row, out.past_key_values
@@ -237,9 +237,9 @@ class ChatBatcher:
         mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         input_ids = torch.tensor([[row.next_token] for row in rows])
         positions = mask.sum(dim=1, keepdim=True) - 1
-        with self.server._runner(batch.version) as (model, extra):
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=batch.cache, use_cache=True, **extra)
+        model = self.server._model_for(batch.version)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
+                    use_cache=True)
         for i, row in enumerate(rows):
             if row.request.cancelled.is_set():
                 row.finished = True

@@ -11,11 +11,11 @@ concurrent chats and a promotion's first answer do not wait for other answers to
 Batches of candidates (`generate_many`) and arena answers run whole, with `generate`.
 
 The lock is fair and ordered (`ModelLock`): loading an adapter goes first, then interactive
-requests (the chat batch, arena answers) in arrival order, then background work (prefetching
-answers). With a plain `threading.Lock` a thread that releases it usually takes it straight
-back, so under a steady stream of chat requests a promotion waited seconds for its turn. The
-chat batch lets go of the lock between two steps whenever an adapter load or an arena request
-is queued.
+requests (the chat batch, arena answers) in arrival order, then brief upkeep (the next layers
+of a merge), then background work (prefetching answers). With a plain `threading.Lock` a
+thread that releases it usually takes it straight back, so under a steady stream of chat
+requests a promotion waited seconds for its turn. The chat batch lets go of the lock between
+two steps whenever any of the first three is queued.
 """
 
 from __future__ import annotations
@@ -257,10 +257,10 @@ class PolicyServer:
         unmerged LoRA adds two small matmuls and a Python call to every adapted layer, 50% more
         time per token with an adapter on all 30 layers of SmolLM2 (docs/performance.md). The
         copy shares every weight the adapter leaves alone (an adapter on the top 8 layers costs
-        57 MB in bf16, one on all layers 212 MB). Mixed batches of versions still run unmerged.
+        57 MB in bf16, one on all layers 212 MB).
 
-        The merge goes one layer at a time under the model lock at `ModelLock.BRIEF` priority,
-        between two chat decoding steps, so it neither fights the answers for the two cores nor
+        The merge goes `MERGE_CHUNK` layers at a time under the model lock at `ModelLock.BRIEF`
+        priority, between two chat decoding steps, so it neither fights the answers for the two cores nor
         throws away a prefetch batch. Returns False when the copy does not fit in
         `MERGED_BUDGET_MIB` beside the live version's, or when the adapter is not plain LoRA on
         linear layers (it is then served unmerged).
@@ -413,8 +413,8 @@ class PolicyServer:
         return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _run_generate(self, version: str, inputs: dict, kwargs: dict) -> torch.Tensor:
-        with torch.inference_mode(), self._runner(version) as (model, extra):
-            return model.generate(**inputs, **kwargs, **extra)
+        with torch.inference_mode():
+            return self._model_for(version).generate(**inputs, **kwargs)
 
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
         """Yield (text so far, version) while one answer is generated; an interactive request.
@@ -454,18 +454,18 @@ class PolicyServer:
         finally:
             request.cancelled.set()
 
-    @contextlib.contextmanager
-    def _runner(self, version: str):
-        """Yields (module, extra forward arguments) that run `version`; the caller holds the
-        lock. The plain base, the version's merged copy, or the PEFT model with its adapter active."""
+    def _model_for(self, version: str) -> torch.nn.Module:
+        """The module that runs `version` (the caller holds the lock): the plain base, the
+        version's merged copy, or the PEFT model with its adapter active."""
         self._check_version(version)
-        merged = (self._plain, 0) if version == BASE_VERSION else self._merged.get(version)
+        if version == BASE_VERSION:
+            return self._plain
+        merged = self._merged.get(version)
         if merged is not None:
-            yield merged[0], {}
-            return
+            return merged[0]
         if self.model.active_adapter != version:
             self.model.set_adapter(version)
-        yield self.model, {}
+        return self.model
 
 
 def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:

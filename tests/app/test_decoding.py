@@ -30,8 +30,8 @@ def messages(prompt):
 def alone(server, prompt, sampling=GREEDY, version="base"):
     """Token ids of the answer transformers' `generate` gives this prompt on its own."""
     inputs = server._encode([messages(prompt)], 1)
-    with torch.inference_mode(), server._runner(version) as (model, extra):
-        out = model.generate(**inputs, **server._generate_kwargs(sampling), **extra)
+    with torch.inference_mode():
+        out = server._model_for(version).generate(**inputs, **server._generate_kwargs(sampling))
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return ids[:-1] if ids and ids[-1] == server.tokenizer.eos_token_id else ids
 
@@ -230,8 +230,7 @@ def test_a_merged_version_answers_as_its_adapter_does(fresh_server):
     server = fresh_server
     unmerged = alone(server, PROMPTS[1], version="v1")
     assert server.merge("v1") and server.merged_versions() == ["v1"]
-    with server._runner("v1") as (model, extra):
-        assert model is not server.model and extra == {}  # a plain model: no PEFT wrappers
+    assert server._model_for("v1") is not server.model  # a plain model: no PEFT wrappers
     assert alone(server, PROMPTS[1], version="v1") == unmerged
     batcher = ChatBatcher(server)
     reqs = [request(server, PROMPTS[1], version="v1"), request(server, PROMPTS[0], version="v1")]

@@ -105,8 +105,7 @@ def test_the_live_version_is_merged_into_a_serving_copy_in_the_background(swap_a
     """After the swap the watcher merges v1's adapter into a copy of the base; generations of
     v1 alone then run on that copy, and chat still answers as v1."""
     wait_until(lambda: "v1" in swap_app.ctx.server.merged_versions(), timeout=30, message="v1 merged")
-    with swap_app.ctx.server._runner("v1") as (model, _):
-        assert model is swap_app.ctx.server._merged["v1"][0]
+    assert swap_app.ctx.server._model_for("v1") is swap_app.ctx.server._merged["v1"][0]
     assert "v1" in chat_once(swap_app.url, 100)
 
 
