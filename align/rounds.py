@@ -8,7 +8,9 @@
 3. selects the data (all training pairs, or those newer than the last round of this method),
    hashes the exact snapshot and records hash, size, parent version, base and code version;
 4. trains into a staging folder under `versions/` (progress and log lines go to the round row);
-5. evaluates the new version on the held-out split and stores the metrics;
+5. records a policy adapter's staging folder on the round (the app loads and merges it from
+   there meanwhile, so a promotion by the gate finds it ready), then evaluates the new
+   version on the held-out split and stores the metrics;
 6. renames the staging folder into place, then registers the version as a `candidate` and
    marks the round succeeded in one transaction.
 
@@ -584,7 +586,14 @@ def run_round(
     failed (or cancelled) with the error and removing whatever it wrote under versions/."""
     from annotations import open_db
     from annotations.db import write_transaction
-    from annotations.registry import apply_gate, finish_round, get_round, register_version, update_round
+    from annotations.registry import (
+        apply_gate,
+        finish_round,
+        get_round,
+        register_version,
+        stage_adapter,
+        update_round,
+    )
 
     state = process_state()
     main = state.is_main_process
@@ -617,6 +626,8 @@ def run_round(
             return {"round_id": round_id, "version": plan["version"], "status": "trained", "metrics": train}
         update_round(db, round_id, progress=TRAIN_PROGRESS_SHARE, metrics=train,
                      log_line=f"trained {plan['version']}; evaluating on held-out data")
+        if plan["kind"] == "policy":
+            stage_adapter(db, round_id, staging)  # unregistered: the app may load it, nobody can ask for it
         metrics = {**train, **_evaluate(db, plan, round_config, method_config)}
         pause_point("commit")
         committed = versions.commit(staging, plan["version"])

@@ -265,3 +265,10 @@ def m007_round_metrics(db):
 def m008_chat_reply_candidates(db):
     """A rated chat reply becomes a candidate (of a closed item), so its rating is training data."""
     _sql(db, "ALTER TABLE chat_replies ADD COLUMN candidate_id INTEGER REFERENCES candidates(id)")
+
+
+@migrations()
+def m009_round_staged_adapter(db):
+    """A running round's trained adapter, written but not yet registered (the app loads it
+    while the round evaluates, so the gate's promotion finds it ready)."""
+    _sql(db, "ALTER TABLE rounds ADD COLUMN staged_path TEXT")

@@ -40,7 +40,7 @@ HASH_KEYS = ("id", "messages", "chosen", "rejected", "completion", "label")
 _ROUND_COLUMNS = (
     "id", "method", "config", "data_hash", "n_pairs", "parent_version", "version", "status", "pid",
     "progress", "log_tail", "metrics", "error", "code_version", "created_by", "created_at", "started_at",
-    "finished_at", "data_until_pair_id", "data_until_rating_id", "base_path",
+    "finished_at", "data_until_pair_id", "data_until_rating_id", "base_path", "staged_path",
 )
 _VERSION_COLUMNS = (
     "version", "kind", "parent", "method", "round_id", "path", "metrics", "state", "created_at", "promoted_at",
@@ -245,7 +245,7 @@ def finish_round(
             version = version or row["version"]
         db.execute(
             f"UPDATE rounds SET status = ?, error = ?, version = ?, metrics = ?, finished_at = {NOW},"
-            " progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END WHERE id = ?",
+            " staged_path = NULL, progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END WHERE id = ?",
             [status, error, version, json.dumps(merged, sort_keys=True), status, round_id],
         )
 
@@ -258,10 +258,28 @@ def cancel_round(db, round_id: int) -> str:
         if status not in ("queued", "running"):
             raise InvalidInput(f"round {round_id} is already {status}")
         db.execute(
-            f"UPDATE rounds SET status = 'cancelled', error = 'cancelled', finished_at = {NOW} WHERE id = ?",
+            f"UPDATE rounds SET status = 'cancelled', error = 'cancelled', finished_at = {NOW}, staged_path = NULL"
+            " WHERE id = ?",
             [round_id],
         )
         return status
+
+
+def stage_adapter(db, round_id: int, path: str) -> None:
+    """Record that running round `round_id` has written its trained policy adapter to the
+    staging folder `path`. The app loads it from there (not servable by name until it is
+    registered) while the round evaluates; the round ending clears it."""
+    with write_transaction(db):
+        if get_round(db, round_id)["status"] != "running":
+            raise InvalidInput(f"round {round_id} is not running: nothing to stage")
+        db.execute("UPDATE rounds SET staged_path = ? WHERE id = ?", [str(path), round_id])
+
+
+def staged_adapters(db) -> dict[str, tuple[int, str]]:
+    """{version: (round id, staging folder)} of the running rounds that have staged an adapter."""
+    rows = db.execute("SELECT version, id, staged_path FROM rounds WHERE status = 'running'"
+                      " AND staged_path IS NOT NULL AND version IS NOT NULL").fetchall()
+    return {version: (round_id, path) for version, round_id, path in rows}
 
 
 def round_status(db, round_id: int) -> str:

@@ -6,8 +6,13 @@ The store is the only channel between the app and the worker. The worker registe
 policy within `poll_seconds` (its adapter usually preloaded when it was registered as a
 candidate), loads it if needed, and makes it the default for new generations — generations
 already running finish on their version. In the background it also merges the live version's
-adapter (or else the newest candidate's) into a serving copy of the base, which runs as fast
-as the base itself.
+adapter (then a running round's staged adapter, then the newest candidates') into a serving
+copy of the base, which runs as fast as the base itself.
+
+A round writes its adapter before it evaluates it (a minute or more), and records the staging
+folder on the round: the watcher loads and merges it from there as a provisional version that
+nobody can ask for by name. When the round registers it (and the gate promotes it) the swap is
+a pointer change; when the round fails or is cancelled, the watcher unloads it.
 
 Thread budget (2 cores): while a round runs, the worker trains with 1 torch thread and the
 app serves with 1; when no round runs, the app takes both. Two processes each asking for 2
@@ -50,6 +55,7 @@ class LiveWatcher:
         self._merging: threading.Thread | None = None
         self._threads: int | None = None
         self._merge_tried: set[str] = set()  # versions not to try again until the next swap
+        self._stage_failed: set[tuple[str, int]] = set()  # (version, round) staged adapters that did not load
 
     def start(self) -> "LiveWatcher":
         self.check()
@@ -73,8 +79,9 @@ class LiveWatcher:
 
     def _check(self) -> None:
         db = self.ctx.db()
-        live = store.live_version(db) or BASE_VERSION
         server = self.ctx.server
+        staged = self._sync_staged(db)
+        live = store.live_version(db) or BASE_VERSION
         if live != server.live_version:
             ensure_loaded(server, db, live)
             previous = server.live_version
@@ -84,8 +91,8 @@ class LiveWatcher:
             logger.info("live policy %s -> %s (%d unjudged items requeued)", previous, live, requeued)
             self.ctx.wake_prefetcher()
             self._merge_tried.clear()
-        self._preload(db)
-        self._merge_next(db)
+        self._preload(db, staged)
+        self._merge_next(db, staged)
         training = db.execute("SELECT count(*) FROM rounds WHERE status = 'running'").fetchone()[0] > 0
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
         if self._threads != threads:
@@ -93,11 +100,42 @@ class LiveWatcher:
             self._threads = threads
             logger.info("serving threads: %d (%s)", threads, "a round is training" if training else "idle worker")
 
-    def _preload(self, db) -> None:
-        """Load, one per check, the adapters a promotion or rollback would need next: the newest
-        candidates and the live version's parent. Promoting a loaded version is a pointer
-        change that waits for nothing; the arena needs them loaded anyway."""
+    def _sync_staged(self, db) -> dict[str, tuple[int, str]]:
+        """Settle the provisional adapters: confirm those their round registered, unload those
+        whose round ended without registering them. Returns the running rounds' staged
+        adapters ({version: (round id, folder)})."""
+        from annotations.registry import staged_adapters
+
         server = self.ctx.server
+        staged = staged_adapters(db)
+        for version, round_id in server.provisional_versions().items():
+            if staged.get(version, (None,))[0] == round_id:
+                continue
+            row = db.execute("SELECT round_id, path FROM policies WHERE version = ?", [version]).fetchone()
+            if row is not None and row[0] == round_id:
+                server.confirm(version, Path(row[1]))
+            else:
+                server.unload_adapter(version)
+                self._merge_tried.discard(version)
+                logger.info("unloaded %s: round %d ended without registering it", version, round_id)
+        return staged
+
+    def _preload(self, db, staged: dict[str, tuple[int, str]]) -> None:
+        """Load, one per check, the adapters a promotion or rollback would need next: a running
+        round's staged adapter (the gate may promote it the moment the round registers it), the
+        newest candidates and the live version's parent. Promoting a loaded version is a
+        pointer change that waits for nothing; the arena needs them loaded anyway."""
+        server = self.ctx.server
+        for version, (round_id, path) in staged.items():
+            if version in server.versions() or (version, round_id) in self._stage_failed:
+                continue
+            try:
+                server.load_adapter(version, Path(path), provisional_round=round_id)
+                logger.info("preloaded %s, staged by round %d", version, round_id)
+            except Exception as e:  # renamed or removed under us: loaded from the registry when it is promoted
+                self._stage_failed.add((version, round_id))
+                logger.info("cannot preload %s from round %d's staging folder: %s", version, round_id, e)
+            return
         rows = db.execute(
             "SELECT version, path FROM policies WHERE kind = 'policy' AND path IS NOT NULL AND ("
             " version IN (SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
@@ -115,14 +153,15 @@ class LiveWatcher:
                 logger.warning("cannot preload %s from %s: %s", version, path, e)
             return
 
-    def _merge_next(self, db) -> None:
+    def _merge_next(self, db, staged: dict[str, tuple[int, str]]) -> None:
         """Merge, in a thread of its own, the live version's adapter into a serving copy of the
-        base, or else the newest candidates' (as many as fit), so that a promotion finds it merged. The watcher
-        goes on polling meanwhile (a merge takes about a second of CPU on SmolLM2)."""
+        base, or else a staged adapter's or the newest candidates' (as many as fit), so that a
+        promotion finds it merged. The watcher goes on polling meanwhile (a merge takes about a
+        second of CPU on SmolLM2)."""
         if self._merging is not None and self._merging.is_alive():
             return
         server = self.ctx.server
-        wanted = [server.live_version] + [r[0] for r in db.execute(
+        wanted = [server.live_version, *staged] + [r[0] for r in db.execute(
             "SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
             " ORDER BY created_at DESC LIMIT ?", [PRELOAD_CANDIDATES])]
         for version in wanted:

@@ -209,6 +209,9 @@ class PolicyServer:
         self.max_prompt_tokens = max_prompt_tokens
         self._lock = ModelLock()
         self._adapters: dict[str, Path] = {}
+        self._provisional: dict[str, int] = {}  # version -> round id: staged by a running round, not registered
+        self._loads = 0  # counts adapter loads: a merge started before an unload must not land after it
+        self._load_ids: dict[str, int] = {}
         self._live = BASE_VERSION
         self._batcher = ChatBatcher(self)
 
@@ -221,8 +224,15 @@ class PolicyServer:
     def versions(self) -> list[str]:
         return [BASE_VERSION, *self._adapters]
 
-    def load_adapter(self, version: str, path: Path) -> None:
-        """Load a LoRA adapter folder as `version` (no-op if already loaded)."""
+    def provisional_versions(self) -> dict[str, int]:
+        """{version: round id} of the adapters loaded from a running round's staging folder,
+        before their registration: the app preloads them, nobody can ask for them by name."""
+        return dict(self._provisional)
+
+    def load_adapter(self, version: str, path: Path, *, provisional_round: int | None = None) -> None:
+        """Load a LoRA adapter folder as `version` (no-op if already loaded). With
+        `provisional_round`, the adapter is round `provisional_round`'s, staged but not yet
+        registered: `confirm` it once registered, `unload_adapter` it if the round fails."""
         if version == BASE_VERSION or version in self._adapters:
             return
         from peft import PeftModel
@@ -238,7 +248,34 @@ class PolicyServer:
         with self._lock.hold(ModelLock.SWAP):
             on_model_thread(load)
             self._adapters[version] = path
-        logger.info("loaded adapter %s from %s", version, path)
+            self._loads += 1
+            self._load_ids[version] = self._loads
+            if provisional_round is not None:
+                self._provisional[version] = provisional_round
+        logger.info("loaded adapter %s from %s%s", version, path,
+                    f" (staged by round {provisional_round})" if provisional_round is not None else "")
+
+    def confirm(self, version: str, path: Path) -> None:
+        """A provisional adapter was registered (its staging folder renamed to `path`)."""
+        if self._provisional.pop(version, None) is not None:
+            self._adapters[version] = Path(path)
+
+    def unload_adapter(self, version: str) -> None:
+        """Drop `version`'s adapter and its merged copy (a staged adapter whose round failed:
+        its name may be reserved again by the next round). Answers in flight on it fail."""
+        if version == BASE_VERSION or version not in self._adapters:
+            return
+        if version == self._live:
+            raise ValueError(f"{version} is live: promote another version before unloading it")
+        with self._lock.hold(ModelLock.SWAP):
+            on_model_thread(self.model.delete_adapter, version)
+            del self._adapters[version]
+            self._load_ids.pop(version, None)
+            self._provisional.pop(version, None)
+            self._unmergeable.discard(version)
+            with self._merge_guard:
+                self._merged.pop(version, None)
+        logger.info("unloaded adapter %s", version)
 
     def set_live(self, version: str, path: Path | None = None) -> None:
         """Make `version` the default for new generations (loading it first if needed)."""
@@ -274,6 +311,7 @@ class PolicyServer:
         start = time.perf_counter()
         with self._lock.hold(ModelLock.BRIEF):
             self._check_version(version)
+            load_id = self._load_ids.get(version)
             layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and version in m.lora_A]
             plain = all(version not in m.lora_variant and not m.fan_in_fan_out for m in layers)
             embedding = self._plain.get_input_embeddings().weight
@@ -298,25 +336,28 @@ class PolicyServer:
 
         for chunk in range(0, len(layers), MERGE_CHUNK):
             with self._lock.hold(ModelLock.BRIEF):
+                if self._load_ids.get(version) != load_id:
+                    return False  # unloaded meanwhile
                 on_model_thread(merge_chunk, layers[chunk:chunk + MERGE_CHUNK])
         memo = {id(t): t for t in (*self._plain.parameters(), *self._plain.buffers())}
         memo.update(merged_weights)
         model = copy.deepcopy(self._plain, memo)  # the module tree; tensors shared unless merged
         with self._merge_guard:
-            if self._merge_room(size, evict=True):
+            if self._load_ids.get(version) == load_id and self._merge_room(size, evict=True):
                 self._merged[version] = (model, size)
         logger.info("merged %s into a serving copy (%d MB) in %.2f s", version, size // 2**20,
                     time.perf_counter() - start)
         return version in self._merged
 
     def _merge_room(self, size: int, evict: bool) -> bool:
-        """Whether a merged copy of `size` bytes fits in the budget beside the live version's
-        copy; with `evict`, make the room by dropping the oldest other copies."""
-        live = self._merged.get(self._live)
-        if (live[1] if live else 0) + size > self.merged_budget_bytes:
+        """Whether a merged copy of `size` bytes fits in the budget beside the copies of the
+        live version and of staged (provisional) versions, the next to go live; with `evict`,
+        make the room by dropping the oldest other copies."""
+        kept = [v for v in self._merged if v == self._live or v in self._provisional]
+        if sum(self._merged[v][1] for v in kept) + size > self.merged_budget_bytes:
             return False
         while evict and sum(s for _, s in self._merged.values()) + size > self.merged_budget_bytes:
-            del self._merged[next(v for v in self._merged if v != self._live)]
+            del self._merged[next(v for v in self._merged if v not in kept)]
         return True
 
     # ------------------------------------------------------------ generation
@@ -470,12 +511,22 @@ class PolicyServer:
 
 def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
     """Make sure `version` (None: the live one) is loaded in `server`, reading its adapter
-    path from the store's registry. Returns the version name."""
-    if version is None or version == BASE_VERSION or version in server.versions():
+    path from the store's registry. Returns the version name.
+
+    A version loaded provisionally (staged by a running round) counts only once the registry
+    has it from that same round."""
+    staged_by = server.provisional_versions().get(version)
+    if version is None or version == BASE_VERSION or (version in server.versions() and staged_by is None):
         return version or server.live_version
-    row = db.execute("SELECT path FROM policies WHERE version = ? AND kind = 'policy'", [version]).fetchone()
+    row = db.execute("SELECT path, round_id FROM policies WHERE version = ? AND kind = 'policy'",
+                     [version]).fetchone()
     if row is None or not row[0]:
         raise KeyError(f"no policy version {version!r} with an adapter in the registry")
+    if staged_by is not None:
+        if row[1] == staged_by:
+            server.confirm(version, Path(row[0]))
+            return version
+        server.unload_adapter(version)  # a failed round's adapter under a name now reused
     server.load_adapter(version, Path(row[0]))
     return version
 

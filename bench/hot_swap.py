@@ -3,12 +3,16 @@ does it) to the first answer from the new version, while chat requests keep comi
 many of those requests fail. Baseline: what a restart costs, i.e. loading the base model and
 the adapter into a fresh server until its first answer.
 
-Two kinds of promotion, each taken several times in one run (figures are medians, with the
+Three kinds of promotion, each taken several times in one run (figures are medians, with the
 worst case beside them):
 - a candidate registered a while before (an admin promoting after looking at it, or a gate
-  that waited for arena votes): the app has preloaded its adapter, the swap is a pointer change;
-- a candidate registered and promoted in the same instant (the gate right after a round): the
-  adapter is loaded after the promotion, between two decoding steps.
+  that waited for arena votes): the app has preloaded and merged its adapter, the swap is a
+  pointer change;
+- the gate right after a round: the round stages its adapter before evaluating it, the app
+  loads and merges it meanwhile, and the round registers it and the gate promotes it in the
+  same instant (the adapter is shaped as a DPO round's at its defaults: top 8 layers);
+- a version the app has not loaded (a rollback to an old version, say), registered and
+  promoted at once: the adapter is loaded after the promotion, between two decoding steps.
 
 Three chat clients keep the server busy, each sending its next question as soon as its answer
 is complete, so at a promotion their answers are in flight on the old version (they finish on
@@ -38,6 +42,7 @@ ANSWER_TOKENS = 16
 def run(base_path: Path, quick: bool = False) -> list[Result]:
     import torch
 
+    from align.models import VersionDir
     from annotations import registry, store
     from app import chat
     from app.server import create_app, shutdown
@@ -49,12 +54,13 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     os.environ["RANKLOOP_ADMIN_PASSWORD"] = "bench-admin-password"
     ctx, demo, _, _ = create_app(home, base_path, threads=2, prefetch=0, demo_prompts=False)
     db = ctx.db()
+    versions = VersionDir(home / "versions")
     warm = ("v1", "v2")  # preloaded, promoted in turn
-    cold = [f"g{i}" for i in range(rounds)]  # registered and promoted at once
-    adapters = {v: make_adapter(base_path, home / "versions" / v, seed=i) for i, v in enumerate(warm + tuple(cold))}
-    dpo_like = [f"d{i}" for i in range(rounds)]  # the gate after a DPO round at its defaults: top 8 layers
-    adapters.update({v: make_adapter(base_path, home / "versions" / v, seed=10 + i, like_dpo_round=True)
-                     for i, v in enumerate(dpo_like)})
+    adapters = {v: make_adapter(base_path, versions.path(v), seed=i) for i, v in enumerate(warm)}
+    staged = [make_adapter(base_path, home / "made" / f"round{i}", seed=10 + i, like_dpo_round=True)
+              for i in range(rounds)]  # what each gated round writes to its staging folder
+    cold = [f"g{i}" for i in range(rounds)]  # not loaded before: registered and promoted at once
+    adapters.update({v: make_adapter(base_path, versions.path(v), seed=20 + i) for i, v in enumerate(cold)})
     for version in warm:
         registry.register_version(db, version, "policy", "base", "dpo", None, str(adapters[version]), {})
     store.add_user(db, "bench", "annotator", "bench-password")
@@ -116,19 +122,27 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         t.start()
     preloaded = settle(warm)  # registered a while ago: the app has loaded and merged them meanwhile
     time.sleep(1)
-    warm_swaps, cold_swaps = [], []
+    warm_swaps, gate_swaps, cold_swaps, staged_ready = [], [], [], []
     for i in range(rounds):
         warm_swaps.append(promote(warm[i % 2]))
         time.sleep(0.5 + 0.37 * i)  # promotions land at different points of the answers in flight
+    for i, folder in enumerate(staged):
+        # A DPO round up to its evaluation: claimed, its name reserved, its adapter staged.
+        round_id = registry.create_round(db, "dpo")
+        registry.claim_round(db, round_id, os.getpid())
+        version = registry.reserve_version(db, round_id)
+        staging = versions.staging(version)
+        os.replace(folder, staging)
+        registry.stage_adapter(db, round_id, str(staging))
+        staged_ready.append(settle([version]))  # the app loads and merges it while the round evaluates
+        final = versions.commit(staging, version)  # the round registers it, the gate promotes it
+        registry.register_version(db, version, "policy", ctx.server.live_version, "dpo", round_id, str(final), {})
+        registry.finish_round(db, round_id, "succeeded", version=version)
+        gate_swaps.append(promote(version))
+        time.sleep(0.5 + 0.37 * i)
     for i, version in enumerate(cold):
         registry.register_version(db, version, "policy", "v1", "dpo", None, str(adapters[version]), {})
         cold_swaps.append(promote(version))
-        settle([version])
-        time.sleep(0.5 + 0.37 * i)
-    dpo_swaps = []
-    for i, version in enumerate(dpo_like):
-        registry.register_version(db, version, "policy", "v1", "dpo", None, str(adapters[version]), {})
-        dpo_swaps.append(promote(version))
         settle([version])
         time.sleep(0.5 + 0.37 * i)
     stop.set()
@@ -165,14 +179,16 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
                details={"preloaded_and_merged": preloaded, "adapters": "all 30 layers, r16", **summary(warm_swaps),
                         **common}),
         Result(name="hot_swap_gate",
-               metric="s from promotion to a complete answer from it (registered + promoted at once, median)",
+               metric="s from promotion to a complete answer from it (the gate right after a round, adapter "
+                      "staged during evaluation, median)",
+               value=statistics.median(s["complete"] for s in gate_swaps), baseline=restart,
+               baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
+               details={"adapters": "top 8 layers, r16 (DPO/SFT round defaults)",
+                        "staged_loaded_and_merged": all(staged_ready), **summary(gate_swaps), **common}),
+        Result(name="hot_swap_cold",
+               metric="s from promotion to a complete answer from it (a version not loaded before, "
+                      "registered + promoted at once, median)",
                value=statistics.median(s["complete"] for s in cold_swaps), baseline=restart,
                baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
                details={"adapters": "all 30 layers, r16", **summary(cold_swaps), **common}),
-        Result(name="hot_swap_gate_dpo",
-               metric="s from promotion to a complete answer from it (registered + promoted at once, "
-                      "adapter of a DPO round: top 8 layers, median)",
-               value=statistics.median(s["complete"] for s in dpo_swaps), baseline=restart,
-               baseline_label="fresh load of base + adapter, first answer", unit="s", target="≤ 1 s, 0 failures",
-               details={"adapters": "top 8 layers, r16 (DPO/SFT round defaults)", **summary(dpo_swaps), **common}),
     ]

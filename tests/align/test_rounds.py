@@ -86,6 +86,35 @@ def test_dpo_round_with_live_reward_model_records_parent_win_rate_and_samples(st
     assert version_dirs(home) == ["rm1", "v1"]
 
 
+def test_a_policy_rounds_adapter_is_staged_for_the_app_while_it_evaluates(store, tiny_model_dir, monkeypatch):
+    """The round records its written adapter's staging folder before evaluating (the app loads
+    it meanwhile); the round's end clears the record, whether it succeeded or not."""
+    import align.rounds as rounds
+
+    _, home, db = store
+    seen, evaluate = [], rounds._evaluate
+
+    def look_then_evaluate(db_, plan, *args):
+        staged = get_round(db_, plan["round_id"])["staged_path"]
+        seen.append((plan["kind"], staged, sorted(os.listdir(staged)) if staged else None))
+        if len(seen) == 3:
+            raise RuntimeError("evaluation broke")
+        return evaluate(db_, plan, *args)
+
+    monkeypatch.setattr(rounds, "_evaluate", look_then_evaluate)
+    run(store, tiny_model_dir, "rm")
+    run(store, tiny_model_dir, "dpo")
+    assert seen[0] == ("reward", None, None)  # reward models are not served: nothing to stage
+    kind, staged, files = seen[1]
+    assert kind == "policy" and staged == str(home / "versions" / staged.rsplit("/", 1)[1])
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert get_round(db, 2)["staged_path"] is None and get_version(db, "v1")["round_id"] == 2
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run(store, tiny_model_dir, "dpo")
+    failed = get_round(db, 3)
+    assert failed["status"] == "failed" and failed["staged_path"] is None and not os.path.exists(seen[2][1])
+
+
 def test_round_failing_mid_training_leaves_no_trace(store, tiny_model_dir):
     _, home, db = store
     run(store, tiny_model_dir, "dpo")

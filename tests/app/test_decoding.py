@@ -280,3 +280,62 @@ def test_a_merge_proceeds_while_chat_answers_keep_the_model_busy(fresh_server):
     assert server._batcher.rows, "merged while the answer was still being decoded"
     thread.join(30)
     assert results[0][0] == server.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def tokens_per_step(batcher, reqs, steps):
+    """How many events (tokens, after the first step's version event) each request received in
+    each of `steps` decoding steps."""
+    counts = []
+    for _ in range(steps):
+        before = [req.events.qsize() for req in reqs]
+        batcher.advance()
+        counts.append([req.events.qsize() - b for req, b in zip(reqs, before)])
+    return counts
+
+
+def test_after_a_promotion_the_old_versions_answers_yield_every_other_step(fresh_server):
+    """Answers asked of "live" before a promotion finish on the old version at half speed
+    while the new version's answers take every step; each still equals its answer alone."""
+    server = fresh_server
+    long = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=12)
+    batcher = ChatBatcher(server)
+    old = request(server, PROMPTS[1], long)
+    batcher.enqueue(old)
+    batcher.advance()
+    batcher.advance()
+    server.set_live("v1")
+    new = request(server, PROMPTS[0], long)
+    batcher.enqueue(new)
+    counts = tokens_per_step(batcher, [old, new], 6)
+    # first step: the new answer's version, its prefill token and a step's; the old one waits every other step
+    assert [c[1] for c in counts] == [3, 1, 1, 1, 1, 1]
+    assert [c[0] for c in counts] == [0, 1, 0, 1, 0, 1] or [c[0] for c in counts] == [1, 0, 1, 0, 1, 0]
+    while batcher.advance():
+        pass
+    assert drained(old)[:2] == ("base", alone(server, PROMPTS[1], long))
+    assert drained(new)[:2] == ("v1", alone(server, PROMPTS[0], long, version="v1"))
+
+
+def test_answers_asked_of_a_named_version_keep_full_speed_beside_the_live_one(fresh_server):
+    server = fresh_server
+    long = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=12)
+    batcher = ChatBatcher(server)
+    server.set_live("v1")
+    named, live = request(server, PROMPTS[1], long, version="base"), request(server, PROMPTS[0], long)
+    batcher.enqueue(named)
+    batcher.enqueue(live)
+    batcher.advance()
+    assert {row.version for row in batcher.rows} == {"base", "v1"}
+    counts = tokens_per_step(batcher, [named, live], 4)
+    assert counts == [[1, 1]] * 4
+
+
+def test_a_staged_versions_merged_copy_is_not_evicted_for_a_candidates(fresh_server, tiny_model_dir, tmp_path):
+    server = fresh_server
+    assert server.merge("v1")
+    (_, size), = server._merged.values()
+    server._merged.clear()
+    server.merged_budget_bytes = size  # room for one copy
+    server.load_adapter("v3", save_tiny_adapter(tiny_model_dir, tmp_path / "v3"), provisional_round=3)
+    assert server.merge("v3")
+    assert not server.merge("v2") and server.merged_versions() == ["v3"]

@@ -1,0 +1,175 @@
+"""A round's adapter is loaded (and merged) while the round evaluates it, before it is
+registered: the gate's promotion then finds it ready. Until registration nobody can ask for it
+by name, and a round that fails takes it back out of the server."""
+
+import os
+import threading
+
+import pytest
+import torch
+
+from annotations import open_db, registry
+from app import chat, handlers
+from app.live import LiveWatcher
+from app.serving import PolicyServer, ensure_loaded
+from tests.app.conftest import wait_until
+from tests.app.test_hot_swap import save_tiny_adapter
+
+
+@pytest.fixture
+def staged(tmp_path, tiny_model_dir):
+    """A store, a server over the tiny model and a watcher (driven by hand: `check()`), and a
+    helper that runs a DPO round up to its evaluation: claimed by this process, its version
+    reserved, an adapter written to a staging folder and recorded on the round."""
+    open_db(tmp_path / "rankloop.db").close()
+    server = PolicyServer(tiny_model_dir)
+    ctx = handlers.AppContext(db_path=tmp_path / "rankloop.db", server=server)
+    watcher = LiveWatcher(ctx)
+    db = ctx.db()
+
+    def stage(seed=0):
+        round_id = registry.create_round(db, "dpo")
+        registry.claim_round(db, round_id, os.getpid())
+        version = registry.reserve_version(db, round_id)
+        torch.manual_seed(seed)
+        folder = save_tiny_adapter(tiny_model_dir, tmp_path / "versions" / f".{version}.tmp-{seed}")
+        registry.stage_adapter(db, round_id, str(folder))
+        return round_id, version, folder
+
+    yield ctx, watcher, stage
+    watcher.stop()
+
+
+def register(ctx, round_id, version, folder):
+    """What the round does after evaluating: rename the folder into place, register, finish."""
+    final = folder.parent / version
+    os.replace(folder, final)
+    db = ctx.db()
+    registry.register_version(db, version, "policy", "base", "dpo", round_id, str(final), {})
+    registry.finish_round(db, round_id, "succeeded", version=version)
+    return final
+
+
+def logits(model, tokens=(1, 2, 3)):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([tokens])).logits
+
+
+def test_a_staged_adapter_is_loaded_and_merged_before_registration_and_goes_live_without_a_load(staged):
+    ctx, watcher, stage = staged
+    server = ctx.server
+    round_id, version, folder = stage()
+    watcher.check()
+    assert version in server.versions() and server.provisional_versions() == {version: round_id}
+    wait_until(lambda: version in server.merged_versions(), timeout=30, message="the staged adapter merged")
+
+    with pytest.raises(KeyError, match="no policy version"):  # not registered: nobody can ask for it
+        ensure_loaded(server, ctx.db(), version)
+    assert version not in chat.policy_versions(ctx)
+
+    final = register(ctx, round_id, version, folder)
+    registry.promote(ctx.db(), version)
+    loads = server._loads
+    watcher.check()
+    assert server.live_version == version and server._loads == loads  # a pointer change, nothing loaded
+    assert server.provisional_versions() == {} and server._adapters[version] == final
+    assert server._model_for(version) is server._merged[version][0]
+    reply = list(server.stream([{"role": "user", "content": "hi"}]))
+    assert reply[-1][1] == version
+
+
+def test_a_failed_rounds_staged_adapter_is_unloaded_and_its_name_can_serve_the_next_round(staged):
+    ctx, watcher, stage = staged
+    server = ctx.server
+    first_round, version, _ = stage(seed=1)
+    watcher.check()
+    wait_until(lambda: version in server.merged_versions(), timeout=30, message="the staged adapter merged")
+    registry.finish_round(ctx.db(), first_round, "failed", error="evaluation failed")
+    assert ctx.db().execute("SELECT staged_path FROM rounds WHERE id = ?", [first_round]).fetchone()[0] is None
+    watcher.check()
+    assert version not in server.versions() and version not in server.merged_versions()
+    assert server.provisional_versions() == {}
+
+    second_round, again, folder = stage(seed=2)
+    assert again == version  # the failed round gave its name up
+    watcher.check()
+    assert server.provisional_versions() == {version: second_round}
+    from peft import PeftModel
+
+    from align.models import load_causal_lm
+
+    expected = PeftModel.from_pretrained(load_causal_lm(server.base_path), str(folder)).eval()
+    torch.testing.assert_close(logits(server._model_for(version)), logits(expected))
+
+
+def test_a_staged_folder_gone_before_the_app_reads_it_is_loaded_from_the_registry_instead(staged):
+    ctx, watcher, stage = staged
+    server = ctx.server
+    round_id, version, folder = stage()
+    final = register(ctx, round_id, version, folder)  # the round registered before the watcher looked
+    with ctx.db().conn:  # as if the watcher had read the round a moment before it finished
+        ctx.db().execute("UPDATE rounds SET status = 'running', staged_path = ? WHERE id = ?",
+                         [str(folder), round_id])
+    watcher.check()
+    assert version not in server.versions() and watcher.last_error is None
+    with ctx.db().conn:
+        ctx.db().execute("UPDATE rounds SET status = 'succeeded', staged_path = NULL WHERE id = ?", [round_id])
+    registry.promote(ctx.db(), version)
+    watcher.check()
+    assert server.live_version == version and server._adapters[version] == final
+
+
+def test_asking_for_a_staged_version_after_its_registration_confirms_it(staged):
+    ctx, watcher, stage = staged
+    round_id, version, folder = stage()
+    watcher.check()
+    final = register(ctx, round_id, version, folder)
+    assert ensure_loaded(ctx.server, ctx.db(), version) == version  # before the watcher's next look
+    assert ctx.server.provisional_versions() == {} and ctx.server._adapters[version] == final
+
+
+def test_answers_in_flight_on_an_unloaded_version_fail_alone(staged, tiny_model_dir, tmp_path):
+    from app.decoding import ChatRequest
+    from app.serving import SamplingParams
+
+    server = staged[0].server
+    server.load_adapter("v7", save_tiny_adapter(tiny_model_dir, tmp_path / "v7"), provisional_round=1)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0)
+    on_v7, on_base = ChatRequest([1, 2, 3], sampling, "v7"), ChatRequest([1, 2, 3], sampling, "base")
+    batcher = server._batcher
+    for request in (on_v7, on_base):
+        batcher.enqueue(request)
+    with server._lock.hold():
+        batcher.advance()
+    server.unload_adapter("v7")
+    with server._lock.hold():
+        while batcher.advance():
+            pass
+    v7_events = [on_v7.events.get_nowait() for _ in range(on_v7.events.qsize())]
+    base_events = [on_base.events.get_nowait() for _ in range(on_base.events.qsize())]
+    assert v7_events[-1][0] == "error" and "unloaded" in str(v7_events[-1][1])
+    assert base_events[-1] == ("end", None) and sum(kind == "token" for kind, _ in base_events) >= 1
+
+
+def test_a_merge_overtaken_by_an_unload_does_not_land(staged, tiny_model_dir, tmp_path, monkeypatch):
+    """The merge goes a chunk at a time; an unload between two chunks wins and the merged copy
+    is never stored (else the next adapter loaded under that name would be served the old one)."""
+    import app.serving as serving
+
+    server = staged[0].server
+    server.load_adapter("v7", save_tiny_adapter(tiny_model_dir, tmp_path / "v7"), provisional_round=1)
+    monkeypatch.setattr(serving, "MERGE_CHUNK", 1)
+    real = serving.on_model_thread
+    unloading = []
+
+    def on_model_thread(fn, *args, **kwargs):
+        if getattr(fn, "__name__", "") == "merge_chunk" and not unloading:
+            unloading.append(threading.Thread(target=server.unload_adapter, args=("v7",)))
+            unloading[0].start()
+            wait_until(lambda: len(server._lock._queue) == 1, timeout=10, message="the unload queued")
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(serving, "on_model_thread", on_model_thread)
+    assert server.merge("v7") is False
+    unloading[0].join(10)
+    assert "v7" not in server.versions() and server.merged_versions() == []
