@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from annotations import open_db, registry
+from annotations import open_db, registry, store
 from app import chat, handlers
 from app.live import LiveWatcher
 from app.serving import PolicyServer, ensure_loaded
@@ -63,8 +63,9 @@ def test_a_staged_adapter_is_loaded_and_merged_before_registration_and_goes_live
     assert version in server.versions() and server.provisional_versions() == {version: round_id}
     wait_until(lambda: version in server.merged_versions(), timeout=30, message="the staged adapter merged")
 
+    store.add_user(ctx.db(), "asker", "annotator", "a-long-password")
     with pytest.raises(KeyError, match="no policy version"):  # not registered: nobody can ask for it
-        ensure_loaded(server, ctx.db(), version)
+        list(chat.chat_stream(ctx, store.get_user(ctx.db(), "asker"), [], "hi", conversation="c", version=version))
     assert version not in chat.policy_versions(ctx)
 
     final = register(ctx, round_id, version, folder)
