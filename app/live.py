@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_THREADS = 1
 PRELOAD_CANDIDATES = 2  # newest candidate adapters kept loaded, ready to go live
+RETIRED_IDLE_S = 60.0  # a retired version's adapter is unloaded once unused this long
 
 
 class LiveWatcher:
@@ -92,6 +93,7 @@ class LiveWatcher:
             self.ctx.wake_prefetcher()
             self._merge_tried.clear()
         self._preload(db, staged)
+        self._unload_retired(db)
         self._merge_next(db, staged)
         training = db.execute("SELECT count(*) FROM rounds WHERE status = 'running'").fetchone()[0] > 0
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
@@ -152,6 +154,24 @@ class LiveWatcher:
                 self._unloadable.add(version)
                 logger.warning("cannot preload %s from %s: %s", version, path, e)
             return
+
+    def _unload_retired(self, db) -> None:
+        """Unload, one per check, the adapter of a retired version that nobody has used for
+        `RETIRED_IDLE_S` (the live version's parent stays: rollbacks and the arena need it).
+        Without this every version ever live stays loaded: ~20 MB each for an adapter on all
+        layers, and PEFT's adapter loads get slower with every adapter loaded."""
+        server = self.ctx.server
+        loaded = set(server.versions()) - {BASE_VERSION, server.live_version} - set(server.provisional_versions())
+        if not loaded:
+            return
+        parent = db.execute("SELECT parent FROM policies WHERE version = ?", [server.live_version]).fetchone()
+        retired = {r[0] for r in db.execute("SELECT version FROM policies WHERE kind = 'policy' AND state = 'retired'")}
+        for version in sorted(loaded & retired - {parent[0] if parent else None}):
+            if server.idle_seconds(version) >= RETIRED_IDLE_S and server.unload_adapter(version,
+                                                                                       idle_for=RETIRED_IDLE_S):
+                self._merge_tried.discard(version)
+                logger.info("unloaded retired version %s (unused for %.0f s)", version, RETIRED_IDLE_S)
+                return
 
     def _merge_next(self, db, staged: dict[str, tuple[int, str]]) -> None:
         """Merge, in a thread of its own, the live version's adapter into a serving copy of the

@@ -212,6 +212,7 @@ class PolicyServer:
         self._provisional: dict[str, int] = {}  # version -> round id: staged by a running round, not registered
         self._loads = 0  # counts adapter loads: a merge started before an unload must not land after it
         self._load_ids: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}  # version -> time.monotonic() of its last load, request or step
         self._live = BASE_VERSION
         self._batcher = ChatBatcher(self)
 
@@ -250,6 +251,7 @@ class PolicyServer:
             self._adapters[version] = path
             self._loads += 1
             self._load_ids[version] = self._loads
+            self._last_used[version] = time.monotonic()
             if provisional_round is not None:
                 self._provisional[version] = provisional_round
         logger.info("loaded adapter %s from %s%s", version, path,
@@ -260,22 +262,37 @@ class PolicyServer:
         if self._provisional.pop(version, None) is not None:
             self._adapters[version] = Path(path)
 
-    def unload_adapter(self, version: str) -> None:
-        """Drop `version`'s adapter and its merged copy (a staged adapter whose round failed:
-        its name may be reserved again by the next round). Answers in flight on it fail."""
+    def touch(self, version: str) -> None:
+        """Note that `version` is in use (a request named it): `idle_seconds` starts again."""
+        self._last_used[version] = time.monotonic()
+
+    def idle_seconds(self, version: str) -> float:
+        """Seconds since `version` was loaded, named by a request or decoded."""
+        return time.monotonic() - self._last_used.get(version, float("-inf"))
+
+    def unload_adapter(self, version: str, *, idle_for: float | None = None) -> bool:
+        """Drop `version`'s adapter and its merged copy: a staged adapter whose round failed
+        (its name may be reserved again by the next round), or a retired version nobody uses.
+        With `idle_for`, only if unused for that many seconds (checked under the model lock,
+        so no decoding step is using it). Answers in flight on it fail. Returns whether it
+        was unloaded."""
         if version == BASE_VERSION or version not in self._adapters:
-            return
+            return False
         if version == self._live:
             raise ValueError(f"{version} is live: promote another version before unloading it")
         with self._lock.hold(ModelLock.SWAP):
+            if version == self._live or (idle_for is not None and self.idle_seconds(version) < idle_for):
+                return False
             on_model_thread(self.model.delete_adapter, version)
             del self._adapters[version]
             self._load_ids.pop(version, None)
             self._provisional.pop(version, None)
             self._unmergeable.discard(version)
+            self._last_used.pop(version, None)
             with self._merge_guard:
                 self._merged.pop(version, None)
         logger.info("unloaded adapter %s", version)
+        return True
 
     def set_live(self, version: str, path: Path | None = None) -> None:
         """Make `version` the default for new generations (loading it first if needed)."""
@@ -499,6 +516,7 @@ class PolicyServer:
         """The module that runs `version` (the caller holds the lock): the plain base, the
         version's merged copy, or the PEFT model with its adapter active."""
         self._check_version(version)
+        self._last_used[version] = time.monotonic()
         if version == BASE_VERSION:
             return self._plain
         merged = self._merged.get(version)
@@ -517,6 +535,8 @@ def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
     has it from that same round."""
     staged_by = server.provisional_versions().get(version)
     if version is None or version == BASE_VERSION or (version in server.versions() and staged_by is None):
+        if version:
+            server.touch(version)  # the watcher does not unload a version someone just asked for
         return version or server.live_version
     row = db.execute("SELECT path, round_id FROM policies WHERE version = ? AND kind = 'policy'",
                      [version]).fetchone()

@@ -1,6 +1,7 @@
-"""A round's adapter is loaded (and merged) while the round evaluates it, before it is
-registered: the gate's promotion then finds it ready. Until registration nobody can ask for it
-by name, and a round that fails takes it back out of the server."""
+"""Which adapters the app holds. A round's adapter is loaded (and merged) while the round
+evaluates it, before it is registered: the gate's promotion then finds it ready. Until
+registration nobody can ask for it by name, and a round that fails takes it back out of the
+server. Retired versions nobody uses are unloaded, except the live version's parent."""
 
 import os
 import threading
@@ -174,3 +175,52 @@ def test_a_merge_overtaken_by_an_unload_does_not_land(staged, tiny_model_dir, tm
     assert server.merge("v7") is False
     unloading[0].join(10)
     assert "v7" not in server.versions() and server.merged_versions() == []
+
+
+def test_retired_versions_nobody_uses_are_unloaded_but_the_live_versions_parent_stays(staged, tiny_model_dir,
+                                                                                       tmp_path, monkeypatch):
+    import app.live as live
+
+    ctx, watcher, _ = staged
+    server, db = ctx.server, ctx.db()
+    for version, parent in (("v1", "base"), ("v2", "v1"), ("v3", "base")):
+        path = save_tiny_adapter(tiny_model_dir, tmp_path / version)
+        registry.register_version(db, version, "policy", parent, "dpo", None, str(path), {})
+        server.load_adapter(version, path)
+    registry.promote(db, "v1")
+    watcher.check()
+    registry.promote(db, "v2")  # v1 retires, but it is v2's parent
+    watcher.check()
+    registry.promote(db, "v3")  # v2 retires and is nobody's parent; v1 is not v3's parent either
+    watcher.check()
+    assert set(server.versions()) == {"base", "v1", "v2", "v3"}  # used less than a minute ago
+    monkeypatch.setattr(live, "RETIRED_IDLE_S", 1.0)
+    wait_until(lambda: server.idle_seconds("v1") > 1.0, timeout=5, message="v1 idle")
+    ensure_loaded(server, db, "v2")  # someone asks for v2 by name: it stays a while longer
+    for _ in range(2):
+        watcher.check()  # one unload per check
+    assert set(server.versions()) == {"base", "v2", "v3"}
+    wait_until(lambda: server.idle_seconds("v2") > 1.0, timeout=5, message="v2 idle")
+    watcher.check()
+    assert set(server.versions()) == {"base", "v3"}
+    registry.rollback(db)  # v3's parent is the base
+    watcher.check()
+    assert server.live_version == "base"
+
+
+def test_a_retired_version_decoding_an_answer_is_not_unloaded(staged, tiny_model_dir, tmp_path):
+    from app.decoding import ChatRequest
+    from app.serving import SamplingParams
+
+    server = staged[0].server
+    server.load_adapter("v7", save_tiny_adapter(tiny_model_dir, tmp_path / "v7"))
+    batcher = server._batcher
+    batcher.enqueue(request := ChatRequest([1, 2, 3], SamplingParams(max_new_tokens=6, temperature=0), "v7"))
+    with server._lock.hold():
+        batcher.advance()
+    assert not server.unload_adapter("v7", idle_for=5.0)  # decoded a moment ago
+    with server._lock.hold():
+        while batcher.advance():
+            pass
+    assert request.events.qsize() > 1 and "v7" in server.versions()
+    assert server.unload_adapter("v7", idle_for=0.0) and "v7" not in server.versions()
