@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                                check=True, env={**os.environ, NAMES_OUT: str(out)})
                 produced += json.loads(out.read_text())
         figures = json.loads(RESULTS.read_text())["figures"]
-        results = [Result(**{k: v for k, v in figures[n].items() if k != "ratio"}) for n in produced]
+        results = [Result(**{k: v for k, v in figures[n].items() if k not in ("ratio", "measured")}) for n in produced]
     else:
         results = []
         for name in names:

@@ -74,25 +74,38 @@ def machine() -> dict:
 
 
 def write_results(results: list[Result], command: str) -> None:
+    """Add `results` to bench/results.json (figures of other benchmarks stay as they were) and
+    render docs/benchmarks.md from it."""
     info = machine()
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    figures = {**previous.get("figures", {}), **{r.name: r.as_dict() for r in results}}
-    RESULTS.write_text(json.dumps({"machine": info, "command": command, "figures": figures}, indent=2) + "\n")
+    measured = f"{info['date']}, commit {info['commit']}, `{command}`"
+    figures = {**previous.get("figures", {}), **{r.name: {**r.as_dict(), "measured": measured} for r in results}}
+    data = {"machine": info, "command": command, "figures": figures}
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    write_doc(data)
+
+
+def write_doc(data: dict) -> None:
+    """docs/benchmarks.md from the contents of bench/results.json."""
+    info, command, figures = data["machine"], data["command"], data["figures"]
     lines = [
         "# Benchmarks",
         "",
-        f"Reproduce with `{command}` (all of them: `make bench`). Machine: {info['cpu']}, {info['cores']} cores, "
-        f"torch {info['torch']}, Python {info['python']}; commit {info['commit']}, {info['date']}.",
+        f"Reproduce with `make bench` (one: `python -m bench --only NAME`). Machine: {info['cpu']}, "
+        f"{info['cores']} cores, torch {info['torch']}, Python {info['python']}. Last run: `{command}` at commit "
+        f"{info['commit']}, {info['date']}; each row says when it was measured (figures from earlier runs stay until "
+        "their benchmark runs again).",
         "Each figure is a ratio against a baseline measured in the same run on the same data.",
         "What each figure measures, the levers tried, what helped and what did not: "
         "[performance.md](performance.md).",
         "",
-        "| benchmark | metric | rankloop | baseline | ratio | target |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | metric | rankloop | baseline | ratio | target | measured |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, f in figures.items():
         lines.append(f"| {name} | {f['metric']} | {f['value']:.3g} {f['unit']} | {f['baseline']:.3g} {f['unit']} "
-                     f"({f['baseline_label']}) | {f['ratio']}× | {f['target']} |")
+                     f"({f['baseline_label']}) | {f['ratio']}× | {f['target']} | "
+                     f"{f.get('measured', 'an earlier run (git log bench/results.json)')} |")
     lines.append("")
     for name, f in figures.items():
         if f.get("details"):
