@@ -140,8 +140,9 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_causal_lm(path: Path, dtype=None):
-    """Load a local causal LM folder in eval mode (fp32 unless `dtype` says otherwise)."""
+def load_causal_lm(path: Path, dtype=None, attn_implementation: str | None = None):
+    """Load a local causal LM folder in eval mode (fp32 unless `dtype` says otherwise), with
+    transformers' default attention unless `attn_implementation` names another."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,7 +152,8 @@ def load_causal_lm(path: Path, dtype=None):
             f"{path} is not a model folder (no config.json): run `python -m align prepare-base` "
             "or pass --base with a local Hugging Face model folder."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, **extra)
     model.eval()
     return model
 

@@ -36,6 +36,7 @@ import torch
 
 from align.models import load_causal_lm, load_tokenizer
 from align.training import cpu_has_bf16, tune_malloc
+from app.attention import DECODE_ATTENTION
 from app.decoding import ChatBatcher
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ class PolicyServer:
         tune_malloc()  # the KV cache grows and is freed on every answer
         self.tokenizer = load_tokenizer(self.base_path)
         self.tokenizer.padding_side = "left"
-        self.model = on_model_thread(load_causal_lm, self.base_path, dtype=getattr(torch, dtype))
+        self.model = on_model_thread(load_causal_lm, self.base_path, dtype=getattr(torch, dtype),
+                                     attn_implementation=DECODE_ATTENTION)  # app/attention.py
         # The base without PEFT's wrappers (loading an adapter wraps `self.model`'s layers in
         # place): the same weights, none copied. Base generations run on it.
         self._plain = copy.deepcopy(self.model, {id(t): t for t in (*self.model.parameters(), *self.model.buffers())})
