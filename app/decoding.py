@@ -73,31 +73,65 @@ def repetition_penalty(sampling):
     return RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty) if sampling.repetition_penalty != 1.0 else None
 
 
-def sample_token(scores: torch.Tensor, temperature: float, top_p: float) -> int:
-    """One token from `scores` (logits over the vocabulary, 1-D) with temperature and nucleus
-    (top-p) sampling, greedy when `temperature` is 0.
+def _nucleus(scores: torch.Tensor, top_p: float, top_k: int = 0):
+    """Each row's nucleus of `scores` [rows, vocab]: (token ids by rank, their probabilities,
+    which of them the nucleus keeps), all [rows, k].
 
-    The nucleus is the same as transformers' `TopPLogitsWarper` keeps (a token stays when the
+    The nucleus is the one transformers' `TopPLogitsWarper` keeps (a token stays when the
     probability of the tokens ranked above it is below `top_p`), found among the
     `TOP_P_CANDIDATES` likeliest tokens instead of by sorting the whole vocabulary (49,152 on
-    SmolLM2: sorting it took 3 ms per row and step); when those hold less than `top_p` of the
-    probability, the whole vocabulary is sorted after all.
+    SmolLM2: sorting it took 3 ms per row and step); when those hold less than `top_p` of some
+    row's probability, the whole vocabulary is sorted after all. With `top_k`, first only the
+    `top_k` likeliest tokens stay, their probabilities renormalised (`TopKLogitsWarper` before
+    `TopPLogitsWarper`).
     """
+    vocab = scores.shape[-1]
+    sizes = [top_k] if 0 < top_k < vocab else [min(TOP_P_CANDIDATES, vocab), vocab]
+    log_total = torch.logsumexp(scores, dim=-1, keepdim=True)
+    for k in sizes:
+        top, index = scores.topk(k, dim=-1)
+        if k == top_k:
+            log_total = torch.logsumexp(top, dim=-1, keepdim=True)
+        probs = (top - log_total).exp()
+        above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each
+        if k == sizes[-1] or bool((above[:, -1] + probs[:, -1] >= top_p).all()):
+            break
+    keep = above < top_p if top_p < 1.0 else torch.ones_like(above, dtype=torch.bool)
+    keep[:, 0] = True
+    return index, probs, keep
+
+
+def sample_token(scores: torch.Tensor, temperature: float, top_p: float) -> int:
+    """One token from `scores` (logits over the vocabulary, 1-D) with temperature and nucleus
+    (top-p) sampling (`_nucleus`), greedy when `temperature` is 0."""
     if temperature == 0:
         return int(scores.argmax())
     scores = scores / temperature
     if top_p >= 1.0:
         return int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
-    log_total = torch.logsumexp(scores, dim=-1)
-    for k in (min(TOP_P_CANDIDATES, scores.shape[-1]), scores.shape[-1]):
-        top, index = scores.topk(k)
-        probs = (top - log_total).exp()
-        above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each
-        if above[-1] + probs[-1] >= top_p or k == scores.shape[-1]:
-            break
-    keep = above < top_p
-    keep[0] = True
+    index, probs, keep = (t[0] for t in _nucleus(scores[None], top_p))
     return int(index[keep][torch.multinomial(probs[keep], 1)])
+
+
+class NucleusWarper:
+    """transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` in
+    that order, as one logits processor for `generate` (pass temperature=1.0, top_k=0 and
+    top_p=1.0 beside it so that transformers applies none of them): the same scores out, but
+    the nucleus comes from `_nucleus` instead of a sort of every row's whole vocabulary at
+    every step (16 answers decoded together: 6 ms a step)."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int = 0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive to sample, got {temperature}")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores / self.temperature
+        if self.top_p >= 1.0 and not 0 < self.top_k < scores.shape[-1]:
+            return scores
+        index, _, keep = _nucleus(scores, self.top_p, self.top_k)
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, keep)
+        return scores.masked_fill(~kept, -float("inf"))
 
 
 @dataclass

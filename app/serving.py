@@ -37,7 +37,7 @@ import torch
 from align.models import load_causal_lm, load_tokenizer
 from align.training import cpu_has_bf16, tune_malloc
 from app.attention import DECODE_ATTENTION
-from app.decoding import ChatBatcher
+from app.decoding import ChatBatcher, NucleusWarper
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ STREAM_TIMEOUT_S = 300
 # own copy of each weight its adapter adapts: on SmolLM2-135M in bf16, 57 MB for the top 8
 # layers (a DPO or SFT round's default), 212 MB for all 30 (KTO, PPO); twice that in fp32.
 MERGED_BUDGET_MIB = 600
+GENERATE_TOP_K = 50  # transformers' default for sampling in `generate` (chat streams do not apply it)
 MERGE_CHUNK = 35  # adapted linear layers merged per hold of the lock: five decoder layers of SmolLM2, ~50 ms
 
 
@@ -419,7 +420,13 @@ class PolicyServer:
             repetition_penalty=sampling.repetition_penalty,
         )
         if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            # transformers' temperature, top-k and top-p warpers in one that sorts no vocabulary;
+            # top-k is generate's implicit default, which candidates have always been sampled with
+            from transformers import LogitsProcessorList
+
+            warper = NucleusWarper(sampling.temperature, sampling.top_p, top_k=GENERATE_TOP_K)
+            kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          logits_processor=LogitsProcessorList([warper]))
         else:
             kwargs.update(do_sample=False)
         return kwargs

@@ -339,3 +339,39 @@ def test_a_staged_versions_merged_copy_is_not_evicted_for_a_candidates(fresh_ser
     server.load_adapter("v3", save_tiny_adapter(tiny_model_dir, tmp_path / "v3"), provisional_round=3)
     assert server.merge("v3")
     assert not server.merge("v2") and server.merged_versions() == ["v3"]
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.8, 0.95, 0), (1.3, 0.5, 0), (0.7, 1.0, 0), (0.8, 0.95, 50),
+                                                     (1.0, 1.0, 50), (0.9, 0.3, 50)])
+def test_the_nucleus_warper_gives_the_scores_transformers_warpers_give(temperature, top_p, top_k):
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from app.decoding import NucleusWarper
+
+    torch.manual_seed(3)
+    scores = torch.randn(4, 5000) * torch.tensor([[8.0], [3.0], [0.2], [1.0]])  # peaked to flat: the flat row
+    ids = torch.zeros(4, 1, dtype=torch.long)                                  # needs the whole-vocabulary path
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) \
+        + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    theirs = LogitsProcessorList(warpers)(ids, scores)
+    ours = NucleusWarper(temperature, top_p, top_k)(ids, scores)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_sampled_candidates_are_the_tokens_transformers_own_warpers_sample(server):
+    """`generate` with the server's settings (NucleusWarper, transformers' temperature and
+    top-p off) draws the same answers, seed for seed, as with transformers' warpers."""
+    sampling = SamplingParams(temperature=0.9, top_p=0.8, repetition_penalty=1.2, max_new_tokens=16)
+    inputs = server._encode([messages(p) for p in PROMPTS], 2)
+    theirs_kwargs = {**server._generate_kwargs(sampling), "temperature": 0.9, "top_p": 0.8}
+    del theirs_kwargs["logits_processor"], theirs_kwargs["top_k"]  # transformers' default top-k: 50
+    with torch.inference_mode():
+        torch.manual_seed(11)
+        ours = server._plain.generate(**inputs, **server._generate_kwargs(sampling))
+        torch.manual_seed(11)
+        theirs = server._plain.generate(**inputs, **theirs_kwargs)
+    assert ours.tolist() == theirs.tolist()
+
+
+
