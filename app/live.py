@@ -167,6 +167,7 @@ class LiveWatcher:
         parent = db.execute("SELECT parent FROM policies WHERE version = ?", [server.live_version]).fetchone()
         retired = {r[0] for r in db.execute("SELECT version FROM policies WHERE kind = 'policy' AND state = 'retired'")}
         for version in sorted(loaded & retired - {parent[0] if parent else None}):
+            # a look without the lock first: taking it (at SWAP) would pause the chat batch for nothing
             if server.idle_seconds(version) >= RETIRED_IDLE_S and server.unload_adapter(version,
                                                                                        idle_for=RETIRED_IDLE_S):
                 self._merge_tried.discard(version)

@@ -281,10 +281,10 @@ class PolicyServer:
         was unloaded."""
         if version == BASE_VERSION or version not in self._adapters:
             return False
-        if version == self._live:
-            raise ValueError(f"{version} is live: promote another version before unloading it")
         with self._lock.hold(ModelLock.SWAP):
-            if version == self._live or (idle_for is not None and self.idle_seconds(version) < idle_for):
+            if version == self._live:
+                raise ValueError(f"{version} is live: promote another version before unloading it")
+            if idle_for is not None and self.idle_seconds(version) < idle_for:
                 return False
             on_model_thread(self.model.delete_adapter, version)
             del self._adapters[version]
