@@ -14,6 +14,7 @@ from collections import defaultdict
 
 from annotations.db import write_transaction
 from annotations.errors import InvalidInput, NotFound, PermissionDenied
+from annotations.quality import refresh_pair_weights
 from annotations.store import MAX_ANSWER_CHARS, add_prompt
 
 WINNERS = ("A", "B", "tie", "both_bad")
@@ -63,6 +64,7 @@ def vote(db, user_id: int, battle_id: int, winner: str) -> dict:
                 [prompt_id, chosen[0], rejected[0], user_id, chosen[1], rejected[1]],
             )
             pair_id = cursor.lastrowid
+            refresh_pair_weights(db, pair_ids=[pair_id])
         db.execute(
             "UPDATE arena_battles SET winner = ?, pair_id = ?, voted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
             " WHERE id = ?", [winner, pair_id, battle_id])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from annotations.db import write_transaction
 from annotations.errors import ImportFormatError, InvalidInput
-from annotations.quality import check_weight_by, pair_weights, select_pair_ids
+from annotations.quality import check_weight_by, pair_weights, select_pair_ids, weighting
 from annotations.store import (
     DEFAULT_HELDOUT_FRACTION,
     MAX_ANSWER_CHARS,
@@ -395,6 +395,10 @@ def import_file(
                 [prompt_id, record["chosen"], record["rejected"], batch],
             )
             report.pairs_created += 1
+        if report.pairs_created:
+            # the import source's weight, as an admin set it (annotations.quality)
+            import_weight = weighting(db)["sources"]["import"]
+            db.execute("UPDATE pairs SET weight = ? WHERE import_batch = ?", [import_weight, batch])
         if queue and new_prompt_ids:
             report.items_queued = len(queue_items(db, new_prompt_ids, mode=mode, k=k, overlap=overlap))
     return report

@@ -272,3 +272,24 @@ def m009_round_staged_adapter(db):
     """A running round's trained adapter, written but not yet registered (the app loads it
     while the round evaluates, so the gate's promotion finds it ready)."""
     _sql(db, "ALTER TABLE rounds ADD COLUMN staged_path TEXT")
+
+
+@migrations()
+def m010_item_views_and_truncation(db):
+    """What each person was shown (so a re-shown item keeps its letters and its served time,
+    and an item someone has open stays answerable after it is retired or filled), and whether
+    a generated answer was cut off by the token budget."""
+    _sql(
+        db,
+        """CREATE TABLE item_views (
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            shown_order TEXT NOT NULL,         -- JSON candidate ids in the order shown (letters A, B, ...)
+            served_at REAL NOT NULL,           -- unix time the item was first shown to this user
+            view_key TEXT NOT NULL,            -- the idempotency key its submission carries
+            PRIMARY KEY (item_id, user_id)
+        )""",
+        # 1: the answer reached the token budget before its end-of-turn; 0: it ended by itself;
+        # NULL: unknown (human-written, imported, or generated before this column existed).
+        "ALTER TABLE candidates ADD COLUMN truncated INTEGER",
+    )

@@ -85,18 +85,22 @@ class _Judged:
     annotators: dict[int, _Annotator]  # user id -> name, judgement count, decision times
 
 
-def _read_judged(db) -> _Judged:
+def _read_judged(db, items: str = "", params: Sequence = ()) -> _Judged:
+    """Everything quality needs, for every item, or for those the SQL condition `items` on
+    `item_id` selects (e.g. "item_id IN (...)")."""
+    scope = f" AND {items}" if items else ""
     model_ids = defaultdict(list)
     for item_id, candidate_id in db.execute(
         "SELECT item_id, id FROM candidates WHERE policy_version IS NOT NULL AND item_id IN"
-        " (SELECT item_id FROM judgements UNION SELECT id FROM items WHERE gold IS NOT NULL)"
+        " (SELECT item_id FROM judgements UNION SELECT id FROM items WHERE gold IS NOT NULL)" + scope, list(params)
     ).fetchall():
         model_ids[item_id].append(candidate_id)
     values: dict[Unit, dict[int, int]] = defaultdict(dict)
     annotators: dict[int, _Annotator] = {}
     for item_id, user_id, name, ranking, both_bad, decision_ms in db.execute(
         "SELECT j.item_id, j.user_id, users.name, j.ranking, j.both_bad, j.decision_ms"
-        " FROM judgements j JOIN users ON users.id = j.user_id ORDER BY j.id"
+        " FROM judgements j JOIN users ON users.id = j.user_id WHERE 1" + scope.replace("item_id", "j.item_id")
+        + " ORDER BY j.id", list(params)
     ).fetchall():
         annotator = annotators.setdefault(user_id, _Annotator(name))
         annotator.judgements += 1
@@ -105,7 +109,9 @@ def _read_judged(db) -> _Judged:
         for (low, high), value in unit_values(json.loads(ranking), model_ids[item_id], both_bad=bool(both_bad)).items():
             values[(item_id, low, high)][user_id] = value
     gold = {}
-    for item_id, ranking in db.execute("SELECT id, gold FROM items WHERE gold IS NOT NULL").fetchall():
+    for item_id, ranking in db.execute(
+        "SELECT id, gold FROM items WHERE gold IS NOT NULL" + scope.replace("item_id", "id"), list(params)
+    ).fetchall():
         for (low, high), value in unit_values(json.loads(ranking), model_ids[item_id]).items():
             gold[(item_id, low, high)] = value
     return _Judged(dict(values), gold, annotators)
@@ -246,18 +252,16 @@ def _check_fraction(name: str, value: float | None) -> None:
 
 
 def pair_weights(db, *, by_agreement: bool = False, by_annotator_accuracy: bool = False) -> dict[int, float]:
-    """Training weight of every pair, by pair id: its stored weight, times its item agreement
-    (`by_agreement`) and/or its annotator's gold accuracy (`by_annotator_accuracy`). A factor
-    that is unknown (no unit, no annotator, no gold seen) counts as 1.0."""
-    weights = {}
-    for pair_id, quality in pair_quality(db).items():
-        weight = quality.weight
-        if by_agreement and quality.agreement is not None:
-            weight *= quality.agreement
-        if by_annotator_accuracy and quality.annotator_accuracy is not None:
-            weight *= quality.annotator_accuracy
-        weights[pair_id] = weight
-    return weights
+    """Weight of every pair, by pair id, as `refresh_pair_weights` computes it but with these
+    factors instead of the project's settings: its source's weight, times its item agreement
+    (`by_agreement`) and/or its annotator's trust (`by_annotator_accuracy`). A factor that is
+    unknown (no unit, no annotator, no gold seen) counts as 1.0."""
+    settings = {**weighting(db), "agreement": by_agreement, "annotator_accuracy": by_annotator_accuracy}
+    rows = db.execute(
+        "SELECT pairs.id, pairs.source, pairs.weight, pairs.user_id, pairs.chosen_candidate_id,"
+        " pairs.rejected_candidate_id, j.item_id FROM pairs LEFT JOIN judgements j ON j.id = pairs.judgement_id"
+    ).fetchall()
+    return {row[0]: weight for row, weight in zip(rows, _weigh(db, rows, settings))}
 
 
 def select_pair_ids(db, *, min_agreement: float | None = None, min_annotator_accuracy: float | None = None) -> set[int]:
@@ -279,3 +283,128 @@ def select_pair_ids(db, *, min_agreement: float | None = None, min_annotator_acc
 def check_weight_by(weight_by: str | None) -> None:
     if weight_by is not None and weight_by not in WEIGHT_BY:
         raise InvalidInput(f"weight_by {weight_by!r} is unknown: use one of {', '.join(WEIGHT_BY)} (or none)")
+
+
+# ---------------------------------------------------------------- training weights
+#
+# Every stored pair carries the weight training gives its loss (`pairs.weight`), computed here
+# whenever a pair is derived, its item gets another judgement, its annotator's gold record
+# changes, or an admin changes the weighting:
+#
+#     weight = source weight  x  item agreement (if on)  x  annotator trust (if on)
+#
+# - source weight: set by an admin per source (annotation, arena, chat, import), 1.0 by default;
+# - item agreement: as defined above (1.0 for a unit judged once, or a pair without a unit);
+# - annotator trust: the annotator's gold accuracy shrunk towards 1 by `GOLD_PRIOR_UNITS`
+#   virtual correct units, (right + 2) / (units + 2): an annotator is trusted until gold
+#   items show otherwise, and one wrong gold unit does not zero their work (0 of 1: 0.67,
+#   0 of 10: 0.17, 9 of 10: 0.92). Unknown (no gold seen): 1.0.
+# Filters (`select_pair_ids`) keep using the raw figures: they are explicit thresholds.
+
+WEIGHT_SOURCES = ("annotation", "arena", "chat", "import")
+PAIR_SOURCE = {"judgement": "annotation", "arena": "arena", "import": "import"}
+GOLD_PRIOR_UNITS = 2
+WEIGHTING_SETTING = "weighting"
+DEFAULT_WEIGHTING = {"agreement": True, "annotator_accuracy": True, "sources": {s: 1.0 for s in WEIGHT_SOURCES}}
+MAX_SOURCE_WEIGHT = 10.0
+
+
+def check_weighting(value: dict | None) -> dict:
+    """The weighting settings, complete and validated (InvalidInput says what is wrong)."""
+    value = dict(value or {})
+    unknown = set(value) - set(DEFAULT_WEIGHTING)
+    if unknown:
+        raise InvalidInput(f"unknown weighting key(s) {', '.join(sorted(unknown))}: use agreement, "
+                           "annotator_accuracy, sources")
+    out = {**DEFAULT_WEIGHTING, **value}
+    for key in ("agreement", "annotator_accuracy"):
+        if not isinstance(out[key], bool):
+            raise InvalidInput(f"weighting {key} must be true or false")
+    sources = {**DEFAULT_WEIGHTING["sources"], **(value.get("sources") or {})}
+    for source, weight in sources.items():
+        if source not in WEIGHT_SOURCES:
+            raise InvalidInput(f"source {source!r} is unknown: use one of {', '.join(WEIGHT_SOURCES)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= MAX_SOURCE_WEIGHT:
+            raise InvalidInput(f"the weight of source {source} must be a number from 0 to {MAX_SOURCE_WEIGHT:g}")
+        sources[source] = float(weight)
+    out["sources"] = sources
+    return out
+
+
+def weighting(db) -> dict:
+    """The project's weighting settings (defaults where unset)."""
+    from annotations.store import get_setting
+
+    return check_weighting(get_setting(db, WEIGHTING_SETTING, None))
+
+
+def set_weighting(db, value: dict) -> dict:
+    """Store new weighting settings and re-weigh every pair, in one transaction."""
+    from annotations.db import write_transaction
+    from annotations.store import set_setting
+
+    value = check_weighting(value)
+    with write_transaction(db):
+        set_setting(db, WEIGHTING_SETTING, value)
+        refresh_pair_weights(db)
+    return value
+
+
+def annotator_trust(right: int, units: int) -> float:
+    """Gold accuracy shrunk towards 1: (right + GOLD_PRIOR_UNITS) / (units + GOLD_PRIOR_UNITS)."""
+    return (right + GOLD_PRIOR_UNITS) / (units + GOLD_PRIOR_UNITS)
+
+
+def _gold_record(db, user_ids: Sequence[int] | None) -> dict[int, tuple[int, int]]:
+    """user id -> (right, units) on gold items, for `user_ids` (None: everyone)."""
+    judged = _read_judged(db, "item_id IN (SELECT id FROM items WHERE gold IS NOT NULL)")
+    record = _gold_accuracy(judged)
+    return record if user_ids is None else {u: record[u] for u in user_ids if u in record}
+
+
+def refresh_pair_weights(db, *, item_ids: Sequence[int] | None = None, user_ids: Sequence[int] | None = None,
+                         pair_ids: Sequence[int] | None = None) -> int:
+    """Recompute `pairs.weight` for the pairs of these items' judgements, of these users, and
+    these pair ids (all pairs if none is given); returns how many weights changed. Runs in the
+    caller's transaction (store functions call it inside theirs)."""
+    settings = weighting(db)
+    conditions, params = [], []
+    for column, ids in (("j.item_id", item_ids), ("pairs.user_id", user_ids), ("pairs.id", pair_ids)):
+        if ids is not None:
+            conditions.append(f"{column} IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps([int(i) for i in ids]))
+    if conditions and not any(json.loads(p) for p in params):
+        return 0
+    rows = db.execute(
+        "SELECT pairs.id, pairs.source, pairs.weight, pairs.user_id, pairs.chosen_candidate_id,"
+        " pairs.rejected_candidate_id, j.item_id FROM pairs LEFT JOIN judgements j ON j.id = pairs.judgement_id"
+        + (" WHERE " + " OR ".join(conditions) if conditions else ""), params
+    ).fetchall()
+    changed = 0
+    for (pair_id, *_), weight, old in zip(rows, _weigh(db, rows, settings), (r[2] for r in rows)):
+        if abs(weight - old) > 1e-12:
+            db.execute("UPDATE pairs SET weight = ? WHERE id = ?", [weight, pair_id])
+            changed += 1
+    return changed
+
+
+def _weigh(db, rows, settings: dict) -> list[float]:
+    """The weight of each pair row (id, source, stored weight, user id, chosen candidate,
+    rejected candidate, item id) under `settings`."""
+    items = sorted({r[6] for r in rows if r[6] is not None})
+    values = _read_judged(db, "item_id IN (SELECT value FROM json_each(?))", [json.dumps(items)]).values \
+        if settings["agreement"] and items else {}
+    gold = _gold_record(db, sorted({r[3] for r in rows if r[3] is not None})) \
+        if settings["annotator_accuracy"] else {}
+    weights = []
+    for _, source, _, user_id, chosen, rejected, item_id in rows:
+        weight = settings["sources"][PAIR_SOURCE.get(source, "annotation")]
+        if item_id is not None and chosen is not None and rejected is not None:
+            unit = values.get((item_id, min(chosen, rejected), max(chosen, rejected)))
+            if unit:
+                direction = 1 if chosen < rejected else -1
+                weight *= sum(value == direction for value in unit.values()) / len(unit)
+        if user_id in gold:
+            weight *= annotator_trust(*gold[user_id])
+        weights.append(weight)
+    return weights

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
+import uuid
 from itertools import combinations
 from typing import Iterable, Sequence
 
@@ -243,7 +245,9 @@ def count_items(db, status: str) -> int:
 def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
     """Attach generated answers to a pending item and mark it ready.
 
-    Each candidate is {text, policy_version, sampling (dict), gen_seconds}.
+    Each candidate is {text, policy_version, sampling (dict), gen_seconds, truncated}:
+    `truncated` True when the answer reached the token budget before its end-of-turn (None:
+    not known).
     """
     with write_transaction(db):
         row = db.execute("SELECT status, k FROM items WHERE id = ?", [item_id]).fetchone()
@@ -257,10 +261,12 @@ def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
         ids = []
         for c in candidates:
             text = c["text"][:MAX_ANSWER_CHARS]
+            truncated = c.get("truncated")
             cursor = db.execute(
-                "INSERT INTO candidates (item_id, text, policy_version, sampling, gen_seconds)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [item_id, text, c.get("policy_version"), json.dumps(c.get("sampling", {})), c.get("gen_seconds")],
+                "INSERT INTO candidates (item_id, text, policy_version, sampling, gen_seconds, truncated)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [item_id, text, c.get("policy_version"), json.dumps(c.get("sampling", {})), c.get("gen_seconds"),
+                 None if truncated is None else int(bool(truncated))],
             )
             ids.append(cursor.lastrowid)
         db.execute("UPDATE items SET status = 'ready' WHERE id = ?", [item_id])
@@ -276,9 +282,9 @@ def _item_payload(db, item_id: int) -> dict:
     if item is None:
         raise NotFound(f"no item {item_id}")
     candidates = [
-        {"id": r[0], "text": r[1], "policy_version": r[2]}
+        {"id": r[0], "text": r[1], "policy_version": r[2], "truncated": None if r[3] is None else bool(r[3])}
         for r in db.execute(
-            "SELECT id, text, policy_version FROM candidates WHERE item_id = ? AND policy_version IS NOT NULL"
+            "SELECT id, text, policy_version, truncated FROM candidates WHERE item_id = ? AND policy_version IS NOT NULL"
             " ORDER BY id",
             [item_id],
         ).fetchall()
@@ -293,20 +299,49 @@ def _item_payload(db, item_id: int) -> dict:
     }
 
 
-def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS, now: float | None = None) -> dict | None:
-    """Lease the next item this user should judge, or None if nothing is ready.
+def _view(db, item_id: int, user_id: int, now: float) -> dict:
+    """The item as this user sees it: the answers in the order first shown to them, when that
+    was, and the idempotency key of their submission. Created (shuffled) on the first showing."""
+    row = db.execute(
+        "SELECT shown_order, served_at, view_key FROM item_views WHERE item_id = ? AND user_id = ?",
+        [item_id, user_id],
+    ).fetchone()
+    payload = _item_payload(db, item_id)
+    if row is None:
+        order = [c["id"] for c in payload["candidates"]]
+        random.shuffle(order)
+        row = (json.dumps(order), now, uuid.uuid4().hex)
+        db.execute(
+            "INSERT INTO item_views (item_id, user_id, shown_order, served_at, view_key) VALUES (?, ?, ?, ?, ?)",
+            [item_id, user_id, *row],
+        )
+    by_id = {c["id"]: c for c in payload["candidates"]}
+    order = [cid for cid in json.loads(row[0]) if cid in by_id]
+    payload.update(candidates=[by_id[cid] for cid in order], shown_order=order, served_at=row[1], view_key=row[2])
+    return payload
 
-    An item is handed to a user at most once, and only while its judgements plus the
-    unexpired leases of other users stay below its overlap, so two annotators never fill
-    the same slot. A user who asks again before judging gets the item they already hold
-    (a reloaded page shows the same item); an abandoned lease expires and frees the slot.
+
+def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS, now: float | None = None) -> dict | None:
+    """Lease the next item this user should judge and return it as they see it, or None.
+
+    Call it when the item is actually shown to the person. An item is handed to a user at
+    most once, and only while its judgements plus the unexpired leases of other users stay
+    below its overlap, so two annotators never fill the same slot. A user who asks again
+    before judging gets the item they already hold, with the same letters, served time and
+    submission key (a reloaded page shows the same thing); an abandoned lease expires and
+    frees the slot. Items of a prompt the user skipped are never dealt to them again.
+
+    The payload's `candidates` are in the order shown (A, B, ...), also as `shown_order`;
+    `served_at` is when this user first saw the item, `view_key` its submission's key.
     """
     now = time.time() if now is None else now
     with write_transaction(db):
         db.execute("DELETE FROM leases WHERE expires_at <= ?", [now])
         held = db.execute(
             "SELECT leases.item_id FROM leases JOIN items ON items.id = leases.item_id"
-            " WHERE leases.user_id = ? AND items.status = 'ready' ORDER BY leases.expires_at LIMIT 1",
+            " WHERE leases.user_id = ? AND items.status = 'ready'"
+            " AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id AND j.user_id = leases.user_id)"
+            " ORDER BY leases.expires_at LIMIT 1",
             [user_id],
         ).fetchone()
         if held:
@@ -316,7 +351,8 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                 """SELECT items.id FROM items
                    WHERE items.status = 'ready'
                      AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id AND j.user_id = :user)
-                     AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.item_id = items.id AND s.user_id = :user)
+                     AND NOT EXISTS (SELECT 1 FROM skips s JOIN items skipped ON skipped.id = s.item_id
+                                     WHERE s.user_id = :user AND skipped.prompt_id = items.prompt_id)
                      AND (SELECT count(*) FROM judgements j WHERE j.item_id = items.id)
                        + (SELECT count(*) FROM leases l WHERE l.item_id = items.id) < items.overlap
                    ORDER BY items.id LIMIT 1""",
@@ -329,7 +365,7 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
             "INSERT OR REPLACE INTO leases (item_id, user_id, expires_at) VALUES (?, ?, ?)",
             [item_id, user_id, now + lease_seconds],
         )
-        return _item_payload(db, item_id)
+        return _view(db, item_id, user_id, now)
 
 
 def release_lease(db, user_id: int, item_id: int) -> None:
@@ -418,11 +454,16 @@ def submit_judgement(
                     raise InvalidInput("this idempotency key belongs to another user's submission")
                 n = db.execute("SELECT count(*) FROM pairs WHERE judgement_id = ?", [row[0]]).fetchone()[0]
                 return {"judgement_id": row[0], "pairs": n, "duplicate": True}
-        item = db.execute("SELECT status, mode, prompt_id, overlap FROM items WHERE id = ?", [item_id]).fetchone()
+        item = db.execute("SELECT status, mode, prompt_id, overlap, gold FROM items WHERE id = ?",
+                          [item_id]).fetchone()
         if item is None:
             raise NotFound(f"no item {item_id}")
-        status, mode, prompt_id, overlap = item
-        if status != "ready":
+        status, mode, prompt_id, overlap, gold = item
+        shown = db.execute(
+            "SELECT 1 FROM item_views WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone()
+        # An item someone was shown stays answerable whatever happened to it since (a promotion
+        # retired it, other annotators filled its overlap): what they judged is kept.
+        if status not in ("ready", "complete", "retired") or (status != "ready" and not shown):
             raise InvalidInput(f"item {item_id} is {status}; it takes no more judgements")
         if db.execute("SELECT 1 FROM judgements WHERE item_id = ? AND user_id = ?", [item_id, user_id]).fetchone():
             raise InvalidInput(f"you have already judged item {item_id}")
@@ -479,6 +520,10 @@ def submit_judgement(
                 [prompt_id, candidates[chosen]["text"], candidates[rejected]["text"], judgement_id,
                  chosen, rejected, user_id, candidates[chosen]["version"], candidates[rejected]["version"]],
             )
+        # Weights: this item's agreement changed; on a gold item, so did this annotator's trust.
+        from annotations.quality import refresh_pair_weights
+
+        refresh_pair_weights(db, item_ids=[item_id], user_ids=[user_id] if gold else None)
         if both_bad:
             ratings.update({candidate_id: -1 for candidate_id in model_ids if candidate_id not in ratings})
         for candidate_id, value in ratings.items():
@@ -488,7 +533,7 @@ def submit_judgement(
             )
         db.execute("DELETE FROM leases WHERE item_id = ? AND user_id = ?", [item_id, user_id])
         done = db.execute("SELECT count(*) FROM judgements WHERE item_id = ?", [item_id]).fetchone()[0]
-        if done >= overlap:
+        if done >= overlap and status == "ready":
             db.execute("UPDATE items SET status = 'complete' WHERE id = ?", [item_id])
         return {"judgement_id": judgement_id, "pairs": len(pairs), "duplicate": False}
 
@@ -549,24 +594,32 @@ def set_gold(db, item_id: int, ranking: Sequence[Sequence[int]]) -> None:
             " WHERE id = ?",
             [json.dumps(tiers), GOLD_OVERLAP, item_id],
         )
+        from annotations.quality import refresh_pair_weights
+
+        judged_by = [r[0] for r in db.execute("SELECT user_id FROM judgements WHERE item_id = ?", [item_id])]
+        refresh_pair_weights(db, user_ids=judged_by)  # their gold record, hence their trust, changed
 
 
-def retire_stale_items(db, live_version: str) -> int:
+def retire_stale_items(db, live_version: str, *, now: float | None = None) -> int:
     """Unjudged items whose answers came from a version other than the live one (and that
     did not ask for specific versions) are retired and their prompts queued afresh, so the
-    next annotation round judges the current policy. Returns how many were requeued."""
+    next annotation round judges the current policy. Items someone holds (an unexpired lease:
+    open in their browser) are left alone; an item shown to someone stays answerable by them
+    even once retired (`submit_judgement`). Returns how many were requeued."""
+    now = time.time() if now is None else now
     with write_transaction(db):
         rows = db.execute(
             """SELECT items.id, items.prompt_id, items.mode, items.k, items.overlap, items.sampling FROM items
                WHERE items.status IN ('ready') AND items.versions IS NULL AND items.gold IS NULL
                  AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id)
+                 AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_id = items.id AND l.expires_at > :now)
                  AND EXISTS (SELECT 1 FROM candidates c WHERE c.item_id = items.id
-                             AND c.policy_version IS NOT NULL AND c.policy_version != ?)""",
-            [live_version],
+                             AND c.policy_version IS NOT NULL AND c.policy_version != :live)""",
+            {"live": live_version, "now": now},
         ).fetchall()
         for item_id, prompt_id, mode, k, overlap, sampling in rows:
             db.execute("UPDATE items SET status = 'retired' WHERE id = ?", [item_id])
-            db.execute("DELETE FROM leases WHERE item_id = ?", [item_id])
+            db.execute("DELETE FROM leases WHERE item_id = ?", [item_id])  # expired ones only, by the query
             # The fresh item keeps the decoding settings the admin asked for.
             queue_items(db, [prompt_id], mode=mode, k=k, overlap=overlap,
                         sampling=json.loads(sampling) if sampling else None)

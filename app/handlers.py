@@ -8,7 +8,6 @@ hidden button protects nothing.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import string
 import tempfile
@@ -86,24 +85,25 @@ def _admin(user):
 def next_item(ctx: AppContext, user: dict | None) -> dict | None:
     """Lease the next item for this annotator and return what the page shows, or None.
 
-    The answers are shown in a random order, labelled A, B, ...; that order is returned
-    (and later stored) as `shown_order`. `key` is the idempotency key its submission carries.
+    Call it when the Annotate page actually shows the item. The answers are labelled A, B, ...
+    in the order the store dealt them to this user (random, and the same every time the same
+    item is shown to them again); that order is later stored as `shown_order`. `served_at` is
+    when they first saw it, `key` the idempotency key its submission carries.
     """
     user = _annotator(user)
     item = store.next_item(ctx.db(), user["id"], lease_seconds=ctx.lease_seconds)
     ctx.wake_prefetcher()
     if item is None:
         return None
-    candidates = list(item["candidates"])
-    random.shuffle(candidates)
     return {
         "item_id": item["id"],
         "mode": item["mode"],
         "messages": item["messages"],
-        "answers": [{"id": c["id"], "text": c["text"], "letter": LETTERS[i]} for i, c in enumerate(candidates)],
-        "shown_order": [c["id"] for c in candidates],
-        "served_at": time.time(),
-        "key": uuid.uuid4().hex,
+        "answers": [{"id": c["id"], "text": c["text"], "letter": LETTERS[i], "truncated": bool(c["truncated"])}
+                    for i, c in enumerate(item["candidates"])],
+        "shown_order": item["shown_order"],
+        "served_at": item["served_at"],
+        "key": item["view_key"],
     }
 
 

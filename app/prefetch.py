@@ -126,7 +126,7 @@ class Prefetcher:
             item["id"],
             [
                 {"text": g.text, "policy_version": g.version, "sampling": g.sampling,
-                 "gen_seconds": g.seconds / batch_answers}
+                 "gen_seconds": g.seconds / batch_answers, "truncated": g.truncated}
                 for g in generations
             ],
         )

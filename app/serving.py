@@ -106,6 +106,7 @@ class Generation:
     version: str
     seconds: float
     sampling: dict
+    truncated: bool = False  # cut off by max_new_tokens before its end-of-turn token
 
 
 class Preempted(Exception):
@@ -476,7 +477,9 @@ class PolicyServer:
                 raise Preempted()
         prompt_len = inputs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-        answers = [Generation(t.strip(), version, seconds, sampling.as_dict()) for t in texts]
+        ended = (out[:, prompt_len:] == self.tokenizer.eos_token_id).any(dim=1).tolist()
+        answers = [Generation(t.strip(), version, seconds, sampling.as_dict(), truncated=not e)
+                   for t, e in zip(texts, ended)]
         return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _run_generate(self, version: str, inputs: dict, kwargs: dict) -> torch.Tensor:

@@ -12,7 +12,14 @@ import pytest
 
 from annotations import InvalidInput, open_db
 from annotations.formats import export_pairs, import_file, pair_rows
-from annotations.quality import agreement_report, pair_quality, pair_weights, select_pair_ids, unit_values
+from annotations.quality import (
+    agreement_report,
+    pair_quality,
+    pair_weights,
+    select_pair_ids,
+    set_weighting,
+    unit_values,
+)
 from annotations.store import add_candidates, add_prompt, add_user, queue_items, set_gold, submit_judgement
 from tests.conftest import REPO
 
@@ -263,20 +270,63 @@ def test_pair_weights_by_agreement(db, pairs_store):
 
 
 def test_pair_weights_by_annotator_accuracy_unknown_accuracy_counts_one(db, pairs_store):
+    # trust = (right + 2) / (units + 2): ann 1 of 1 -> 1, cat 0 of 1 -> 2/3, bob no gold -> 1
     assert named(pairs_store, pair_weights(db, by_annotator_accuracy=True)) == {
-        "ann_x": 1.0, "bob_x": 1.0, "cat_x": 0.0, "ann_g": 1.0, "cat_g": 0.0, "imported": 1.0}
+        "ann_x": 1.0, "bob_x": 1.0, "cat_x": approx("2/3"), "ann_g": 1.0, "cat_g": approx("2/3"), "imported": 1.0}
 
 
 def test_pair_weights_by_both_multiply(db, pairs_store):
     assert named(pairs_store, pair_weights(db, by_agreement=True, by_annotator_accuracy=True)) == {
-        "ann_x": approx("2/3"), "bob_x": approx("2/3"), "cat_x": 0.0, "ann_g": 0.5, "cat_g": 0.0, "imported": 1.0}
+        "ann_x": approx("2/3"), "bob_x": approx("2/3"), "cat_x": approx("2/9"), "ann_g": 0.5, "cat_g": approx("1/3"),
+        "imported": 1.0}
 
 
-def test_pair_weights_multiply_stored_weight(db, pairs_store):
-    db.execute("UPDATE pairs SET weight = 0.5 WHERE id = ?", [pairs_store["ann_x"]])
-    db.conn.commit()
-    assert pair_weights(db, by_agreement=True)[pairs_store["ann_x"]] == approx("1/3")
-    assert pair_weights(db)[pairs_store["ann_x"]] == 0.5
+def test_stored_weights_are_agreement_times_trust_by_default(db, pairs_store):
+    stored = dict(db.execute("SELECT id, weight FROM pairs").fetchall())
+    assert named(pairs_store, stored) == named(pairs_store, pair_weights(db, by_agreement=True,
+                                                                         by_annotator_accuracy=True))
+
+
+def test_pair_weights_multiply_source_weight(db, pairs_store):
+    set_weighting(db, {"sources": {"annotation": 0.5, "import": 2.0}})
+    weights = pair_weights(db, by_agreement=True)
+    assert weights[pairs_store["ann_x"]] == approx("1/3")
+    assert weights[pairs_store["imported"]] == 2.0
+    stored = dict(db.execute("SELECT id, weight FROM pairs").fetchall())
+    assert stored[pairs_store["cat_x"]] == approx("1/9")  # 0.5 x 1/3 x 2/3, re-weighed when the settings changed
+    assert stored[pairs_store["imported"]] == 2.0
+
+
+def test_set_weighting_factors_off_leaves_source_weight(db, pairs_store):
+    set_weighting(db, {"agreement": False, "annotator_accuracy": False})
+    assert set(dict(db.execute("SELECT id, weight FROM pairs").fetchall()).values()) == {1.0}
+
+
+@pytest.mark.parametrize("bad", [{"sources": {"email": 1.0}}, {"sources": {"arena": -1}}, {"agreement": "yes"},
+                                 {"votes": True}])
+def test_set_weighting_rejects_bad_value(db, bad):
+    with pytest.raises(InvalidInput):
+        set_weighting(db, bad)
+
+
+def test_weight_follows_a_later_judgement_of_the_same_item(db, users):
+    x, (a, b) = ready_item(db, "item Y")
+    first = judge_value(db, users["ann"], x, a, b, 1)
+    pair_id = db.execute("SELECT id FROM pairs WHERE judgement_id = ?", [first["judgement_id"]]).fetchone()[0]
+    assert db.execute("SELECT weight FROM pairs WHERE id = ?", [pair_id]).fetchone()[0] == 1.0
+    judge_value(db, users["bob"], x, a, b, -1)
+    assert db.execute("SELECT weight FROM pairs WHERE id = ?", [pair_id]).fetchone()[0] == 0.5
+
+
+def test_weight_follows_the_annotators_gold_record(db, users):
+    x, (a, b) = ready_item(db, "item Z")
+    g, (first, second) = ready_item(db, "gold Z")
+    mine = judge_value(db, users["cat"], x, a, b, 1)
+    judge_value(db, users["cat"], g, first, second, -1)
+    pair_id = db.execute("SELECT id FROM pairs WHERE judgement_id = ?", [mine["judgement_id"]]).fetchone()[0]
+    assert db.execute("SELECT weight FROM pairs WHERE id = ?", [pair_id]).fetchone()[0] == 1.0
+    set_gold(db, g, [[first], [second]])  # cat got the gold item wrong: 0 of 1 -> trust 2/3
+    assert db.execute("SELECT weight FROM pairs WHERE id = ?", [pair_id]).fetchone()[0] == approx("2/3")
 
 
 def test_select_pair_ids_min_agreement_keeps_pairs_without_unit(db, pairs_store):
@@ -331,11 +381,13 @@ def test_pair_rows_weight_by_agreement_fills_weight_column(db, pairs_store):
 def test_pair_rows_weight_by_accuracy_with_filter(db, pairs_store):
     rows = pair_rows(db, with_meta=True, weight_by="accuracy", min_agreement=0.5)
     assert named(pairs_store, {row["id"]: row["weight"] for row in rows}) == {
-        "ann_x": 1.0, "bob_x": 1.0, "ann_g": 1.0, "cat_g": 0.0, "imported": 1.0}
+        "ann_x": 1.0, "bob_x": 1.0, "ann_g": 1.0, "cat_g": approx("2/3"), "imported": 1.0}
 
 
 def test_pair_rows_without_weight_by_keeps_stored_weight(db, pairs_store):
-    assert {row["weight"] for row in pair_rows(db, with_meta=True)} == {1.0}
+    rows = pair_rows(db, with_meta=True)
+    stored = dict(db.execute("SELECT id, weight FROM pairs").fetchall())
+    assert {row["id"]: row["weight"] for row in rows} == stored
 
 
 def test_pair_rows_rejects_unknown_weight_by(db, pairs_store):

@@ -136,7 +136,7 @@ def test_next_item_does_not_show_other_annotators_written_answer(db, users):
     submit_judgement(db, users["ann"], item_id, [[a], [b]], shown_order=[a, b], human_text="Mine.")
     item = next_item(db, users["bob"])
     assert item["id"] == item_id
-    assert [c["id"] for c in item["candidates"]] == [a, b]
+    assert sorted(c["id"] for c in item["candidates"]) == [a, b]
 
 
 # ---------------------------------------------------------------- thumbs ratings
@@ -349,12 +349,77 @@ def test_retire_stale_items_requeues_unjudged_item_of_old_version(db, users):
     assert (mode, k, overlap) == ("ranking", 3, 2)
 
 
-def test_retire_stale_items_releases_leases_on_retired_item(db, users):
+def test_retire_stale_items_leaves_item_someone_holds(db, users):
     item_id, _ = ready_item(db, version="base")
     next_item(db, users["ann"])
+    assert retire_stale_items(db, "v1") == 0
+    assert item_row(db, item_id)["status"] == "ready"
+    assert next_item(db, users["ann"])["id"] == item_id
+
+
+def test_retire_stale_items_retires_item_whose_lease_expired(db, users):
+    item_id, _ = ready_item(db, version="base")
+    next_item(db, users["ann"], lease_seconds=10, now=1000.0)
+    assert retire_stale_items(db, "v1", now=1011.0) == 1
+    assert item_row(db, item_id)["status"] == "retired"
+
+
+def test_submit_judgement_on_item_retired_while_shown_is_stored(db, users):
+    item_id, (a, b) = ready_item(db, version="base")
+    shown = next_item(db, users["ann"], lease_seconds=10, now=1000.0)
+    retire_stale_items(db, "v1", now=2000.0)  # the lease ran out while the page stayed open
+    result = submit_judgement(db, users["ann"], item_id, [[a], [b]], shown_order=shown["shown_order"])
+    assert result["pairs"] == 1
+    versions = db.execute("SELECT chosen_version, rejected_version FROM pairs").fetchone()
+    assert tuple(versions) == ("base", "base")
+    assert item_row(db, item_id)["status"] == "retired"
+
+
+def test_submit_judgement_on_retired_item_never_shown_is_refused(db, users):
+    item_id, (a, b) = ready_item(db, version="base")
     retire_stale_items(db, "v1")
-    assert db.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+    with pytest.raises(InvalidInput, match="retired"):
+        submit_judgement(db, users["ann"], item_id, [[a], [b]], shown_order=[a, b])
+
+
+def test_submit_judgement_after_others_filled_the_item_is_stored(db, users):
+    item_id, (a, b) = ready_item(db, overlap=1)
+    next_item(db, users["ann"], lease_seconds=10, now=1000.0)
+    assert next_item(db, users["bob"], now=1020.0)["id"] == item_id  # ann's lease expired
+    submit_judgement(db, users["bob"], item_id, [[a], [b]], shown_order=[a, b])
+    assert item_row(db, item_id)["status"] == "complete"
+    submit_judgement(db, users["ann"], item_id, [[b], [a]], shown_order=[b, a])
+    assert db.execute("SELECT count(*) FROM judgements WHERE item_id = ?", [item_id]).fetchone()[0] == 2
+
+
+def test_next_item_shown_again_keeps_letters_served_time_and_key(db, users):
+    ready_item(db, k=4, overlap=1)
+    first = next_item(db, users["ann"], now=1000.0)
+    again = next_item(db, users["ann"], now=1100.0)
+    assert (again["shown_order"], again["served_at"], again["view_key"]) == \
+        (first["shown_order"], 1000.0, first["view_key"])
+    assert [c["id"] for c in again["candidates"]] == first["shown_order"]
+
+
+def test_next_item_orders_answers_at_random_per_user(db, users):
+    orders = set()
+    for i in range(12):
+        ready_item(db, f"prompt {i}", k=4, overlap=1)
+        shown = next_item(db, users["ann"])
+        orders.add(tuple(sorted(shown["shown_order"]).index(c) for c in shown["shown_order"]))
+        skip_item(db, users["ann"], shown["id"], "other")
+    assert len(orders) > 1
+
+
+def test_skipped_prompt_never_returns_after_a_promotion_requeues_it(db, users):
+    item_id, _ = ready_item(db, "Skip me", version="base")
+    next_item(db, users["ann"])
+    skip_item(db, users["ann"], item_id, "unclear prompt")
+    assert retire_stale_items(db, "v1") == 1
+    (requeued,) = pending_items(db)
+    add_candidates(db, requeued["id"], [{"text": "one", "policy_version": "v1"}, {"text": "two", "policy_version": "v1"}])
     assert next_item(db, users["ann"]) is None
+    assert next_item(db, users["bob"])["id"] == requeued["id"]
 
 
 def test_retire_stale_items_keeps_requested_sampling(db, users):
