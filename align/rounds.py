@@ -82,7 +82,9 @@ class RoundConfig:
         default=None, metadata={"help": "Leave out pairs from annotators whose gold-item accuracy is below this (0-1)."})
     kto_data: str = field(
         default="both",
-        metadata={"help": "KTO examples from thumbs 'ratings', from 'pairs' split in two, or 'both'."},
+        metadata={"help": "KTO labels from thumbs 'ratings' only, from rankings and imported/arena 'pairs', or "
+                          "'both' (a thumb then overrides what a ranking implies). One label per answer: "
+                          "annotations/answer_labels.py."},
     )
     sft_data: str = field(
         default="written",
@@ -318,9 +320,11 @@ def _resolve_version(db, kind: str, name: str) -> dict | None:
     return row
 
 
-def _select_data(db, method: str, round_config: RoundConfig, pair_until: int, rating_until: int):
-    """(training rows, snapshot rows to hash, description) for a method."""
-    from annotations.registry import rows_from_ratings, select_pairs, select_prompts
+def _select_data(db, method: str, round_config: RoundConfig, until: dict):
+    """(training rows, snapshot rows to hash, description) for a method. `until` holds the
+    snapshot's edges: the highest pair, rating and judgement ids it may read."""
+    from annotations.answer_labels import kto_examples
+    from annotations.registry import _since_id, select_pairs, select_prompts
 
     from align.training import preference_rows, unpaired_rows
 
@@ -329,7 +333,7 @@ def _select_data(db, method: str, round_config: RoundConfig, pair_until: int, ra
             else ": annotate or import some first (`python -m annotations import ...`)")
 
     def pairs():
-        return select_pairs(db, since, "train", round_config.min_weight, method=method, until_id=pair_until,
+        return select_pairs(db, since, "train", round_config.min_weight, method=method, until_id=until["pair"],
                             min_agreement=round_config.min_agreement,
                             min_annotator_accuracy=round_config.min_annotator_accuracy)
 
@@ -339,14 +343,16 @@ def _select_data(db, method: str, round_config: RoundConfig, pair_until: int, ra
             raise RoundError(f"no training pairs{' ' if since else ''}{hint}")
         return preference_rows(snapshot), snapshot, f"{len(snapshot)} pairs"
     if method == "kto":
-        ratings = (rows_from_ratings(db, "train", since_round=since, method=method, until_id=rating_until)
-                   if round_config.kto_data in ("ratings", "both") else [])
-        paired = pairs() if round_config.kto_data in ("pairs", "both") else []
-        snapshot = paired + ratings
+        # one label per answer, from rankings, underived pairs and thumbs (annotations/answer_labels.py)
+        edges = {key: _since_id(db, since, method, f"data_until_{key}_id") for key in until}
+        snapshot = [row for row in kto_examples(db, "train", sources=round_config.kto_data, since=edges, until=until)
+                    if round_config.min_weight is None or row["weight"] >= round_config.min_weight]
         if not snapshot:
-            raise RoundError(f"no ratings or pairs to train KTO on{' ' if since else ''}{hint}")
+            raise RoundError(f"no rated or ranked answers to train KTO on{' ' if since else ''}{hint}")
         rows = unpaired_rows(snapshot)
-        return rows, snapshot, f"{len(rows)} rated answers ({len(ratings)} ratings, {len(paired)} pairs)"
+        desirable = sum(row["label"] for row in snapshot)
+        return rows, snapshot, (f"{len(rows)} labelled answers ({desirable} desirable, "
+                                f"{len(rows) - desirable} undesirable)")
     if method == "sft":
         from align.sft import answer_rows
 
@@ -373,6 +379,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
         claim_round,
         get_round,
         method_kind,
+        judgement_watermark,
         pair_watermark,
         rating_watermark,
         reserve_version,
@@ -400,14 +407,15 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
     if method == "ppo" and reward is None:
         raise RoundError("PPO needs a reward model: train one (`python -m align round --method rm`) and promote it")
 
-    pair_until, rating_until = pair_watermark(db), rating_watermark(db)
-    rows, snapshot, description = _select_data(db, method, round_config, pair_until, rating_until)
+    until = {"pair": pair_watermark(db), "rating": rating_watermark(db), "judgement": judgement_watermark(db)}
+    rows, snapshot, description = _select_data(db, method, round_config, until)
     pause_point("select_data")
     data_hash = snapshot_hash(snapshot)
     set_round_data(
         db, round_id, data_hash=data_hash, n_pairs=len(snapshot),
         parent_version=parent["version"] if parent else None, code_version=code_version(),
-        base_path=str(base_path), data_until_pair_id=pair_until, data_until_rating_id=rating_until,
+        base_path=str(base_path), data_until_pair_id=until["pair"], data_until_rating_id=until["rating"],
+        data_until_judgement_id=until["judgement"],
     )
     update_round(
         db, round_id, progress=0.0,
@@ -431,7 +439,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
         "reward_path": reward["path"] if reward else None,
         "staging": str(staging),
         "base_path": str(base_path),
-        "pair_until": pair_until,
+        "pair_until": until["pair"],
     }
 
 

@@ -292,4 +292,6 @@ def m010_item_views_and_truncation(db):
         # 1: the answer reached the token budget before its end-of-turn; 0: it ended by itself;
         # NULL: unknown (human-written, imported, or generated before this column existed).
         "ALTER TABLE candidates ADD COLUMN truncated INTEGER",
+        # the highest judgement id a round's data snapshot saw (KTO labels come from judgements)
+        "ALTER TABLE rounds ADD COLUMN data_until_judgement_id INTEGER",
     )

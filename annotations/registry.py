@@ -41,6 +41,7 @@ _ROUND_COLUMNS = (
     "id", "method", "config", "data_hash", "n_pairs", "parent_version", "version", "status", "pid",
     "progress", "log_tail", "metrics", "error", "code_version", "created_by", "created_at", "started_at",
     "finished_at", "data_until_pair_id", "data_until_rating_id", "base_path", "staged_path",
+    "data_until_judgement_id",
 )
 _VERSION_COLUMNS = (
     "version", "kind", "parent", "method", "round_id", "path", "metrics", "state", "created_at", "promoted_at",
@@ -160,15 +161,16 @@ def set_round_data(
     base_path: str | None = None,
     data_until_pair_id: int | None = None,
     data_until_rating_id: int | None = None,
+    data_until_judgement_id: int | None = None,
 ) -> None:
     """Record what a round trains on: the data snapshot, its parent version and the code."""
     with write_transaction(db):
         get_round(db, round_id)
         db.execute(
             "UPDATE rounds SET data_hash = ?, n_pairs = ?, parent_version = ?, code_version = ?, base_path = ?,"
-            " data_until_pair_id = ?, data_until_rating_id = ? WHERE id = ?",
+            " data_until_pair_id = ?, data_until_rating_id = ?, data_until_judgement_id = ? WHERE id = ?",
             [data_hash, n_pairs, parent_version, code_version, base_path, data_until_pair_id,
-             data_until_rating_id, round_id],
+             data_until_rating_id, data_until_judgement_id, round_id],
         )
 
 
@@ -425,6 +427,10 @@ def pair_watermark(db) -> int:
 
 def rating_watermark(db) -> int:
     return db.execute("SELECT coalesce(max(id), 0) FROM ratings").fetchone()[0]
+
+
+def judgement_watermark(db) -> int:
+    return db.execute("SELECT coalesce(max(id), 0) FROM judgements").fetchone()[0]
 
 
 def _since_id(db, since_round, method: str | None, column: str) -> int:
