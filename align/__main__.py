@@ -92,12 +92,41 @@ def cmd_round(args) -> int:
     round_id = broadcast_from_main(round_id, state)
     result = run_round(db_path(args), round_id, home_path(args), base_path(args))
     if state.is_main_process:
-        print(f"round {round_id} succeeded: {result['version']} registered as a candidate")
-        for key, value in sorted(result["metrics"].items()):
-            if isinstance(value, float) and not key.startswith("train_"):
-                print(f"  {key:28} {value:.4f}")
-        print(f"promote it with: python -m align promote {result['version']}")
+        from annotations.gate import verdict_line
+
+        gate = result["gate"]
+        print(f"round {round_id} succeeded: registered {result['version']}")
+        for line in figure_lines(result["metrics"]):
+            print(f"  {line}")
+        print(f"promotion gate: {verdict_line(gate)}")
+        if not gate["promoted"]:
+            print(f"promote it by hand with: python -m align promote {result['version']}")
     return 0
+
+
+FIGURES = (
+    ("heldout_accuracy_interval", "held-out accuracy", "accuracy"),
+    ("heldout_implicit_accuracy_interval", "held-out implicit accuracy", "accuracy"),
+    ("kl_to_base_interval", "KL to the base (nats/answer)", "mean"),
+    ("gate_comparison", "win rate over its parent", "win_rate"),
+)
+
+
+def figure_lines(metrics: dict) -> list[str]:
+    """The evaluation figures with their intervals and n, one line each."""
+    from annotations.intervals import describe
+
+    lines = []
+    for key, label, value in FIGURES:
+        figure = metrics.get(key)
+        if isinstance(figure, dict) and figure.get("n"):
+            text = describe(figure, value, digits=3)
+            if key == "kl_to_base_interval":
+                text = f"{figure['mean']:.4f} ± {figure['se']:.4f} (SE), n={figure['n']}"
+            if key == "gate_comparison":
+                text += f", judged by {figure['judge']}"
+            lines.append(f"{label:30} {text}")
+    return lines
 
 
 def cmd_config(args) -> int:
@@ -189,10 +218,11 @@ def cmd_compare(args) -> int:
     rm, _ = load_reward_model(base, Path(judge["path"]))
     result = evaluate.win_rate(rm, tokenizer, policy, prompts, args.version_a, args.version_b, args.max_new_tokens,
                                seed=args.seed, batch_size=4)
-    rate, n = result["win_rate"], result["n"]
-    print(f"{args.version_a} vs {args.version_b}, judged by {judge['version']} on {n} held-out prompts: "
-          f"win rate {rate:.3f} ± {math.sqrt(rate * (1 - rate) / n):.3f} "
-          f"({result['wins']} wins, {result['ties']} ties, {result['losses']} losses)")
+    from annotations.intervals import describe
+
+    print(f"{args.version_a} vs {args.version_b}, judged by {judge['version']} on {result['n']} held-out prompts: "
+          f"win rate {describe(result, digits=3)} (95% interval; "
+          f"{result['wins']} wins, {result['ties']} ties, {result['losses']} losses)")
     if args.json:
         print(json.dumps({**result, "version_a": args.version_a, "version_b": args.version_b,
                           "judge": judge["version"]}))

@@ -3,10 +3,12 @@
 - `reward_accuracy`: how often a reward model scores the chosen answer above the rejected one.
 - `dpo_implicit_accuracy`: the same question asked of a policy through DPO's implicit reward
   beta * (log π(answer) - log π_ref(answer)), the reference being the base (adapter disabled).
-- `kl_to_reference`: how far the policy has moved: answers sampled from it, scored under the
-  policy and the reference, mean over answers of the summed per-token log-ratio (a Monte
-  Carlo estimate of KL(π || π_ref), in nats per answer).
-- `win_rate`: answers of two versions to the same prompts, judged by a reward model.
+- `kl_to_reference`: how far the policy has moved: answers sampled from it, and at each of
+  their positions the exact KL between the policy's and the reference's next-token
+  distributions over the whole vocabulary, summed per answer (nats per answer, never
+  negative), with its standard error over answers.
+- `win_rate`: answers of two versions to the same prompts, judged by a reward model, with the
+  interval of the win rate (the promotion gate decides on its lower bound).
 - `sample_answers`: a few greedy answers side by side, for people to read.
 
 Policies are PeftModels holding adapters named by version (`align.models.load_policy`);
@@ -29,15 +31,22 @@ Messages = list[dict]
 # ---------------------------------------------------------------- reward models
 
 
-def reward_accuracy(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 512) -> float:
-    """Fraction of preference rows whose chosen answer the reward model scores strictly above the
-    rejected one. `rows` are TRL preference rows ({"prompt", "chosen", "rejected"})."""
+def reward_correct(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 512) -> list[bool]:
+    """For each preference row, whether the reward model scores its chosen answer strictly above
+    the rejected one. `rows` are TRL preference rows ({"prompt", "chosen", "rejected"})."""
     if not rows:
         raise ValueError("no rows to evaluate")
     prompts = [row["prompt"] for row in rows]
     chosen = score(rm, tokenizer, prompts, [answer_text(r["chosen"]) for r in rows], batch_size, max_length)
     rejected = score(rm, tokenizer, prompts, [answer_text(r["rejected"]) for r in rows], batch_size, max_length)
-    return (chosen > rejected).float().mean().item()
+    return (chosen > rejected).tolist()
+
+
+def reward_accuracy(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 512) -> float:
+    """Fraction of preference rows whose chosen answer the reward model scores strictly above the
+    rejected one (`reward_correct`'s mean)."""
+    correct = reward_correct(rm, tokenizer, rows, batch_size, max_length)
+    return sum(correct) / len(correct)
 
 
 # ---------------------------------------------------------------- log-probabilities
@@ -235,6 +244,33 @@ def generate(
     return results
 
 
+def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids, attention mask and position ids of sequences left-padded to one width (so that every
+    sequence ends in the last column)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _answer_distributions(model, prompts_ids, answers_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities over the whole vocabulary at each answer position (the positions that
+    predict answer tokens), shape (batch, longest answer, vocabulary), and their mask. Only the
+    last positions are run through the LM head (`logits_to_keep`)."""
+    device = next(model.parameters()).device
+    ids, mask, positions = _left_padded([list(p) + list(a) for p, a in zip(prompts_ids, answers_ids)], pad_id)
+    longest = max(len(a) for a in answers_ids)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   logits_to_keep=longest + 1, use_cache=False).logits[:, :-1].float()
+    answer_mask = torch.zeros((len(answers_ids), longest), dtype=torch.bool)
+    for i, a in enumerate(answers_ids):
+        answer_mask[i, longest - len(a):] = True
+    return logits.log_softmax(-1), answer_mask.to(device)
+
+
 @torch.no_grad()
 def kl_to_reference(
     policy,
@@ -244,28 +280,32 @@ def kl_to_reference(
     *,
     batch_size: int = 8,
     seed: int = 0,
-) -> float:
-    """Mean over sampled answers of sum_t [log π(y_t | ...) - log π_ref(y_t | ...)].
+) -> dict:
+    """KL(π || π_ref) per answer, exactly over the vocabulary at each position, on answers
+    sampled from `policy` (active adapter, temperature 1, no truncation of the distribution);
+    π_ref is the same model with adapters disabled. Returns the mean over answers with its
+    standard error and n (`annotations.intervals.mean_interval`), plus "per_answer".
 
-    Answers are sampled from `policy` (active adapter, temperature 1, no truncation of the
-    distribution); π_ref is the same model with adapters disabled. 0 for the base itself.
+    Each position contributes sum_v π(v) log(π(v) / π_ref(v)) >= 0, so unlike the Monte-Carlo
+    estimate (the sampled tokens' log-ratio, which can come out negative) the figure can never
+    be below 0; it is 0 for the base itself.
     """
+    from annotations.intervals import mean_interval
+
     if not prompts:
         raise ValueError("no prompts to sample from")
-    samples = generate(policy, tokenizer, prompts, max_new_tokens, seed=seed, batch_size=batch_size)
-    total, count = 0.0, 0
+    samples = [s for s in generate(policy, tokenizer, prompts, max_new_tokens, seed=seed, batch_size=batch_size)
+               if s["answer_ids"]]
+    per_answer: list[float] = []
     for start in range(0, len(samples), batch_size):
-        batch = [s for s in samples[start:start + batch_size] if s["answer_ids"]]
-        if not batch:
-            continue
+        batch = samples[start:start + batch_size]
         prompts_ids, answers_ids = [s["prompt_ids"] for s in batch], [s["answer_ids"] for s in batch]
-        policy_logps = sequence_answer_logps(policy, prompts_ids, answers_ids, tokenizer.pad_token_id)
+        policy_logps, mask = _answer_distributions(policy, prompts_ids, answers_ids, tokenizer.pad_token_id)
         with using_version(policy, BASE_VERSION):
-            reference_logps = sequence_answer_logps(policy, prompts_ids, answers_ids, tokenizer.pad_token_id)
-        per_answer = policy_logps - reference_logps
-        total += per_answer.sum().item()
-        count += len(batch)
-    return total / max(count, 1)
+            reference_logps, _ = _answer_distributions(policy, prompts_ids, answers_ids, tokenizer.pad_token_id)
+        per_position = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1).clamp(min=0.0)
+        per_answer += (per_position * mask).sum(dim=1).cpu().tolist()
+    return {**mean_interval(per_answer), "per_answer": per_answer}
 
 
 def _answers_of(policy, tokenizer, prompts, version, **kwargs) -> list[str]:
@@ -291,8 +331,11 @@ def win_rate(
     """How often `version_a`'s answer beats `version_b`'s on the same prompt, judged by `rm`.
 
     Both versions sample with the same settings and seed. Equal scores (or identical answers)
-    are ties and count half. Returns {"win_rate", "wins", "ties", "losses", "n"}.
+    are ties and count half. Returns {"win_rate", "wins", "ties", "losses", "n"} and the
+    interval of the win rate (`annotations.intervals.win_rate`: "low", "high", "lower_bound").
     """
+    from annotations.intervals import win_rate as win_rate_figure
+
     if not prompts:
         raise ValueError("no prompts to compare on")
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -307,8 +350,8 @@ def win_rate(
             ties += 1
         elif sa > sb:
             wins += 1
-    n = len(prompts)
-    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+    figure = win_rate_figure(wins, ties, len(prompts) - wins - ties)
+    return {key: figure[key] for key in ("win_rate", "wins", "ties", "losses", "n", "low", "high", "lower_bound")}
 
 
 def sample_answers(

@@ -7,6 +7,11 @@ answers paired with other prompts of the same batch; hence a batch needs at leas
 examples. Rows come from ratings (`annotations.registry.rows_from_ratings`), from pairs split
 in two, or both (see `align.rounds`). The reference is as in DPO: the base with the adapter
 disabled, or a frozen copy of the parent adapter when a round continues from one.
+
+Each answer's "weight" is a per-example loss weight: a batch's loss is the weighted mean
+sum(w_i * c_i * loss_i) / sum(w_i), c_i the desirable or undesirable weight of its label, and
+the KL reference point is the weighted mean of the batch's mismatched pairs, each weighed as
+the row it belongs to (so a weight of 2 is exactly the row twice).
 """
 
 from __future__ import annotations
@@ -16,17 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from align.training import (
+    WEIGHT,
+    KeepWeights,
     Progress,
     TrainingOptions,
     as_dataset,
     attach_progress,
+    example_weight,
     load_policy_for_training,
     make_unpaired_collator,
     save_adapter,
     set_threads,
     train_metrics,
     trainer_arguments,
+    without_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,6 +93,12 @@ def balanced_desirable_weight(labels: Sequence[bool], undesirable_weight: float 
     return undesirable * undesirable_weight / desirable
 
 
+def example_scales(weights: torch.Tensor) -> torch.Tensor:
+    """n * w_i / sum(w): multiplying example i's term of a batch mean by this turns the mean into
+    the weighted mean sum(w_i * x_i) / sum(w_i) (all 0 when every weight is 0)."""
+    return len(weights) * weights / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
 def train_kto(
     base_path: Path,
     train_rows: Sequence[dict],
@@ -92,10 +109,23 @@ def train_kto(
 ) -> dict:
     """Train a KTO policy adapter on TRL conversational unpaired rows and save it.
 
-    `train_rows` are {"prompt": [messages], "completion": [assistant msg], "label": bool}.
+    `train_rows` are {"prompt": [messages], "completion": [assistant msg], "label": bool}, each
+    with an optional "weight" (1.0 when absent) that weighs its loss.
     Writes the adapter and tokenizer to `out_dir`; returns training metrics.
     """
-    from trl import KTOConfig, KTOTrainer
+    trainer, tokenizer = build_kto_trainer(base_path, train_rows, config, out_dir, parent_adapter)
+    attach_progress(trainer, progress)
+    output = trainer.train()
+    save_adapter(trainer, trainer.model, tokenizer, out_dir)
+    metrics = train_metrics(trainer, output)
+    metrics["train_desirable_weight"] = float(trainer.args.desirable_weight)
+    return metrics
+
+
+def build_kto_trainer(base_path: Path, train_rows: Sequence[dict], config: KTORoundConfig, out_dir: Path,
+                      parent_adapter: Path | None = None):
+    """(trainer, tokenizer) of a KTO round, ready to train."""
+    from trl import KTOConfig
 
     labels = [bool(row["label"]) for row in train_rows]
     if not any(labels):
@@ -112,17 +142,55 @@ def train_kto(
         precompute_ref_log_probs=config.precompute_ref_log_probs,
         max_length=None,  # our collator truncates (from the left)
     )
-    trainer = KTOTrainer(
+    rows = [{"prompt": row["prompt"], "completion": row["completion"], "label": row["label"],
+             WEIGHT: example_weight(row)} for row in train_rows]
+    trainer = _weighted_kto_trainer()(
         model=model,
         args=args,
-        train_dataset=as_dataset([{k: row[k] for k in ("prompt", "completion", "label")} for row in train_rows]),
+        train_dataset=as_dataset(rows),
         processing_class=tokenizer,
         peft_config=peft_config,
         data_collator=make_unpaired_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
     )
-    attach_progress(trainer, progress)
-    output = trainer.train()
-    save_adapter(trainer, trainer.model, tokenizer, out_dir)
-    metrics = train_metrics(trainer, output)
-    metrics["train_desirable_weight"] = float(desirable_weight)
-    return metrics
+    return trainer, tokenizer
+
+
+def _weighted_kto_trainer():
+    """WeightedKTOTrainer, made on first use: TRL is imported then."""
+    from trl import KTOTrainer
+
+    class WeightedKTOTrainer(KeepWeights, KTOTrainer):
+        """TRL's KTOTrainer with per-example loss weights (see the module's docstring).
+
+        TRL 1.16 reduces inline, in `_compute_loss`: the loss is mean_i(c_i * loss_i), c_i the
+        desirable or undesirable weight, and the KL reference point mean_i(KL_i - KL_ref_i). Both
+        become weighted means when example i's terms are scaled by n * w_i / sum(w)
+        (`example_scales`): for one batch, the class weights become per-example tensors and the
+        KL log-probabilities (policy and reference) are scaled, and TRL's code runs unchanged.
+        """
+
+        kl_scales = None  # the batch's example scales while its loss is computed
+
+        def _compute_kl_logps(self, model, batch):
+            kl_logps = super()._compute_kl_logps(model, batch)
+            return kl_logps if kl_logps is None or self.kl_scales is None else kl_logps * self.kl_scales
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if WEIGHT not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            scales = example_scales(inputs[WEIGHT])
+            inputs = without_weights(inputs)
+            if "ref_KL_logps" in inputs:
+                inputs["ref_KL_logps"] = inputs["ref_KL_logps"] * scales
+            desirable = inputs["label"].bool()
+            class_weights = self.desirable_weight, self.undesirable_weight
+            self.desirable_weight = class_weights[0] * scales[desirable]
+            self.undesirable_weight = class_weights[1] * scales[~desirable]
+            self.kl_scales = scales
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.desirable_weight, self.undesirable_weight = class_weights
+                self.kl_scales = None
+
+    return WeightedKTOTrainer

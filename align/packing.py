@@ -14,10 +14,13 @@ predictor of the rejected answer's first token, so every answer token has its ow
 position and the log-probabilities are exactly those of the two separate sequences
 (tests/align/test_packing.py checks this against plain forward passes).
 
-`PackedDPOTrainer` is TRL's `DPOTrainer` with the per-pair log-probabilities computed this
-way (policy, reference, and the precomputed-reference pass); everything else — optimizer,
-accelerate, PEFT reference handling, logging — is TRL's. It implements the sigmoid, hinge,
-IPO and robust losses; other loss types use TRL's unpacked path.
+`WeightedDPOTrainer` is TRL's `DPOTrainer` with per-pair loss weights: each pair's loss
+(`align.dpo.pair_losses`, TRL's formulas) times its "weight", reduced to the weighted mean
+sum(w_i * loss_i) / sum(w_i), over TRL's unpacked batches. `PackedDPOTrainer` is that trainer
+with the per-pair log-probabilities computed packed (policy, reference, and the
+precomputed-reference pass); everything else — optimizer, accelerate, PEFT reference
+handling — is TRL's. Packed rounds take the sigmoid, hinge, IPO and robust losses; the other
+loss types train unpacked.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from align.training import truncate
+from align.dpo import BATCH_LOSS_TYPES, pair_losses, refuse_weights_of_batch_losses
+from align.training import WEIGHT, KeepWeights, example_weights, truncate, weighted_mean, without_weights
 
 PACKED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 IGNORE = -100
@@ -84,7 +87,8 @@ def pack_pairs(triples: list[tuple[list[int], list[int], list[int]]], pad_token_
 
 def make_packed_collator(pad_token_id: int, max_length: int, side: str):
     """Collate TRL-tokenised preference examples (prompt_ids, chosen_ids, rejected_ids) into
-    packed rows, truncated like the unpacked collator; precomputed reference log-probs pass through."""
+    packed rows, truncated like the unpacked collator; precomputed reference log-probs and the
+    examples' weights pass through."""
 
     def collate(examples: list[dict]) -> dict:
         triples = []
@@ -98,6 +102,7 @@ def make_packed_collator(pad_token_id: int, max_length: int, side: str):
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(e[key]) for e in examples])
+        batch[WEIGHT] = example_weights(examples)
         return batch
 
     return collate
@@ -172,13 +177,80 @@ def top_layers_only(model, start: int):
         decoder.layers = layers
 
 
-class PackedDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer over packed pairs (see the module's docstring).
+class WeightedDPOTrainer(KeepWeights, DPOTrainer):
+    """TRL's DPOTrainer with per-pair loss weights (see the module's docstring).
+
+    TRL 1.16 averages the per-pair losses inline, in `_compute_loss`, with nothing to override
+    in between: this `_compute_loss` computes the same log-probabilities and losses and takes
+    their weighted mean. The loss types of `BATCH_LOSS_TYPES` run TRL's own, with weights of 1.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None or self.use_weighting:
+            raise ValueError("f-divergences, ld_alpha and WPO weighting are not implemented with pair weights")
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, without_weights(inputs))
+
+    def pair_log_probs(self, model, inputs):
+        """(chosen, rejected, chosen tokens, rejected tokens, reference chosen, reference rejected):
+        each pair's answers' summed log-probabilities under the policy and the reference, and
+        their token counts, from TRL's batch (the chosen sequences, then the rejected ones)."""
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                        fused_lm_head=True, use_cache=False)
+        logps = outputs.log_probs[:, -(labels.shape[1] - 1):].sum(1)
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        return (*logps.chunk(2), *completion_mask.sum(1).chunk(2), ref_chosen, ref_rejected)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        weights = inputs.get(WEIGHT)
+        if set(self.loss_types) & set(BATCH_LOSS_TYPES):
+            refuse_weights_of_batch_losses(self.loss_types, [] if weights is None else weights.tolist())
+            return super()._compute_loss(model, without_weights(inputs), return_outputs)
+        chosen_logps, rejected_logps, chosen_n, rejected_n, ref_chosen, ref_rejected = \
+            self.pair_log_probs(model, inputs)
+        chosen_ratio, rejected_ratio = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+        loss = 0.0
+        for loss_type, loss_weight in zip(self.loss_types, self.loss_weights, strict=True):
+            losses = pair_losses(loss_type, chosen_ratio, rejected_ratio, chosen_n, rejected_n, self.beta,
+                                 self.label_smoothing, self.args.discopop_tau)
+            loss = loss + weighted_mean(losses, weights) * loss_weight
+        self._log_pair_metrics(chosen_logps, rejected_logps, chosen_ratio, rejected_ratio)
+        return (loss, None) if return_outputs else loss
+
+    def _log_pair_metrics(self, chosen_logps, rejected_logps, chosen_ratio, rejected_ratio):
+        """TRL's reward and log-probability metrics (unweighted: they describe the batch)."""
+        chosen_rewards = self.beta * chosen_ratio.detach()
+        rejected_rewards = self.beta * rejected_ratio.detach()
+        gather = self.accelerator.gather
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+
+
+class PackedDPOTrainer(WeightedDPOTrainer):
+    """The weighted DPOTrainer over packed pairs (see the module's docstring).
 
     Without precomputed reference log-probs, the reference pass reuses the policy pass's hidden
     states below the lowest trainable layer and runs only the layers above: with an adapter on
     the top 8 of SmolLM2's 30 layers, the reference costs 8/30 of a forward pass, not all of it.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unpacked = [t for t in self.loss_types if t not in PACKED_LOSS_TYPES]
+        if unpacked:
+            raise ValueError(f"loss type {', '.join(unpacked)} is not packed; train it unpacked (packed=false)")
 
     def _reference_context(self):
         if self.ref_model is None and is_peft_model(self.model):
@@ -202,8 +274,7 @@ class PackedDPOTrainer(DPOTrainer):
             chosen, rejected, _, _ = packed_logps(reference, {**inputs, "inputs_embeds": hidden})
         return chosen, rejected
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
+    def pair_log_probs(self, model, inputs):
         shared = 0 if "ref_chosen_logps" in inputs or self.ref_model is not None else \
             frozen_bottom_layers(self.accelerator.unwrap_model(model))
         if shared:
@@ -217,34 +288,4 @@ class PackedDPOTrainer(DPOTrainer):
             ref_chosen, ref_rejected = self._shared_reference_logps(box["output"], shared, inputs)
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
-        chosen_ratio, rejected_ratio = chosen_logps - ref_chosen, rejected_logps - ref_rejected
-        delta = chosen_ratio - rejected_ratio
-
-        loss = 0.0
-        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
-            if loss_type == "sigmoid":
-                per_pair = -F.logsigmoid(self.beta * delta)
-            elif loss_type == "hinge":
-                per_pair = torch.relu(1 - self.beta * delta)
-            elif loss_type == "ipo":  # per-token averages, as TRL computes it
-                ipo_delta = chosen_ratio / chosen_n.clamp(min=1) - rejected_ratio / rejected_n.clamp(min=1)
-                per_pair = (ipo_delta - 1 / (2 * self.beta)) ** 2
-            elif loss_type == "robust":
-                eps = self.label_smoothing
-                per_pair = (-F.logsigmoid(self.beta * delta) * (1 - eps)
-                            + F.logsigmoid(-self.beta * delta) * eps) / (1 - 2 * eps)
-            else:
-                raise ValueError(f"loss type {loss_type!r} is not packed; train it unpacked (packed=false)")
-            loss = loss + per_pair.mean() * weight
-
-        chosen_rewards = self.beta * chosen_ratio.detach()
-        rejected_rewards = self.beta * rejected_ratio.detach()
-        gather = self.accelerator.gather
-        metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
-        return (loss, None) if return_outputs else loss
+        return chosen_logps, rejected_logps, chosen_n, rejected_n, ref_chosen, ref_rejected

@@ -15,6 +15,9 @@ Training is packed by default, as DPO is (align/packing.py): a pair is one seque
 ends of the two branches, so the shared prompt is run once instead of twice. The scores are
 those of the two conversations run apart (tests/align/test_reward.py); the one difference is
 truncation, which cuts the shared prompt until the longer answer fits.
+
+Each pair's "weight" is a per-pair loss weight, packed or not: the loss (and the optional
+centring penalty) is the weighted mean sum(w_i * loss_i) / sum(w_i) over a batch's pairs.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ import torch
 
 from align.models import check_vocabulary, load_tokenizer
 from align.training import (
+    WEIGHT,
+    KeepWeights,
     Progress,
     TrainingOptions,
     as_dataset,
     attach_progress,
+    example_weight,
+    example_weights,
     native_bf16_precision,
     lora_config,
     save_adapter,
@@ -39,6 +46,8 @@ from align.training import (
     train_metrics,
     trainer_arguments,
     truncate,
+    weighted_mean,
+    with_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,13 +97,14 @@ def conversation_ids(tokenizer, messages: Messages, answer: str, max_length: int
 
 
 def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, side: str = "left") -> list[dict]:
-    """TRL conversational preference rows → {"chosen_ids", "rejected_ids"} (RewardTrainer's
-    pre-tokenised form, which it takes as is)."""
+    """TRL conversational preference rows → {"chosen_ids", "rejected_ids", "weight"} (RewardTrainer's
+    pre-tokenised form, which it takes as is, and the pair's loss weight)."""
     out = []
     for row in rows:
         out.append({
             "chosen_ids": conversation_ids(tokenizer, row["prompt"], answer_text(row["chosen"]), max_length, side),
             "rejected_ids": conversation_ids(tokenizer, row["prompt"], answer_text(row["rejected"]), max_length, side),
+            WEIGHT: example_weight(row),
         })
     return out
 
@@ -156,14 +166,24 @@ def train_reward_model(
 ) -> dict:
     """Train a reward-model adapter on TRL conversational preference rows and save it.
 
-    `train_rows` are {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg]}.
+    `train_rows` are {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg]},
+    each with an optional "weight" (1.0 when absent) that weighs its loss.
     The adapter (LoRA + the `score` head) and the tokenizer are written to `out_dir`.
     Returns training metrics (loss, accuracy and margin of the last logged steps, runtime).
     """
-    from trl import RewardConfig as TRLRewardConfig
-    from trl import RewardTrainer
+    trainer, tokenizer = build_reward_trainer(base_path, train_rows, config, out_dir)
+    attach_progress(trainer, progress)
+    output = trainer.train()
+    save_adapter(trainer, trainer.model, tokenizer, out_dir)
+    return train_metrics(trainer, output)
 
-    PackedRewardTrainer = _packed_reward_trainer()
+
+def build_reward_trainer(base_path: Path, train_rows: Sequence[dict], config: RewardConfig, out_dir: Path):
+    """(trainer, tokenizer) of a reward-model round, ready to train."""
+    from trl import RewardConfig as TRLRewardConfig
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    WeightedRewardTrainer, PackedRewardTrainer = _reward_trainers()
 
     set_threads(config.threads)
     torch.manual_seed(config.seed)  # the new score head's initialisation
@@ -177,9 +197,11 @@ def train_reward_model(
         max_length=None,  # truncated by us (from the left); TRL would drop long pairs instead
         center_rewards_coefficient=config.center_rewards_coefficient or None,
     )
-    trainer_class = PackedRewardTrainer if config.packed else RewardTrainer
-    collator = make_packed_reward_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side) \
-        if config.packed else None
+    if config.packed:
+        trainer_class = PackedRewardTrainer
+        collator = make_packed_reward_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side)
+    else:
+        trainer_class, collator = WeightedRewardTrainer, with_weights(DataCollatorForPreference(tokenizer.pad_token_id))
     trainer = trainer_class(
         model=model,
         args=args,
@@ -188,10 +210,7 @@ def train_reward_model(
         data_collator=collator,
         peft_config=lora_config(config, "SEQ_CLS", modules_to_save=["score"], model=model),
     )
-    attach_progress(trainer, progress)
-    output = trainer.train()
-    save_adapter(trainer, trainer.model, tokenizer, out_dir)
-    return train_metrics(trainer, output)
+    return trainer, tokenizer
 
 
 # ---------------------------------------------------------------- packed training
@@ -209,7 +228,8 @@ def split_pair(chosen_ids: list[int], rejected_ids: list[int]) -> tuple[list[int
 
 def make_packed_reward_collator(pad_token_id: int, max_length: int, side: str):
     """Collate {"chosen_ids", "rejected_ids"} conversations into packed rows (align/packing.py)
-    plus `chosen_end` / `rejected_end`, the positions whose outputs are the two scores."""
+    plus `chosen_end` / `rejected_end`, the positions whose outputs are the two scores, and the
+    pairs' weights."""
 
     from align.packing import pack_pairs  # imports TRL, which scoring alone does not need
 
@@ -230,6 +250,7 @@ def make_packed_reward_collator(pad_token_id: int, max_length: int, side: str):
         packed["num_tokens"] = (p + c + copied + r).sum()
         if "margin" in examples[0]:
             packed["margin"] = torch.tensor([float(e["margin"]) for e in examples])
+        packed[WEIGHT] = example_weights(examples)
         return packed
 
     return collate
@@ -262,26 +283,37 @@ def score_head(model):
     return inner.score
 
 
-def _packed_reward_trainer():
+def _reward_trainers():
+    """(WeightedRewardTrainer, PackedRewardTrainer), made on first use: TRL is imported then."""
     from trl import RewardTrainer
 
-    class PackedRewardTrainer(RewardTrainer):
-        """TRL's RewardTrainer over packed pairs: the same loss, margin, centring and metrics."""
+    class WeightedRewardTrainer(KeepWeights, RewardTrainer):
+        """TRL's RewardTrainer with per-pair loss weights: the same loss, margin, centring and
+        metrics, each pair's loss weighed by its "weight" (the metrics stay unweighted)."""
+
+        def pair_scores(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+            """Scores of the chosen and rejected conversations (TRL's batch: the chosen, then the rejected)."""
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            return torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+
+        def batch_tokens(self, inputs) -> torch.Tensor:
+            return inputs["attention_mask"].sum()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
-            head = score_head(self.accelerator.unwrap_model(model))
-            rewards_chosen, rewards_rejected = packed_scores(model, head, inputs)
+            weights = inputs.get(WEIGHT)
+            rewards_chosen, rewards_rejected = self.pair_scores(model, inputs)
             delta = rewards_chosen - rewards_rejected
             if "margin" in inputs:
                 delta = delta - inputs["margin"]
-            loss = -torch.nn.functional.logsigmoid(delta).mean()
+            loss = weighted_mean(-torch.nn.functional.logsigmoid(delta), weights)
             if self.args.center_rewards_coefficient is not None:
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+                centring = weighted_mean((rewards_chosen + rewards_rejected) ** 2, weights)
+                loss = loss + self.args.center_rewards_coefficient * centring
 
             metrics = self._metrics[mode]
             if mode == "train":
-                self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["num_tokens"]).sum().item()
+                self._total_train_tokens += self.accelerator.gather_for_metrics(self.batch_tokens(inputs)).sum().item()
             metrics["num_tokens"] = [self._total_train_tokens]
             with torch.no_grad():
                 rewards = self.accelerator.gather(torch.cat([rewards_chosen, rewards_rejected]))
@@ -293,7 +325,16 @@ def _packed_reward_trainer():
                 metrics["margin"].append(chosen_minus_rejected.mean().item())
             return (loss, None) if return_outputs else loss
 
-    return PackedRewardTrainer
+    class PackedRewardTrainer(WeightedRewardTrainer):
+        """The weighted RewardTrainer over packed pairs."""
+
+        def pair_scores(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+            return packed_scores(model, score_head(self.accelerator.unwrap_model(model)), inputs)
+
+        def batch_tokens(self, inputs) -> torch.Tensor:
+            return inputs["num_tokens"]
+
+    return WeightedRewardTrainer, PackedRewardTrainer
 
 
 # ---------------------------------------------------------------- scoring

@@ -38,6 +38,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from annotations.gate import DEFAULT_GATE_PROMPTS
+
 from align.config import ConfigError, config_from_dict
 from align.models import BASE_VERSION, VersionDir
 
@@ -51,6 +53,7 @@ SFT_DATA_CHOICES = ("written", "chosen")
 CURVE_SKIP = ("epoch", "total_flos", "step")  # logged values that are not curves
 PAUSE_ENV, PAUSE_MARKER_ENV = "RANKLOOP_TEST_PAUSE_AT", "RANKLOOP_TEST_PAUSE_MARKER"
 PAUSE_SECONDS = 600.0
+GATE_GENERATION_BATCH = 16  # answers sampled together for the gate's comparison
 
 
 class RoundError(Exception):
@@ -108,6 +111,14 @@ class RoundConfig:
         default=16, metadata={"help": "Held-out prompts to sample from for KL and win rate (0: skip)."}
     )
     eval_samples: int = field(default=3, metadata={"help": "Side-by-side sample answers stored with the metrics."})
+    gate_prompts: int = field(
+        default=DEFAULT_GATE_PROMPTS,
+        metadata={"help": "Held-out prompts, drawn at random, on which the new policy and its parent answer side by "
+                          "side for the promotion gate (0: skip). The gate decides only from at least its "
+                          "min_prompts."})
+    gate_seed: int | None = field(
+        default=None, metadata={"help": "Seed of that draw and of the sampled answers (empty: the round's id, so "
+                                        "each round draws a fresh sample, recorded with its metrics)."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled answer during evaluation."})
     eval_batch_size: int = field(
         default=4, metadata={"help": "Pairs or answers per forward pass during evaluation (4 keeps a DPO round's "
@@ -123,7 +134,7 @@ class RoundConfig:
             raise ValueError(f"sft_data must be one of {', '.join(SFT_DATA_CHOICES)}, got {self.sft_data!r}.")
         if self.kto_data not in KTO_DATA_CHOICES:
             raise ValueError(f"kto_data must be one of {', '.join(KTO_DATA_CHOICES)}, got {self.kto_data!r}.")
-        for name in ("eval_pairs", "eval_prompts", "eval_samples", "fail_after_steps"):
+        for name in ("eval_pairs", "eval_prompts", "eval_samples", "gate_prompts", "fail_after_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}.")
         for name in ("eval_max_new_tokens", "eval_batch_size"):
@@ -517,6 +528,8 @@ def _evaluate(db, plan: dict, round_config: RoundConfig, method_config) -> dict:
     """Held-out metrics of the new version (main process only)."""
     from annotations.registry import select_pairs, select_prompts
 
+    from annotations import intervals
+
     from align import evaluate
     from align.models import load_policy, load_tokenizer, using_version
     from align.reward import load_reward_model
@@ -535,13 +548,21 @@ def _evaluate(db, plan: dict, round_config: RoundConfig, method_config) -> dict:
         if rows:
             rm, tokenizer = load_reward_model(base, staging)
             rm.to(device)
-            metrics["heldout_accuracy"] = evaluate.reward_accuracy(rm, tokenizer, rows, batch, max_length)
+            correct = evaluate.reward_correct(rm, tokenizer, rows, batch, max_length)
             del rm
+            metrics["heldout_accuracy"] = sum(correct) / len(correct)
+            metrics["heldout_accuracy_interval"] = {**intervals.accuracy(sum(correct), len(correct)),
+                                                    "correct": sum(correct)}
             if plan["parent_path"]:
                 parent_rm, _ = load_reward_model(base, Path(plan["parent_path"]))
                 parent_rm.to(device)
-                metrics["parent_heldout_accuracy"] = evaluate.reward_accuracy(parent_rm, tokenizer, rows, batch,
-                                                                              max_length)
+                live_correct = evaluate.reward_correct(parent_rm, tokenizer, rows, batch, max_length)
+                metrics["parent_heldout_accuracy"] = sum(live_correct) / len(live_correct)
+                # paired on the same pairs: what the gate compares (annotations/gate.py)
+                metrics["versus_live"] = {
+                    "live": plan["parent"], "n": len(rows),
+                    "only_candidate_right": sum(c and not p for c, p in zip(correct, live_correct)),
+                    "only_live_right": sum(p and not c for c, p in zip(correct, live_correct))}
         return metrics
 
     version, parent = plan["version"], plan["parent"] or BASE_VERSION
@@ -554,28 +575,56 @@ def _evaluate(db, plan: dict, round_config: RoundConfig, method_config) -> dict:
     if rows:
         with using_version(policy, version):
             chosen, rejected = evaluate.implicit_rewards(policy, tokenizer, rows, beta, batch, max_length)
-        metrics["heldout_implicit_accuracy"] = (chosen > rejected).float().mean().item()
+        correct = int((chosen > rejected).sum().item())
+        metrics["heldout_implicit_accuracy"] = correct / len(rows)
+        metrics["heldout_implicit_accuracy_interval"] = {**intervals.accuracy(correct, len(rows)), "correct": correct}
         metrics["heldout_implicit_margin"] = (chosen - rejected).mean().item()
     prompts = [p["messages"] for p in select_prompts(db, "heldout", limit=round_config.eval_prompts)]
     if not prompts:
         prompts = [pair["messages"] for pair in pairs][: round_config.eval_prompts]
+    tokens = round_config.eval_max_new_tokens
     if prompts:
-        tokens = round_config.eval_max_new_tokens
         with using_version(policy, version):
-            metrics["kl_to_base"] = evaluate.kl_to_reference(policy, tokenizer, prompts, tokens, batch_size=batch)
+            kl = evaluate.kl_to_reference(policy, tokenizer, prompts, tokens, batch_size=batch)
+        metrics["kl_to_base"] = kl["mean"]
+        metrics["kl_to_base_interval"] = {k: kl[k] for k in ("mean", "se", "low", "high", "n", "too_few")}
         metrics["eval_prompts"] = len(prompts)
-        if plan["reward_path"]:
-            rm, _ = load_reward_model(base, Path(plan["reward_path"]))
-            rm.to(device)
-            result = evaluate.win_rate(rm, tokenizer, policy, prompts, version, parent, tokens, batch_size=batch,
-                                       max_length=max_length)
-            metrics.update({"win_rate_vs_parent": result["win_rate"], "win_rate_judge": plan["reward"],
-                            "win_rate_counts": {k: result[k] for k in ("wins", "ties", "losses", "n")}})
-            del rm
-        if round_config.eval_samples:
-            metrics["samples"] = evaluate.sample_answers(policy, tokenizer, prompts[: round_config.eval_samples],
-                                                         [parent, version], tokens)
+    if plan["reward_path"] and round_config.gate_prompts:
+        metrics["gate_comparison"] = _gate_comparison(db, plan, round_config, policy, tokenizer, device, max_length)
+        metrics["win_rate_vs_parent"] = metrics["gate_comparison"]["win_rate"]
+    if prompts and round_config.eval_samples:
+        metrics["samples"] = evaluate.sample_answers(policy, tokenizer, prompts[: round_config.eval_samples],
+                                                     [parent, version], tokens)
     return metrics
+
+
+def _gate_comparison(db, plan: dict, round_config: RoundConfig, policy, tokenizer, device, max_length: int) -> dict:
+    """The new version against its parent on paired answers to a fresh, seeded random sample of
+    held-out prompts, judged by the reward model: what the promotion gate decides on
+    (annotations/gate.py). Records the seed and the prompt ids, so anyone can redo it."""
+    import random
+
+    from annotations.registry import select_prompts
+
+    from align import evaluate
+    from align.reward import load_reward_model
+
+    heldout = select_prompts(db, "heldout")
+    seed = round_config.gate_seed if round_config.gate_seed is not None else plan["round_id"]
+    sample = random.Random(seed).sample(heldout, min(round_config.gate_prompts, len(heldout)))
+    out = {"opponent": plan["parent"] or BASE_VERSION, "judge": plan["reward"],
+           # PPO maximised this very reward model: it must not judge the result (reward hacking)
+           "judge_optimised": plan["method"] == "ppo", "seed": seed, "prompt_ids": [p["id"] for p in sample],
+           "wins": 0, "ties": 0, "losses": 0, "n": 0, "win_rate": None}
+    if not sample:
+        return out
+    rm, _ = load_reward_model(Path(plan["base_path"]), Path(plan["reward_path"]))
+    rm.to(device)
+    result = evaluate.win_rate(rm, tokenizer, policy, [p["messages"] for p in sample], plan["version"],
+                               out["opponent"], round_config.eval_max_new_tokens, seed=seed,
+                               batch_size=max(round_config.eval_batch_size, GATE_GENERATION_BATCH),
+                               max_length=max_length)
+    return {**out, **result}
 
 
 # ---------------------------------------------------------------- the round
@@ -594,8 +643,8 @@ def run_round(
     failed (or cancelled) with the error and removing whatever it wrote under versions/."""
     from annotations import open_db
     from annotations.db import write_transaction
+    from annotations.gate import apply_gate, verdict_line
     from annotations.registry import (
-        apply_gate,
         finish_round,
         get_round,
         register_version,
@@ -651,11 +700,9 @@ def run_round(
         update_round(db, round_id, log_line=f"registered {plan['version']} as a candidate: {_headline(metrics)}")
         logger.info("round %d: registered %s (%s)", round_id, plan["version"], _headline(metrics))
         gate = apply_gate(db, plan["version"])  # every new version goes through the promotion gate
-        verdict = ("promoted it: live now" if gate["promoted"] else
-                   "passed; automatic promotion is off" if gate["passed"] else
-                   "kept it a candidate: " + "; ".join(gate["reasons"]))
-        update_round(db, round_id, metrics={"gate": gate}, log_line=f"promotion gate {verdict}")
-        return {"round_id": round_id, "version": plan["version"], "status": "succeeded", "metrics": metrics}
+        update_round(db, round_id, metrics={"gate": gate}, log_line=f"promotion gate: {verdict_line(gate)}")
+        return {"round_id": round_id, "version": plan["version"], "status": "succeeded", "metrics": metrics,
+                "gate": gate}
     except BaseException as e:
         if main:
             for path in (staging, committed):

@@ -6,6 +6,10 @@
 - Left truncation: preference data is cut from the *left*, so the answers being compared are
   kept and the oldest prompt turns go first (DESIGN.md: right truncation cut off the answers
   of the baseline reward model). The collators here apply it to DPO and KTO batches.
+- Example weights: every training row carries a "weight" (>= 0, from the store; 1.0 when
+  absent), a per-example loss weight. The collators put it in each batch and every method
+  reduces its per-example losses to the weighted mean sum(w_i * loss_i) / sum(w_i) (0 when
+  all weights are 0): a weight of 0 drops the example, a weight of 2 counts it twice.
 - `ProgressCallback`: reports training steps and logs to a plain function (the round runner
   writes them to the store, and may stop the run by raising).
 - `save_adapter`: writes only the trained adapter and the tokenizer, from the main process.
@@ -271,24 +275,75 @@ def load_policy_for_training(base_path: Path, options: TrainingOptions, parent_a
 
 # ---------------------------------------------------------------- data
 
+WEIGHT = "weight"  # the column, and batch key, of each example's loss weight
+
+
+def example_weight(row: dict) -> float:
+    """The loss weight of a store or training row: its "weight", 1.0 when absent or None."""
+    weight = row.get(WEIGHT)
+    weight = 1.0 if weight is None else float(weight)
+    if not weight >= 0:  # also refuses NaN
+        raise ValueError(f"a training weight must be 0 or more, got {weight}: fix the weight of this row in the store")
+    return weight
+
+
+def example_weights(examples: Sequence[dict]) -> torch.Tensor:
+    """The loss weights of a batch's examples, as the float tensor the trainers read."""
+    return torch.tensor([example_weight(example) for example in examples], dtype=torch.float32)
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(w_i * loss_i) / sum(w_i) over a batch's per-example losses; the plain mean without
+    weights, and 0 (with zero gradients, no NaN) when every weight is 0."""
+    if weights is None:
+        return losses.mean()
+    weights = weights.to(losses.device)
+    return (weights * losses).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def without_weights(inputs: dict) -> dict:
+    """A batch without its weights, for TRL code that passes every other key to the model."""
+    return {key: value for key, value in inputs.items() if key != WEIGHT}
+
+
+def with_weights(collate: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+    """`collate` (one of TRL's collators, which drop unknown keys) that also puts the examples'
+    loss weights in the batch."""
+
+    def collate_with_weights(examples: list[dict]) -> dict:
+        return {**collate(examples), WEIGHT: example_weights(examples)}
+
+    return collate_with_weights
+
+
+class KeepWeights:
+    """Mixin for TRL trainers: keep the "weight" column, which `remove_unused_columns` would
+    drop as no input of the model."""
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if WEIGHT not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, WEIGHT]
+
 
 def preference_rows(pairs: Sequence[dict]) -> list[dict]:
-    """Store pairs ({"messages", "chosen", "rejected"}) as TRL conversational preference rows,
-    as `annotations.formats.pair_rows` exports them."""
+    """Store pairs ({"messages", "chosen", "rejected", "weight"}) as TRL conversational preference
+    rows, as `annotations.formats.pair_rows` exports them, plus each pair's loss weight."""
     return [
         {
             "prompt": pair["messages"],
             "chosen": [{"role": "assistant", "content": pair["chosen"]}],
             "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+            WEIGHT: example_weight(pair),
         }
         for pair in pairs
     ]
 
 
 def unpaired_rows(rows: Sequence[dict]) -> list[dict]:
-    """TRL conversational unpaired rows {"prompt", "completion", "label"} for KTO, from ratings
-    rows ({"messages", "completion", "label"}) or from pairs split in two (chosen → True,
-    rejected → False)."""
+    """TRL conversational unpaired rows {"prompt", "completion", "label", "weight"} for KTO, from
+    ratings rows ({"messages", "completion", "label"}) or from pairs split in two (chosen → True,
+    rejected → False); each answer keeps the weight of the rating or pair it came from."""
     out = []
     for row in rows:
         if "completion" in row:
@@ -297,7 +352,7 @@ def unpaired_rows(rows: Sequence[dict]) -> list[dict]:
             answers = [(row["chosen"], True), (row["rejected"], False)]
         for text, label in answers:
             out.append({"prompt": row["messages"], "completion": [{"role": "assistant", "content": text}],
-                        "label": label})
+                        "label": label, WEIGHT: example_weight(row)})
     return out
 
 
@@ -322,7 +377,8 @@ def truncate(prompt_ids: list[int], completions: list[list[int]], max_length: in
 
 
 def make_preference_collator(pad_token_id: int, max_length: int, side: str, pad_to_multiple_of=None):
-    """TRL's DPO collator, with our truncation applied per example before padding."""
+    """TRL's DPO collator, with our truncation applied per example before padding, and the
+    examples' weights."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     class TruncatingPreferenceCollator(DataCollatorForPreference):
@@ -334,7 +390,7 @@ def make_preference_collator(pad_token_id: int, max_length: int, side: str, pad_
                     max_length, side,
                 )
                 fitted.append({**example, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
-            return super().torch_call(fitted)
+            return {**super().torch_call(fitted), WEIGHT: example_weights(examples)}
 
     return TruncatingPreferenceCollator(
         pad_token_id=pad_token_id, max_length=None, pad_to_multiple_of=pad_to_multiple_of
@@ -342,7 +398,8 @@ def make_preference_collator(pad_token_id: int, max_length: int, side: str, pad_
 
 
 def make_unpaired_collator(pad_token_id: int, max_length: int, side: str, pad_to_multiple_of=None):
-    """TRL's KTO collator, with our truncation applied per example (answer and KL answer)."""
+    """TRL's KTO collator, with our truncation applied per example (answer and KL answer), and
+    the examples' weights."""
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     class TruncatingUnpairedCollator(DataCollatorForUnpairedPreference):
@@ -354,7 +411,7 @@ def make_unpaired_collator(pad_token_id: int, max_length: int, side: str, pad_to
                     list(example["prompt_ids"]), [list(example[k]) for k in keys], max_length, side
                 )
                 fitted.append({**example, "prompt_ids": prompt, **dict(zip(keys, completions))})
-            return super().torch_call(fitted)
+            return {**super().torch_call(fitted), WEIGHT: example_weights(examples)}
 
     return TruncatingUnpairedCollator(pad_token_id=pad_token_id, max_length=None, pad_to_multiple_of=pad_to_multiple_of)
 

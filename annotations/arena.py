@@ -2,12 +2,14 @@
 
 A vote for A or B becomes a preference pair (source 'arena') like any judgement; a tie or
 "both bad" gives no pair. The leaderboard fits Bradley–Terry strengths to the votes (ties
-count half a win each way) and reports them on the Elo scale, with bootstrap confidence
-intervals, plus each version's human win rate against its parent.
+count half a win each way) and reports them on the Elo scale, with confidence
+intervals (never zero-width, and marked provisional for few battles), plus each version's
+human win rate against its parent with its interval.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import defaultdict
@@ -72,9 +74,25 @@ def vote(db, user_id: int, battle_id: int, winner: str) -> dict:
 
 
 def voted_battles(db) -> list[tuple[str, str, str]]:
-    """(version_a, version_b, winner) for every battle with a vote."""
-    return [tuple(r) for r in db.execute(
+    """(version_a, version_b, winner) for every vote between two versions: arena battles, and
+    judgements of promotion-gate pairs (annotations.gate), version_a being the gate's
+    candidate. A written answer does not count; a tie or both bad is a tie."""
+    votes = [tuple(r) for r in db.execute(
         "SELECT version_a, version_b, winner FROM arena_battles WHERE winner IS NOT NULL ORDER BY id").fetchall()]
+    rows = db.execute(
+        "SELECT items.id, items.gate_versions, j.ranking, j.both_bad FROM judgements j"
+        " JOIN items ON items.id = j.item_id WHERE items.gate_versions IS NOT NULL ORDER BY j.id").fetchall()
+    versions = {cid: version for cid, version in db.execute(
+        "SELECT id, policy_version FROM candidates WHERE item_id IN"
+        " (SELECT id FROM items WHERE gate_versions IS NOT NULL) AND policy_version IS NOT NULL").fetchall()}
+    for _, gate_versions, ranking, both_bad in rows:
+        a, b = json.loads(gate_versions)
+        tier_of = {versions[c]: i for i, tier in enumerate(json.loads(ranking)) for c in tier if c in versions}
+        if a not in tier_of or b not in tier_of:
+            continue
+        winner = "tie" if both_bad or tier_of[a] == tier_of[b] else "A" if tier_of[a] < tier_of[b] else "B"
+        votes.append((a, b, winner))
+    return votes
 
 
 def bradley_terry(battles, *, prior: float = 1.0, iterations: int = 200, tolerance: float = 1e-9) -> dict[str, float]:
@@ -123,19 +141,51 @@ def elo(strength: dict[str, float], anchor: str | None = None) -> dict[str, floa
     return {p: ELO_BASE + ELO_SCALE * math.log10(s / reference) for p, s in strength.items()}
 
 
-def leaderboard(db, *, bootstrap: int = 200, seed: int = 0, anchor: str = "base") -> list[dict]:
-    """One row per version that has votes: Elo-scale score, 95% bootstrap interval, battles,
-    wins, ties; best first."""
+PROVISIONAL_BATTLES = 20  # fewer battles than this: the row is marked provisional
+Z95 = 1.959963984540054
+
+
+def _covariance(strength: dict[str, float], battles, prior: float) -> tuple[list[str], list[list[float]]]:
+    """Covariance of the log-strengths: the inverse of the observed information of the
+    penalised Bradley–Terry likelihood (the prior's virtual ties against a fixed reference make
+    it invertible, so even one battle gives a finite, wide interval)."""
+    import numpy as np
+
+    players = sorted(strength)
+    index = {p: i for i, p in enumerate(players)}
+    information = np.zeros((len(players), len(players)))
+    for a, b, _ in battles:
+        p = strength[a] / (strength[a] + strength[b])
+        i, j = index[a], index[b]
+        information[i, i] += p * (1 - p)
+        information[j, j] += p * (1 - p)
+        information[i, j] -= p * (1 - p)
+        information[j, i] -= p * (1 - p)
+    for player, s in strength.items():
+        p = s / (s + 1.0)
+        information[index[player], index[player]] += prior * p * (1 - p)
+    return players, np.linalg.inv(information).tolist()
+
+
+def leaderboard(db, *, anchor: str = "base", prior: float = 1.0) -> list[dict]:
+    """One row per version that has votes: Elo-scale score (the anchor, if it has votes, at
+    1000), its 95% interval, battles, wins, ties, and `provisional` when it has fewer than
+    `PROVISIONAL_BATTLES` battles; best first.
+
+    The interval is the Laplace approximation of the Bradley–Terry fit with a weak prior (one
+    virtual tie against a fixed reference per version): score ± 1.96 standard errors of the
+    log-strength difference to the anchor (or to the versions' mean when the anchor has no
+    votes), on the Elo scale. Unlike a bootstrap over a handful of votes it is never zero-width:
+    one battle leaves a version's score wide open. The anchor's own score is fixed by definition.
+    """
     battles = voted_battles(db)
     if not battles:
         return []
-    scores = elo(bradley_terry(battles), anchor)
-    rng = random.Random(seed)
-    samples = defaultdict(list)
-    for _ in range(bootstrap):
-        resample = [battles[rng.randrange(len(battles))] for _ in battles]
-        for version, score in elo(bradley_terry(resample), anchor).items():
-            samples[version].append(score)
+    strength = bradley_terry(battles, prior=prior)
+    scores = elo(strength, anchor)
+    players, cov = _covariance(strength, battles, prior)
+    index = {p: i for i, p in enumerate(players)}
+    scale = ELO_SCALE / math.log(10)
     counts = defaultdict(lambda: {"battles": 0, "wins": 0, "ties": 0})
     for a, b, winner in battles:
         for side, version in (("A", a), ("B", b)):
@@ -144,26 +194,36 @@ def leaderboard(db, *, bootstrap: int = 200, seed: int = 0, anchor: str = "base"
             counts[version]["ties"] += winner in ("tie", "both_bad")
     rows = []
     for version, score in scores.items():
-        s = sorted(samples[version]) or [score]
+        i = index[version]
+        if anchor in index:
+            a = index[anchor]
+            variance = cov[i][i] + cov[a][a] - 2 * cov[i][a]
+        else:  # against the mean log-strength of all versions
+            n = len(players)
+            contrast = [(1.0 if j == i else 0.0) - 1.0 / n for j in range(n)]
+            variance = sum(contrast[j] * cov[j][k] * contrast[k] for j in range(n) for k in range(n))
+        half = Z95 * scale * math.sqrt(max(variance, 0.0))
         rows.append({
-            "version": version, "score": round(score, 1),
-            "ci_low": round(s[int(0.025 * (len(s) - 1))], 1), "ci_high": round(s[int(0.975 * (len(s) - 1))], 1),
-            **counts[version],
+            "version": version, "score": round(score, 1), "ci_low": round(score - half, 1),
+            "ci_high": round(score + half, 1), **counts[version],
+            "provisional": counts[version]["battles"] < PROVISIONAL_BATTLES, "anchor": version == anchor,
         })
     return sorted(rows, key=lambda r: -r["score"])
 
 
 def win_rates_over_parent(db) -> list[dict]:
-    """For each policy version with a parent: human arena win rate against that parent
-    (ties count half), from battles between exactly those two versions."""
-    parents = dict(db.execute("SELECT version, parent FROM policies WHERE kind = 'policy' AND parent IS NOT NULL"))
-    tally = defaultdict(lambda: [0.0, 0])
-    for a, b, winner in voted_battles(db):
-        for child, side in ((a, "A"), (b, "B")):
-            other = b if child == a else a
-            if parents.get(child) == other:
-                tally[child][1] += 1
-                tally[child][0] += 1.0 if winner == side else 0.5 if winner in ("tie", "both_bad") else 0.0
-    return [{"version": v, "parent": parents[v], "battles": n, "win_rate": round(w / n, 3)}
-            for v, (w, n) in sorted(tally.items())]
+    """For each policy version with a parent: people's win rate against that parent (ties and
+    both bad count half), from votes between exactly those two versions, with its 95% interval
+    and n (`annotations.intervals.win_rate`)."""
+    from annotations.gate import human_record
+    from annotations.intervals import win_rate
 
+    rows = []
+    for version, parent in db.execute(
+            "SELECT version, parent FROM policies WHERE kind = 'policy' AND parent IS NOT NULL ORDER BY rowid"):
+        figure = win_rate(*human_record(db, version, parent))
+        if figure["n"]:
+            rows.append({"version": version, "parent": parent, "battles": figure["n"],
+                         "win_rate": round(figure["win_rate"], 3), "ci_low": round(figure["low"], 3),
+                         "ci_high": round(figure["high"], 3), "too_few": figure["too_few"]})
+    return rows

@@ -24,6 +24,25 @@ def add_reply(db, user_id: int, conversation: str, messages, reply: str, version
         return cursor.lastrowid
 
 
+def conversation_messages(db, user_id: int, conversation: str) -> list[dict]:
+    """The conversation so far as the server stored it: the messages the user's latest reply
+    in `conversation` answered, followed by that reply ([] for a new conversation). Chat uses
+    this, never a history the client sends, so nobody can put words in the model's mouth."""
+    row = db.execute(
+        "SELECT messages, reply FROM chat_replies WHERE user_id = ? AND conversation = ? ORDER BY id DESC LIMIT 1",
+        [user_id, conversation[:64]]).fetchone()
+    if row is None:
+        return []
+    return json.loads(row[0]) + [{"role": "assistant", "content": row[1]}]
+
+
+def conversation_replies(db, user_id: int, conversation: str) -> list[dict]:
+    """The user's stored replies in `conversation`, oldest first: [{"id", "reply", "rating"}]."""
+    return [{"id": r[0], "reply": r[1], "rating": r[2]} for r in db.execute(
+        "SELECT id, reply, rating FROM chat_replies WHERE user_id = ? AND conversation = ? ORDER BY id",
+        [user_id, conversation[:64]]).fetchall()]
+
+
 def rate_reply(db, user_id: int, reply_id: int, value: int | None) -> None:
     """Thumbs up (+1), down (-1) or clear (None) on one's own chat reply.
 

@@ -294,4 +294,6 @@ def m010_item_views_and_truncation(db):
         "ALTER TABLE candidates ADD COLUMN truncated INTEGER",
         # the highest judgement id a round's data snapshot saw (KTO labels come from judgements)
         "ALTER TABLE rounds ADD COLUMN data_until_judgement_id INTEGER",
+        # a promotion gate's blind pair: JSON [candidate version, the live version it must beat]
+        "ALTER TABLE items ADD COLUMN gate_versions TEXT",
     )

@@ -335,6 +335,10 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
     `served_at` is when this user first saw the item, `view_key` its submission's key.
     """
     now = time.time() if now is None else now
+    from annotations.gate import gate_settings
+
+    gate = gate_settings(db)
+    gate_share = gate["human_share"] if gate["require_human_votes"] else None
     with write_transaction(db):
         db.execute("DELETE FROM leases WHERE expires_at <= ?", [now])
         held = db.execute(
@@ -347,15 +351,17 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
         if held:
             item_id = held[0]
         else:
+            # Promotion-gate pairs (annotations.gate) take their share of the items dealt.
+            gate_first = gate_share is not None and random.random() < gate_share
             row = db.execute(
-                """SELECT items.id FROM items
+                f"""SELECT items.id FROM items
                    WHERE items.status = 'ready'
                      AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id AND j.user_id = :user)
                      AND NOT EXISTS (SELECT 1 FROM skips s JOIN items skipped ON skipped.id = s.item_id
                                      WHERE s.user_id = :user AND skipped.prompt_id = items.prompt_id)
                      AND (SELECT count(*) FROM judgements j WHERE j.item_id = items.id)
                        + (SELECT count(*) FROM leases l WHERE l.item_id = items.id) < items.overlap
-                   ORDER BY items.id LIMIT 1""",
+                   ORDER BY (items.gate_versions IS {'NULL' if gate_first else 'NOT NULL'}), items.id LIMIT 1""",
                 {"user": user_id},
             ).fetchone()
             if row is None:
@@ -535,6 +541,9 @@ def submit_judgement(
         done = db.execute("SELECT count(*) FROM judgements WHERE item_id = ?", [item_id]).fetchone()[0]
         if done >= overlap and status == "ready":
             db.execute("UPDATE items SET status = 'complete' WHERE id = ?", [item_id])
+        from annotations.gate import after_gate_vote
+
+        after_gate_vote(db, item_id)  # a vote on a promotion-gate pair may promote its candidate
         return {"judgement_id": judgement_id, "pairs": len(pairs), "duplicate": False}
 
 

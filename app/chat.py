@@ -25,15 +25,6 @@ def message_text(content) -> str:
     return "" if content is None else str(content)
 
 
-def history_messages(history) -> list[dict]:
-    """Chatbot history → [{role, content}] with plain-text content."""
-    out = []
-    for m in history or []:
-        if isinstance(m, dict) and m.get("role") in ("user", "assistant", "system"):
-            out.append({"role": m["role"], "content": message_text(m.get("content"))})
-    return out
-
-
 def policy_versions(ctx: AppContext) -> list[str]:
     """Versions one can chat with: the live one, the base, and every registered policy."""
     rows = ctx.db().execute(
@@ -55,12 +46,15 @@ def _sampling(values: dict | None) -> SamplingParams:
         raise InvalidInput(str(e)) from None
 
 
-def chat_stream(ctx: AppContext, user: dict | None, history, message: str, *, conversation: str,
+def chat_stream(ctx: AppContext, user: dict | None, message: str, *, conversation: str,
                 version: str | None = None, sampling: dict | None = None):
-    """Stream the reply to `message` after `history`. Yields (reply so far, version); the
-    last item also carries the stored reply id: (reply, version, reply_id)."""
+    """Stream the reply to `message` in `conversation` (the server's stored conversation: what
+    the user said and what the model answered, never a history the client sends). Yields
+    (reply so far, version); the last item also carries the stored reply id:
+    (reply, version, reply_id)."""
     user = _annotator(user)
-    messages = store.canonical_messages(history_messages(history) + [{"role": "user", "content": message or ""}])
+    earlier = chat.conversation_messages(ctx.db(), user["id"], conversation)
+    messages = store.canonical_messages(earlier + [{"role": "user", "content": message or ""}])
     params = _sampling(sampling)
     # "live" is resolved by the server when this request's turn comes, so a request queued
     # behind a promotion is answered by the new version
@@ -74,15 +68,35 @@ def chat_stream(ctx: AppContext, user: dict | None, history, message: str, *, co
     yield text, produced_by, reply_id
 
 
+def rate_shown_reply(ctx: AppContext, user: dict | None, conversation: str | None, position: int, shown_text,
+                     liked: bool | None) -> int:
+    """Rate the `position`-th assistant message (0-based) of the conversation on screen, after
+    checking that it is the stored reply with exactly the text the person sees. Returns the
+    reply id. A reply still being written has no stored row yet, and says so."""
+    user = _annotator(user)
+    replies = chat.conversation_replies(ctx.db(), user["id"], conversation) if conversation else []
+    if not 0 <= position < len(replies) or replies[position]["reply"] != message_text(shown_text).strip():
+        if position == len(replies):
+            raise InvalidInput("this reply is still being written: rate it once it is complete")
+        raise InvalidInput("that message is not one of your stored replies in this conversation")
+    reply_id = replies[position]["id"]
+    chat.rate_reply(ctx.db(), user["id"], reply_id, None if liked is None else (1 if liked else -1))
+    return reply_id
+
+
 def rate_reply(ctx: AppContext, user: dict | None, reply_id: int, liked: bool | None) -> None:
     user = _annotator(user)
     chat.rate_reply(ctx.db(), user["id"], int(reply_id), None if liked is None else (1 if liked else -1))
 
 
-def send_to_annotation(ctx: AppContext, user: dict | None, history) -> int:
-    _annotator(user)
+def send_to_annotation(ctx: AppContext, user: dict | None, conversation: str | None) -> int:
+    """Queue the conversation on screen (as the server stored it) for annotation."""
+    user = _annotator(user)
+    messages = chat.conversation_messages(ctx.db(), user["id"], conversation) if conversation else []
+    if not messages:
+        raise InvalidInput("send a message first: there is no conversation to annotate")
     item_id = chat.send_to_annotation(
-        ctx.db(), history_messages(history), mode=ctx.setting("mode"), k=int(ctx.setting("k")),
+        ctx.db(), messages, mode=ctx.setting("mode"), k=int(ctx.setting("k")),
         overlap=int(ctx.setting("overlap")), source=f"chat:{user['name']}")
     ctx.wake_prefetcher()
     return item_id

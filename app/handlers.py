@@ -39,6 +39,8 @@ DEFAULT_SETTINGS = {
     "overlap": 1,
     "pair_policy": "all",
     "sampling": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 96},
+    # sample an answer again when the token budget cut it off (app/prefetch.py)
+    "exclude_truncated": False,
 }
 
 
@@ -271,7 +273,7 @@ def project_settings(ctx: AppContext, user: dict | None) -> dict:
 
 
 def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: int, overlap: int,
-                          pair_policy: str, sampling: dict) -> dict:
+                          pair_policy: str, sampling: dict, exclude_truncated: bool = False) -> dict:
     """Validate and store the defaults for newly queued items and for deriving pairs."""
     from app.serving import SamplingParams
 
@@ -289,10 +291,43 @@ def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: i
         sampling = SamplingParams(**sampling).as_dict()
     except (TypeError, ValueError) as e:
         raise InvalidInput(str(e)) from None
-    values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling}
+    values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling,
+              "exclude_truncated": bool(exclude_truncated)}
     for key, value in values.items():
         store.set_setting(ctx.db(), key, value)
     return values
+
+
+def describe_settings(values: dict) -> str:
+    """The saved project settings in words, for the admin who saved them."""
+    sampling = values["sampling"]
+    return (f"Saved. New items: {values['mode']}"
+            + (f" with {values['k']} answers" if values["mode"] == "ranking" else "")
+            + f", {values['overlap']} judgement(s) each, pairs by '{values['pair_policy']}'; answers sampled at "
+            f"temperature {sampling['temperature']}, top-p {sampling['top_p']}, up to {sampling['max_new_tokens']} "
+            "tokens" + ("; cut-off answers are sampled again" if values["exclude_truncated"] else "") + ".")
+
+
+def weighting(ctx: AppContext, user: dict | None) -> dict:
+    from annotations.quality import weighting as stored_weighting
+
+    _admin(user)
+    return stored_weighting(ctx.db())
+
+
+def save_weighting(ctx: AppContext, user: dict | None, *, agreement: bool, annotator_accuracy: bool,
+                   sources: dict) -> str:
+    """Store how pairs are weighed in training and re-weigh every stored pair."""
+    from annotations.quality import set_weighting
+
+    _admin(user)
+    values = set_weighting(ctx.db(), {"agreement": bool(agreement), "annotator_accuracy": bool(annotator_accuracy),
+                                      "sources": {k: float(v) for k, v in (sources or {}).items()}})
+    factors = [name for name, on in (("item agreement", values["agreement"]),
+                                     ("annotator trust", values["annotator_accuracy"])) if on]
+    return ("Saved; every pair re-weighed: source weight"
+            + "".join(f" × {f}" for f in factors) + " ("
+            + ", ".join(f"{k} {v:g}" for k, v in values["sources"].items()) + ").")
 
 
 def queue_prompt(ctx: AppContext, user: dict | None, text: str, *, versions=(), mode=None, k=None,

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_ITEMS = 4  # items whose answers are sampled together
 BATCH_TOKENS = 4096  # padded prompt tokens (rows x longest prompt) a batch may hold
+RESAMPLE_TRIES = 2  # with `exclude_truncated`, times a cut-off answer is sampled again
 
 
 class Prefetcher:
@@ -46,6 +47,8 @@ class Prefetcher:
         self.generated = 0
         self.preempted = 0
         self.discarded = 0
+        self.resampled = 0  # answers sampled again because the first ones were cut off
+        self.kept_truncated = 0  # items shown with a truncated answer after every try
         self.last_error: str | None = None
 
     def start(self) -> "Prefetcher":
@@ -95,6 +98,8 @@ class Prefetcher:
             width = max(width, tokens)
         answers = self.server.generate_many([item["messages"] for item in batch], n=first["k"], sampling=sampling,
                                             preemptible=True)
+        if self._exclude_truncated(db):
+            answers = self._replace_truncated(batch, answers, sampling)
         if any(g.version != self.server.live_version for group in answers for g in group):
             # A new version went live while these answers were generated: they would be stale
             # on arrival. Leave the items pending; the next pass answers them with the new version.
@@ -107,6 +112,29 @@ class Prefetcher:
             except AnnotationsError as e:  # this item changed under us (retired, filled): keep the others
                 logger.warning("prefetch: item %s: %s", item["id"], e)
         return True
+
+    def _exclude_truncated(self, db) -> bool:
+        return bool(store.get_setting(db, "exclude_truncated", False))
+
+    def _replace_truncated(self, batch, answers, sampling):
+        """Answers cut off by the token budget, sampled again (up to `RESAMPLE_TRIES` times, the
+        items that need it in one batch) so that items show complete answers only; an item
+        whose prompt keeps producing overlong answers keeps the rest, marked as truncated,
+        rather than never being shown (`kept_truncated` counts them)."""
+        answers = [list(group) for group in answers]
+        for _ in range(RESAMPLE_TRIES):
+            short = [i for i, group in enumerate(answers) if any(g.truncated for g in group)]
+            if not short:
+                return answers
+            wanted = max(sum(g.truncated for g in answers[i]) for i in short)
+            fresh = self.server.generate_many([batch[i]["messages"] for i in short], n=wanted, sampling=sampling,
+                                              preemptible=True)
+            for i, extra in zip(short, fresh):
+                complete = iter(g for g in extra if not g.truncated)
+                answers[i] = [next(complete, g) if g.truncated else g for g in answers[i]]
+            self.resampled += sum(len(group) for group in fresh)
+        self.kept_truncated += sum(any(g.truncated for g in group) for group in answers)
+        return answers
 
     def _fill_contrast(self, db, item) -> bool:
         """A contrast item splits its K answers over the requested versions."""

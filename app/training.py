@@ -7,11 +7,10 @@ Training never runs in the app: `queue_round` writes a row and the worker proces
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import yaml
 
-from annotations import registry, store
+from annotations import gate, registry, store
 from annotations.errors import InvalidInput
 from app.handlers import AppContext, _admin
 
@@ -71,12 +70,8 @@ def rounds_table(ctx: AppContext, user: dict | None, limit: int = 20) -> list[li
     _admin(user)
     rows = []
     for r in registry.list_rounds(ctx.db(), limit=limit):
-        metrics = r["metrics"]
-        headline = ", ".join(f"{k} {metrics[k]:.3g}" for k in ("heldout_accuracy", "heldout_implicit_accuracy",
-                                                                  "win_rate_vs_parent", "kl_to_base")
-                             if isinstance(metrics.get(k), (int, float)))
         rows.append([r["id"], r["method"], r["status"], f"{100 * (r['progress'] or 0):.0f}%", r["version"] or "",
-                     r["n_pairs"] or "", headline, r["created_at"]])
+                     r["n_pairs"] or "", headline(r["metrics"]), r["created_at"]])
     return rows
 
 
@@ -111,17 +106,15 @@ def versions_table(ctx: AppContext, user: dict | None) -> list[list]:
     for v in registry.list_versions(db):
         data = db.execute("SELECT data_hash, n_pairs, config FROM rounds WHERE id = ?", [v["round_id"]]).fetchone() \
             if v["round_id"] else None
-        metrics = v["metrics"]
         rows.append([v["version"], v["kind"], v["state"], v["parent"] or "", v["method"], v["round_id"] or "",
-                     (data[0] or "")[:12] if data else "", data[1] if data else "",
-                     json.dumps({k: round(x, 3) for k, x in metrics.items() if isinstance(x, float)})[:200],
+                     (data[0] or "")[:12] if data else "", data[1] if data else "", headline(v["metrics"]),
                      (data[2] if data else "")[:200], v["created_at"]])
     return rows
 
 
 def check_gate(ctx: AppContext, user: dict | None, version: str) -> dict:
     _admin(user)
-    return registry.check_gate(ctx.db(), (version or "").strip())
+    return gate.check_gate(ctx.db(), (version or "").strip())
 
 
 def promote(ctx: AppContext, user: dict | None, version: str) -> str:
@@ -142,20 +135,30 @@ def rollback(ctx: AppContext, user: dict | None, kind: str = "policy") -> str:
 
 def gate_settings(ctx: AppContext, user: dict | None) -> dict:
     _admin(user)
-    return registry.gate_settings(ctx.db())
+    return gate.gate_settings(ctx.db())
 
 
-def save_gate_settings(ctx: AppContext, user: dict | None, *, auto_promote: bool, min_win_rate: float,
-                       min_arena_votes: int) -> dict:
+def save_gate_settings(ctx: AppContext, user: dict | None, **values) -> dict:
+    """Validate and store the promotion gate's settings (`annotations.gate.GATE_DEFAULTS`)."""
     _admin(user)
-    if not 0.0 <= float(min_win_rate) <= 1.0:
-        raise InvalidInput("the win-rate threshold is a fraction between 0 and 1")
-    if int(min_arena_votes) < 0:
-        raise InvalidInput("the number of arena votes is 0 or more")
-    values = {"auto_promote": bool(auto_promote), "min_win_rate": float(min_win_rate),
-              "min_arena_votes": int(min_arena_votes)}
-    store.set_setting(ctx.db(), "promotion_gate", values)
-    return values
+    return gate.save_gate_settings(ctx.db(), values)
+
+
+def headline(metrics: dict) -> str:
+    """A round's or a version's held-out figures in one line, each with its interval and n."""
+    from annotations.intervals import describe
+
+    parts = []
+    for key, label, value in (("heldout_accuracy_interval", "RM accuracy", "accuracy"),
+                              ("heldout_implicit_accuracy_interval", "implicit accuracy", "accuracy"),
+                              ("gate_comparison", "win rate vs parent", "win_rate")):
+        figure = metrics.get(key)
+        if isinstance(figure, dict) and figure.get("n"):
+            parts.append(f"{label} {describe(figure, value)}")
+    kl = metrics.get("kl_to_base_interval")
+    if isinstance(kl, dict) and kl.get("n"):
+        parts.append(f"KL {kl['mean']:.3f} ± {kl['se']:.3f} (n={kl['n']})")
+    return "; ".join(parts)
 
 
 def dashboard(ctx: AppContext, user: dict | None) -> dict:
@@ -168,6 +171,7 @@ def dashboard(ctx: AppContext, user: dict | None) -> dict:
     for r in reversed(registry.list_rounds(db, limit=200, status="succeeded")):
         m = r["metrics"]
         rounds.append({"round": r["id"], "method": r["method"], "version": r["version"], "pairs": r["n_pairs"] or 0,
+                       "figures": headline(m),
                        **{k: m.get(k) for k in ("heldout_accuracy", "heldout_implicit_accuracy", "kl_to_base",
                                                 "win_rate_vs_parent")}})
     throughput = [list(row) for row in db.execute(

@@ -45,6 +45,16 @@ SHORTCUTS_JS = """
 """
 
 
+# The tab a person last used, kept in their browser: the page opens on it, and an annotation
+# item is dealt (leased) only when the Annotate tab is actually what they look at.
+TABS = ("annotate", "chat", "arena", "admin")
+READ_TAB_JS = "() => [localStorage.getItem('rankloop-tab') || 'annotate']"
+
+
+def remember_tab_js(tab: str) -> str:
+    return f"() => {{ localStorage.setItem('rankloop-tab', '{tab}'); }}"
+
+
 def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
     def current_user(request: gr.Request):
         return user_from_request(ctx.db, request)
@@ -54,32 +64,39 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
             gr.Markdown("# rankloop")
             who = gr.Markdown(elem_id="who")
             gr.Button("Log out", link="/logout", size="sm", scale=0)
-        with gr.Tabs():
-            with gr.Tab("Annotate", id="annotate"):
+        start_tab = gr.Textbox(visible=False, elem_id="start-tab")
+        with gr.Tabs(elem_id="main-tabs") as tabs:
+            with gr.Tab("Annotate", id="annotate") as annotate_tab:
                 annotate = annotate_page.build(ctx, current_user)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab_block:
                 chat_tab = chat_page.build_chat(ctx, current_user)
-            with gr.Tab("Arena", id="arena"):
+            with gr.Tab("Arena", id="arena") as arena_tab_block:
                 arena_tab = chat_page.build_arena(ctx, current_user)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 load_admin, admin_outputs = admin_page.build(ctx, current_user, annotate["view"])
                 load_training, training_outputs = training_page.build(ctx, current_user)
 
-        def on_load(request: gr.Request):
+        def on_load(tab, request: gr.Request):
             def run():
                 user = handlers.whoami(current_user(request))
-                page = annotate["load"](request)
-                guidelines = handlers.guidelines(ctx, user)
                 is_admin = user["role"] == "admin"
+                shown = tab if tab in TABS and (tab != "admin" or is_admin) else "annotate"
+                # an item is dealt only to someone who is looking at the Annotate tab
+                page = annotate["load"](request) if shown == "annotate" else [gr.update() for _ in annotate["outputs"]]
+                guidelines = handlers.guidelines(ctx, user)
                 admin_values = ([*load_admin(request), *load_training(request)] if is_admin
                                 else [gr.update() for _ in (*admin_outputs, *training_outputs)])
                 versions = gr.update(choices=chat_versions(ctx))
-                return [f"Logged in as **{user['name']}** ({user['role']})", *page, guidelines,
-                        versions, versions, versions, gr.update(visible=is_admin), *admin_values]
+                return [f"Logged in as **{user['name']}** ({user['role']})", gr.Tabs(selected=shown), *page,
+                        guidelines, versions, versions, versions, gr.update(visible=is_admin), *admin_values]
             return guard(run)
 
-        demo.load(on_load, None, [who, *annotate["outputs"], annotate["guidelines"], chat_tab["version"],
-                                  arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs,
-                                  *training_outputs],
-                  api_visibility="private")
+        demo.load(on_load, [start_tab], [who, tabs, *annotate["outputs"], annotate["guidelines"], chat_tab["version"],
+                                         arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs,
+                                         *training_outputs],
+                  js=READ_TAB_JS, api_visibility="private")
+        annotate_tab.select(annotate["load"], None, annotate["outputs"],
+                            js=remember_tab_js("annotate"), api_visibility="private")
+        for block, name in ((chat_tab_block, "chat"), (arena_tab_block, "arena"), (admin_tab, "admin")):
+            block.select(None, None, None, js=remember_tab_js(name), api_visibility="private")
     return demo

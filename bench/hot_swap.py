@@ -73,7 +73,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         while not stop.is_set():
             try:
                 asked, first = time.perf_counter(), None
-                for out in chat.chat_stream(ctx, user, [], f"Say something nice ({i}).", conversation=f"bench{i}",
+                for out in chat.chat_stream(ctx, user, f"Say something nice ({i}).", conversation=f"bench{i}",
                                             sampling=sampling):
                     if first is None and out[0]:
                         first = time.perf_counter()
@@ -94,7 +94,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         while ctx.server.live_version != version and time.monotonic() < deadline:
             time.sleep(0.002)
         live_at, first_token = time.perf_counter(), None
-        for text, answered_by, *_ in chat.chat_stream(ctx, user, [], "Are you the new version?",
+        for text, answered_by, *_ in chat.chat_stream(ctx, user, "Are you the new version?",
                                                       conversation="probe", sampling=sampling):
             if first_token is None and text:
                 first_token = time.perf_counter()

@@ -48,7 +48,7 @@ store.add_user(db, "bench", "annotator", "bench-password")
 user = store.get_user(db, "bench")
 sampling = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 32}
 for version in ("v2", "v1"):
-    list(chat.chat_stream(ctx, user, [], "Tell me about the sea.", conversation="m", version=version, sampling=sampling))
+    list(chat.chat_stream(ctx, user, "Tell me about the sea.", conversation="m", version=version, sampling=sampling))
 # what the prefetcher does: the answers of queued items, batched within its token budget
 from app.prefetch import Prefetcher
 from app.serving import SamplingParams

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from annotations.quality import WEIGHT_SOURCES
 from app import handlers
 from app.pages.common import endpoint, guard
 
@@ -24,8 +25,22 @@ def build(ctx, current_user, annotate_view):
             top_p = gr.Slider(0.05, 1, step=0.05, label="top_p")
             repetition_penalty = gr.Slider(1, 2, step=0.05, label="repetition_penalty")
             max_new_tokens = gr.Slider(8, 512, step=8, label="max_new_tokens")
+        exclude_truncated = gr.Checkbox(label="Keep cut-off answers out of items (sample them again; slower)",
+                                        elem_id="setting-exclude-truncated")
         save_settings = gr.Button("Save settings", elem_id="save-settings")
-        settings_status = gr.Markdown()
+        settings_status = gr.Markdown(elem_id="settings-status")
+
+        gr.Markdown("### Training weights\nEach pair's loss weight is its source's weight, times its item's agreement "
+                    "among annotators and its annotator's trust from gold items (when ticked). A weight of 0 keeps "
+                    "a source out of training.")
+        with gr.Row():
+            weight_agreement = gr.Checkbox(label="× item agreement", elem_id="weight-agreement")
+            weight_trust = gr.Checkbox(label="× annotator trust (gold accuracy)", elem_id="weight-trust")
+            source_weights = {source: gr.Number(label=f"{source} weight", minimum=0, maximum=10,
+                                                elem_id=f"weight-{source}")
+                              for source in WEIGHT_SOURCES}
+            save_weights = gr.Button("Save weights", elem_id="save-weights")
+        weights_status = gr.Markdown(elem_id="weights-status")
 
         gr.Markdown("### Guidelines shown to annotators (markdown)")
         guidelines_text = gr.Textbox(lines=8, label="Guidelines", elem_id="guidelines-editor")
@@ -79,17 +94,30 @@ def build(ctx, current_user, annotate_view):
             values = handlers.project_settings(ctx, user)
             sampling = values["sampling"]
             versions = [r[0] for r in ctx.db().execute("SELECT version FROM policies WHERE kind = 'policy'")]
+            weights = handlers.weighting(ctx, user)
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
-                    *[sampling[key] for key in SAMPLING_KEYS], handlers.guidelines(ctx, user),
-                    gr.update(choices=versions), handlers.list_accounts(ctx, user))
+                    *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
+                    handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
+                    weights["agreement"], weights["annotator_accuracy"],
+                    *[weights["sources"][source] for source in WEIGHT_SOURCES])
         return guard(run)
 
-    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, request: gr.Request):
+    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, request: gr.Request):
         def run():
             values = handlers.save_project_settings(
                 ctx, current_user(request), mode=mode_v, k=k_v, overlap=overlap_v, pair_policy=policy_v,
-                sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)})
-            return f"Saved: {values}"
+                sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)},
+                exclude_truncated=exclude_v)
+            return handlers.describe_settings(values)
+        return guard(run)
+
+    def do_save_weights(agreement_v, trust_v, annotation_w, arena_w, chat_w, import_w, request: gr.Request):
+        def run():
+            sources = dict(zip(WEIGHT_SOURCES, (annotation_w, arena_w, chat_w, import_w)))
+            if any(v is None for v in sources.values()):
+                raise handlers.InvalidInput("give every source a weight (0 leaves it out of training)")
+            return handlers.save_weighting(ctx, current_user(request), agreement=agreement_v,
+                                           annotator_accuracy=trust_v, sources=sources)
         return guard(run)
 
     def do_save_guidelines(text, request: gr.Request):
@@ -132,8 +160,11 @@ def build(ctx, current_user, annotate_view):
     def do_quality(request: gr.Request):
         return guard(lambda: handlers.quality_report(ctx, current_user(request)))
 
-    setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens]
+    setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens,
+                      exclude_truncated]
     save_settings.click(do_save_settings, setting_inputs, settings_status, api_name=endpoint("save_settings", "admin"))
+    weight_inputs = [weight_agreement, weight_trust, *source_weights.values()]
+    save_weights.click(do_save_weights, weight_inputs, weights_status, api_name=endpoint("save_weights", "admin"))
     save_guidelines.click(do_save_guidelines, guidelines_text, None, api_name=endpoint("save_guidelines", "admin"))
     import_button.click(do_import, [upload, import_format], import_status, api_name=endpoint("import_file", "admin"))
     export_button.click(do_export, [export_split, export_format, min_agreement, min_accuracy], export_file, api_name=endpoint("export_pairs", "admin"))
@@ -142,4 +173,4 @@ def build(ctx, current_user, annotate_view):
     add_button.click(do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
                      api_name=endpoint("add_account", "admin"))
     quality_button.click(do_quality, None, quality, api_name=endpoint("quality_report", "admin"))
-    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts]
+    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts, *weight_inputs]

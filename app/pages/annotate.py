@@ -20,6 +20,16 @@ SHORTCUTS_HELP = (
 SKIP_CHOICES = list(handlers.store.SKIP_REASONS)
 
 
+TRUNCATED_MARK = "✂ cut off at the length limit"
+
+
+def answer_label(answer: dict | None, letter: str) -> str:
+    """An answer box's label: its letter, and a visible mark when the model was cut off."""
+    if answer and answer.get("truncated"):
+        return f"Answer {letter} — {TRUNCATED_MARK}"
+    return f"Answer {letter}"
+
+
 def build(ctx, current_user):
     """Create the annotate tab's components and events inside the current Blocks."""
     view = gr.State(None)
@@ -74,7 +84,9 @@ def build(ctx, current_user):
             view_value,
             head + (f"\n\n{note}" if note else ""),
             prompt_for_chatbot(view_value["messages"] if view_value else []),
-            *[gr.update(value=shown[i]["text"] if i < k else "", visible=i < max(k, 2)) for i in range(MAX_ANSWERS)],
+            *[gr.update(value=shown[i]["text"] if i < k else "", visible=i < max(k, 2),
+                        label=answer_label(shown[i] if i < k else None, handlers.LETTERS[i]))
+              for i in range(MAX_ANSWERS)],
             gr.update(visible=pairwise or not view_value),
             gr.update(visible=bool(view_value) and not pairwise),
             "",  # ranking

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from annotations.arena import PROVISIONAL_BATTLES
 from annotations.errors import AnnotationsError
 from app import chat
 from app.pages.common import endpoint, guard
@@ -24,8 +25,7 @@ def _sampling(t, p, r, m):
 
 
 def build_chat(ctx, current_user):
-    conversation = gr.State(None)
-    reply_ids = gr.State([])
+    conversation = gr.State(None)  # the id of the conversation the server stores; its messages stay there
     with gr.Row():
         version = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version", elem_id="chat-version", scale=1)
         status = gr.Markdown(elem_id="chat-status")
@@ -38,52 +38,53 @@ def build_chat(ctx, current_user):
         new_chat = gr.Button("New chat", elem_id="chat-new")
         to_annotation = gr.Button("Send to annotation", elem_id="chat-to-annotation")
 
-    def respond(history, text, conv, ids, version_name, t, p, r, m, request: gr.Request):
+    def respond(history, text, conv, version_name, t, p, r, m, request: gr.Request):
         user = current_user(request)
         conv = conv or chat.new_conversation()
         shown = list(history or []) + [{"role": "user", "content": text}]
         try:
-            for out in chat.chat_stream(ctx, user, history, text, conversation=conv, version=version_name,
+            for out in chat.chat_stream(ctx, user, text, conversation=conv, version=version_name,
                                         sampling=_sampling(t, p, r, m)):
                 reply, produced_by = out[0], out[1]
                 done = len(out) == 3
-                if done:
-                    ids = [*ids, out[2]]
-                yield (shown + [{"role": "assistant", "content": reply}], "", conv, ids,
-                       f"Answered by **{produced_by}**" if done else f"Writing… (**{produced_by}**)")
+                yield (shown + [{"role": "assistant", "content": reply}], "", conv,
+                       f"Answered by **{produced_by}** — rate it with 👍 / 👎" if done
+                       else f"Writing… (**{produced_by}**)")
         except (AnnotationsError, ValueError, KeyError) as e:
             raise gr.Error(str(e).strip("'\"")) from None
 
-    def rate(history, ids, data: gr.LikeData, request: gr.Request):
+    def rate(history, conv, data: gr.LikeData, request: gr.Request):
         def run():
             user = current_user(request)
             chat._annotator(user)  # the role first, before reading anything else the request sent
             index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-            if not isinstance(index, int) or not isinstance(history, list) or not isinstance(ids, list):
-                raise chat.InvalidInput("that message is not a stored reply")
-            shown = history[: index + 1]
-            position = sum(1 for m in shown if isinstance(m, dict) and m.get("role") == "assistant") - 1
-            if not 0 <= position < len(ids):
-                raise chat.InvalidInput("that message is not a stored reply")
-            chat.rate_reply(ctx, user, ids[position], data.liked if data.liked in (True, False) else None)
+            if not isinstance(index, int) or not isinstance(history, list) or not 0 <= index < len(history):
+                raise chat.InvalidInput("that message is not one of your stored replies in this conversation")
+            position = sum(1 for m in history[: index + 1] if isinstance(m, dict) and m.get("role") == "assistant") - 1
+            liked = data.liked if data.liked in (True, False) else None
+            chat.rate_shown_reply(ctx, user, conv, position, data.value, liked)
+            return ("Rated 👍: thank you." if liked else "Rated 👎: thank you." if liked is False
+                    else "Rating removed.")
         return guard(run)
 
-    def annotate(history, request: gr.Request):
+    def annotate(conv, request: gr.Request):
         def run():
-            item_id = chat.send_to_annotation(ctx, current_user(request), history)
+            item_id = chat.send_to_annotation(ctx, current_user(request), conv)
             return f"Queued as annotation item {item_id}."
         return guard(run)
 
     def reset():
-        return [], None, [], ""
+        return [], None, ""
 
-    inputs = [chatbot, message, conversation, reply_ids, version, *decoding]
-    outputs = [chatbot, message, conversation, reply_ids, status]
+    inputs = [chatbot, message, conversation, version, *decoding]
+    outputs = [chatbot, message, conversation, status]
     send.click(respond, inputs, outputs, api_name=endpoint("chat", "annotator"))
     message.submit(respond, inputs, outputs, api_visibility="undocumented")
-    chatbot.like(rate, [chatbot, reply_ids], None, api_name=endpoint("rate_reply", "annotator"))
-    to_annotation.click(annotate, [chatbot], status, api_name=endpoint("send_to_annotation", "annotator"))
-    new_chat.click(reset, None, [chatbot, conversation, reply_ids, status], api_visibility="private")
+    chatbot.like(rate, [chatbot, conversation], status, api_name=endpoint("rate_reply", "annotator"))
+    to_annotation.click(annotate, [conversation], status, api_name=endpoint("send_to_annotation", "annotator"))
+    new_chat.click(reset, None, [chatbot, conversation, status], api_visibility="private")
+    # the chatbot's own clear button starts a new conversation too (the old one stays stored, rated as it was)
+    chatbot.clear(reset, None, [chatbot, conversation, status], api_visibility="private")
 
     return {"version": version}
 
@@ -107,12 +108,13 @@ def build_arena(ctx, current_user):
         votes = {w: gr.Button(label, elem_id=f"arena-vote-{w.lower()}") for w, label in
                  (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"), ("both_bad", "Both bad"))}
     reveal = gr.Markdown(elem_id="arena-reveal")
-    gr.Markdown("### Leaderboard (Bradley–Terry, Elo scale, 95% bootstrap interval)")
+    gr.Markdown("### Leaderboard (Bradley–Terry, Elo scale, 95% interval)\nA version with fewer than "
+                f"{PROVISIONAL_BATTLES} battles is marked *provisional*: its interval is wide and its rank may change.")
     refresh = gr.Button("Refresh leaderboard", elem_id="arena-refresh")
-    board = gr.Dataframe(headers=["version", "score", "ci_low", "ci_high", "battles", "wins", "ties"],
+    board = gr.Dataframe(headers=["version", "score", "95% interval", "battles", "wins", "ties", "note"],
                          interactive=False, elem_id="arena-leaderboard")
-    parents = gr.Dataframe(headers=["version", "parent", "battles", "win_rate"], interactive=False,
-                           label="Human win rate over parent")
+    parents = gr.Dataframe(headers=["version", "parent", "votes", "win rate", "95% interval", "note"],
+                           interactive=False, label="Human win rate over parent")
 
     def do_random(request: gr.Request):
         return guard(lambda: chat.random_prompt(ctx, current_user(request)))
@@ -136,8 +138,11 @@ def build_arena(ctx, current_user):
     def do_refresh(request: gr.Request):
         def run():
             rows, over_parent = chat.leaderboard(ctx, current_user(request))
-            return ([[r[k] for k in ("version", "score", "ci_low", "ci_high", "battles", "wins", "ties")] for r in rows],
-                    [[r[k] for k in ("version", "parent", "battles", "win_rate")] for r in over_parent])
+            board_rows = [[r["version"], r["score"], "fixed (anchor)" if r["anchor"] else f"{r['ci_low']} – {r['ci_high']}",
+                           r["battles"], r["wins"], r["ties"], "provisional" if r["provisional"] else ""] for r in rows]
+            parent_rows = [[r["version"], r["parent"], r["battles"], r["win_rate"], f"{r['ci_low']} – {r['ci_high']}",
+                            "too few to trust" if r["too_few"] else ""] for r in over_parent]
+            return board_rows, parent_rows
         return guard(run)
 
     random_prompt.click(do_random, None, prompt, api_name=endpoint("arena_random_prompt", "annotator"))

@@ -52,6 +52,7 @@ ENDPOINT_ROLES: dict[str, str] = {
     "flag": "annotator",
     "copy_best": "annotator",
     "save_settings": "admin",
+    "save_weights": "admin",
     "save_guidelines": "admin",
     "import_file": "admin",
     "export_pairs": "admin",

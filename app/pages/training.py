@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import gradio as gr
 import pandas as pd
 
@@ -14,6 +12,17 @@ from app.pages.common import endpoint, guard
 ROUND_HEADERS = ["id", "method", "status", "progress", "version", "pairs", "held-out", "created"]
 VERSION_HEADERS = ["version", "kind", "state", "parent", "method", "round", "data", "pairs", "metrics", "config",
                    "created"]
+GATE_FIELDS = ("auto_promote", "confidence", "min_prompts", "require_human_votes", "human_share", "min_human_votes",
+               "gate_items")
+GATE_HELP = """### Promotion gate
+A new policy version goes live by itself only when it is **clearly** better than the live one. Its round
+lets both versions answer the same randomly drawn held-out prompts (88 by default) and a reward model
+judges each pair; ties count half. The gate passes when the **lower bound** of the win rate, at the
+confidence below, is above 0.5: a version that is no better than the live one then passes at most 5% of
+the time (at 95%), while one that truly wins 65% of the time passes about 85% of the time. With too few
+prompts it decides nothing. A policy trained against the judging reward model (PPO) is never judged by it.
+With *require human votes*, annotators get blind candidate-vs-live pairs in their queue and their votes
+decide instead (arena votes count too)."""
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "score", "kl", "policy_loss", "value_loss")
 
 
@@ -55,21 +64,27 @@ def build(ctx, current_user):
             promote = gr.Button("Promote", variant="primary", elem_id="version-promote")
             rollback = gr.Button("Roll back the live policy to its parent", elem_id="version-rollback")
         version_status = gr.Markdown(elem_id="version-status")
-        gr.Markdown("### Promotion gate\nA new policy version is promoted automatically only if its reward-model-"
-                    "judged win rate against the live version (and, once there are enough arena votes between "
-                    "them, its human win rate) clears the threshold; otherwise it waits here for an admin.")
+        gr.Markdown(GATE_HELP)
         with gr.Row():
-            auto = gr.Checkbox(label="Promote automatically when the gate passes")
-            min_win = gr.Slider(0, 1, step=0.01, label="Minimum win rate against the live version")
-            min_votes = gr.Number(label="Arena votes needed before they count", precision=0)
-            save_gate = gr.Button("Save gate")
-        gate_status = gr.Markdown()
+            auto = gr.Checkbox(label="Promote automatically when the gate passes", elem_id="gate-auto")
+            confidence = gr.Slider(0.5, 0.99, step=0.01, label="Confidence (one-sided)", elem_id="gate-confidence")
+            min_prompts = gr.Number(label="Fewest compared prompts to decide on", precision=0,
+                                    elem_id="gate-min-prompts")
+        with gr.Row():
+            human = gr.Checkbox(label="Require human votes (blind candidate-vs-live pairs in the annotation queue)",
+                                elem_id="gate-human")
+            human_share = gr.Slider(0.05, 1, step=0.05, label="Share of items dealt that are gate pairs",
+                                    elem_id="gate-human-share")
+            min_human = gr.Number(label="Fewest human votes to decide on", precision=0, elem_id="gate-min-human")
+            gate_items = gr.Number(label="Gate pairs queued per candidate", precision=0, elem_id="gate-items")
+            save_gate = gr.Button("Save gate", elem_id="gate-save")
+        gate_status = gr.Markdown(elem_id="gate-status")
 
     with gr.Tab("Dashboard"):
         dashboard_refresh = gr.Button("Refresh dashboard", elem_id="dashboard-refresh")
         summary = gr.Markdown(elem_id="dashboard-summary")
-        round_table = gr.Dataframe(headers=["round", "method", "version", "pairs", "RM accuracy", "DPO accuracy",
-                                            "KL", "win rate"], interactive=False)
+        round_table = gr.Dataframe(headers=["round", "method", "version", "pairs",
+                                            "held-out figures (95% interval, n)"], interactive=False)
         across = gr.LinePlot(x="round", y="value", color="metric", label="Across rounds", height=260)
         throughput = gr.Dataframe(headers=["annotator", "day", "judgements", "mean decision ms"], interactive=False)
 
@@ -109,8 +124,7 @@ def build(ctx, current_user):
         def run():
             user = current_user(request)
             gate = training.gate_settings(ctx, user)
-            return (training.versions_table(ctx, user), gate["auto_promote"], gate["min_win_rate"],
-                    gate["min_arena_votes"])
+            return (training.versions_table(ctx, user), *[gate[key] for key in GATE_FIELDS])
         return guard(run)
 
     def do_promote(name, request: gr.Request):
@@ -121,10 +135,7 @@ def build(ctx, current_user):
 
     def do_check_gate(name, request: gr.Request):
         def run():
-            result = training.check_gate(ctx, current_user(request), name)
-            if result["passed"]:
-                return f"**{result['version']}** passes the gate (win rate {_fmt(result['win_rate'])})."
-            return f"**{result['version']}** does not pass: " + "; ".join(result["reasons"])
+            return gate_verdict(training.check_gate(ctx, current_user(request), name))
         return guard(run)
 
     def do_rollback(request: gr.Request):
@@ -133,11 +144,18 @@ def build(ctx, current_user):
             return training.rollback(ctx, user), training.versions_table(ctx, user)
         return guard(run)
 
-    def do_save_gate(auto_value, win, votes, request: gr.Request):
+    def do_save_gate(auto_value, confidence_value, prompts_value, human_value, share_value, votes_value, items_value,
+                     request: gr.Request):
         def run():
-            values = training.save_gate_settings(ctx, current_user(request), auto_promote=auto_value,
-                                                 min_win_rate=win, min_arena_votes=votes or 0)
-            return f"Saved: {json.dumps(values)}"
+            settings = dict(zip(GATE_FIELDS, (auto_value, confidence_value, prompts_value, human_value, share_value,
+                                              votes_value, items_value)))
+            for key in ("min_prompts", "min_human_votes", "gate_items"):
+                settings[key] = int(settings[key] or 0)
+            saved = training.save_gate_settings(ctx, current_user(request), **settings)
+            return "Gate saved: " + ("promotes automatically" if saved["auto_promote"] else "never promotes by itself") \
+                + f" at {saved['confidence']:.0%} confidence from at least {saved['min_prompts']} prompts" \
+                + (f"; people decide, from at least {saved['min_human_votes']} votes" if saved["require_human_votes"]
+                   else "") + "."
         return guard(run)
 
     def do_dashboard(request: gr.Request):
@@ -146,9 +164,7 @@ def build(ctx, current_user):
             a = d["agreement"]
             text = (f"**{d['pairs_total']}** preference pairs · **{a['judgements'] or 0}** judgements · "
                     f"agreement {_fmt(a['pairwise_agreement'])} · Krippendorff's alpha {_fmt(a['alpha'])}")
-            table = [[r["round"], r["method"], r["version"], r["pairs"], _fmt(r["heldout_accuracy"]),
-                      _fmt(r["heldout_implicit_accuracy"]), _fmt(r["kl_to_base"]), _fmt(r["win_rate_vs_parent"])]
-                     for r in d["rounds"]]
+            table = [[r["round"], r["method"], r["version"], r["pairs"], r["figures"]] for r in d["rounds"]]
             points = [{"round": r["round"], "metric": key, "value": r[key]} for r in d["rounds"]
                       for key in ("heldout_accuracy", "heldout_implicit_accuracy", "win_rate_vs_parent", "kl_to_base")
                       if isinstance(r.get(key), (int, float))]
@@ -166,7 +182,8 @@ def build(ctx, current_user):
     promote.click(do_promote, version, [version_status, versions], api_name=endpoint("promote", "admin"))
     gate_check.click(do_check_gate, version, version_status, api_name=endpoint("check_gate", "admin"))
     rollback.click(do_rollback, None, [version_status, versions], api_name=endpoint("rollback", "admin"))
-    save_gate.click(do_save_gate, [auto, min_win, min_votes], gate_status, api_name=endpoint("save_gate", "admin"))
+    gate_inputs = [auto, confidence, min_prompts, human, human_share, min_human, gate_items]
+    save_gate.click(do_save_gate, gate_inputs, gate_status, api_name=endpoint("save_gate", "admin"))
     dashboard_refresh.click(do_dashboard, None, [summary, round_table, across, throughput],
                             api_name=endpoint("dashboard", "admin"))
 
@@ -174,7 +191,22 @@ def build(ctx, current_user):
         """Values the training tabs show when an admin opens the page (and the timer starts)."""
         return [training.method_defaults("dpo"), *do_versions(request), gr.Timer(active=True)]
 
-    return on_admin_load, [defaults, versions, auto, min_win, min_votes, timer]
+    return on_admin_load, [defaults, versions, *gate_inputs, timer]
+
+
+def gate_verdict(result: dict) -> str:
+    """The gate's check in words, with each figure's interval and n."""
+    from annotations.intervals import describe
+
+    lines = [f"**{result['version']}** " + ("passes the gate." if result["passed"] else "does not pass the gate:")]
+    lines += [f"- {reason}" for reason in result["reasons"]]
+    if result.get("reward_model"):
+        lines.append(f"- reward model {result['judge']}: win rate {describe(result['reward_model'])}")
+    if result.get("human") and result["human"]["n"]:
+        lines.append(f"- people: win rate {describe(result['human'])}")
+    if result.get("accuracy") and result["accuracy"].get("n"):
+        lines.append(f"- held-out accuracy {describe(result['accuracy'], 'accuracy')}")
+    return "\n".join(lines)
 
 
 def _fmt(value) -> str:

@@ -13,7 +13,7 @@ TOPICS = ["the sea", "the sky", "France", "a poem", "dogs", "foxes", "good answe
 # Round settings that keep a round on the tiny model to a few seconds.
 FAST_TRAINING = {"max_steps": 2, "batch_size": 2, "precision": "fp32", "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2,
                  "logging_steps": 1}
-FAST_EVAL = {"eval_pairs": 4, "eval_prompts": 2, "eval_max_new_tokens": 4, "eval_samples": 1}
+FAST_EVAL = {"eval_pairs": 4, "eval_prompts": 2, "eval_max_new_tokens": 4, "eval_samples": 1, "gate_prompts": 4}
 
 
 def write_pairs(path: Path, n: int = 24, start: int = 0) -> Path:

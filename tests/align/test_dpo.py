@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.dpo import DPORoundConfig, train_dpo
+from align.dpo import DPORoundConfig, pair_losses, train_dpo
 from align.evaluate import implicit_rewards
 from align.models import load_policy, load_tokenizer, using_version
-from align.training import preference_rows
+from align.training import preference_rows, weighted_mean
 from tests.align.stores import FAST_TRAINING, one_thread  # noqa: F401 (one_thread: autouse)
 
 
@@ -80,3 +80,27 @@ def test_precomputed_reference_log_probs_train(tiny_model_dir, tmp_path):
                                "loss_type": "ipo"})
     metrics = train_dpo(tiny_model_dir, rows(4), config, tmp_path)
     assert metrics["train_steps"] == 1.0
+
+
+def test_weighted_sigmoid_loss_of_two_pairs_worked_by_hand():
+    # beta 0.1. Pair 1: chosen log-ratio 2, rejected -3: beta * (2 - -3) = 0.5,
+    #   -log sigmoid(0.5) = log(1 + e^-0.5) = log(1.6065307) = 0.4740770.
+    # Pair 2: chosen -1, rejected 1: beta * (-1 - 1) = -0.2,
+    #   -log sigmoid(-0.2) = log(1 + e^0.2) = log(2.2214028) = 0.7981389.
+    # Weights 3 and 1: (3 * 0.4740770 + 1 * 0.7981389) / 4 = 2.2203699 / 4 = 0.5550925.
+    chosen, rejected = torch.tensor([2.0, -1.0]), torch.tensor([-3.0, 1.0])
+    tokens = torch.tensor([4, 4])
+    losses = pair_losses("sigmoid", chosen, rejected, tokens, tokens, beta=0.1)
+    torch.testing.assert_close(losses, torch.tensor([0.4740770, 0.7981389]), atol=1e-6, rtol=0)
+    loss = weighted_mean(losses, torch.tensor([3.0, 1.0]))
+    assert loss.item() == pytest.approx(0.5550925, abs=1e-6)
+    # weight 0 leaves the pair out; weight 3 is the pair three times
+    assert weighted_mean(losses, torch.tensor([0.0, 1.0])).item() == pytest.approx(0.7981389, abs=1e-6)
+    assert weighted_mean(losses[[0, 0, 0, 1]]).item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_weighted_mean_of_all_zero_weights_is_zero_with_zero_gradients():
+    logits = torch.tensor([0.3, -0.7], requires_grad=True)
+    loss = weighted_mean(-torch.nn.functional.logsigmoid(logits), torch.zeros(2))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.tolist() == [0.0, 0.0]

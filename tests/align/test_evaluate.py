@@ -102,7 +102,8 @@ def test_fresh_adapter_has_zero_implicit_reward_and_zero_kl(fresh_policy, tokeni
     rows = preference_rows([{"messages": PROMPTS[0], "chosen": "yes", "rejected": "no"}])
     with using_version(fresh_policy, "v1"):
         assert dpo_implicit_accuracy(fresh_policy, tokenizer, rows) == 0.0  # a tie is not a win
-        assert kl_to_reference(fresh_policy, tokenizer, PROMPTS, max_new_tokens=4) == pytest.approx(0.0, abs=1e-6)
+        kl = kl_to_reference(fresh_policy, tokenizer, PROMPTS, max_new_tokens=4)
+        assert kl["mean"] == pytest.approx(0.0, abs=1e-6) and kl["n"] == len(PROMPTS)
 
 
 def test_changed_adapter_moves_implicit_reward_and_kl(fresh_policy, tokenizer):
@@ -115,7 +116,8 @@ def test_changed_adapter_moves_implicit_reward_and_kl(fresh_policy, tokenizer):
         with using_version(fresh_policy, "v1"):
             accuracy = dpo_implicit_accuracy(fresh_policy, tokenizer, rows)
             kl = kl_to_reference(fresh_policy, tokenizer, PROMPTS, max_new_tokens=4)
-        assert accuracy in (0.0, 1.0) and kl != pytest.approx(0.0, abs=1e-6)
+        assert accuracy in (0.0, 1.0) and kl["mean"] > 1e-4
+        assert min(kl["per_answer"]) >= 0.0 and kl["se"] >= 0.0
     finally:
         with torch.no_grad():
             for name, parameter in fresh_policy.named_parameters():
@@ -126,7 +128,9 @@ def test_changed_adapter_moves_implicit_reward_and_kl(fresh_policy, tokenizer):
 def test_win_rate_of_a_version_against_itself_is_all_ties(fresh_policy, tokenizer):
     rm = LengthRewardModel(tokenizer.pad_token_id)
     result = win_rate(rm, tokenizer, fresh_policy, PROMPTS, "v1", "v1", max_new_tokens=4)
-    assert result == {"win_rate": 0.5, "wins": 0, "ties": 2, "losses": 0, "n": 2}
+    assert {k: result[k] for k in ("win_rate", "wins", "ties", "losses", "n")} == \
+        {"win_rate": 0.5, "wins": 0, "ties": 2, "losses": 0, "n": 2}
+    assert result["low"] < 0.5 < result["high"]  # two prompts say little
 
 
 def test_sample_answers_side_by_side(fresh_policy, tokenizer):
@@ -134,3 +138,34 @@ def test_sample_answers_side_by_side(fresh_policy, tokenizer):
     assert [s["prompt"] for s in samples] == ["Tell me about the sea.", "Say hello"]
     assert all(set(s["answers"]) == {"base", "v1"} for s in samples)
     assert samples[0]["answers"]["base"] == samples[0]["answers"]["v1"]  # greedy, and v1 equals the base
+
+
+def test_kl_to_reference_equals_the_exact_sum_over_the_vocabulary(fresh_policy, tokenizer):
+    """Per answer: sum over its positions of sum_v p(v) log(p(v) / q(v)), p the policy's and q
+    the base's next-token distribution, computed here one sequence at a time, unpadded."""
+    from align.evaluate import generate
+
+    with torch.no_grad():
+        for name, parameter in fresh_policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    try:
+        with using_version(fresh_policy, "v1"):
+            kl = kl_to_reference(fresh_policy, tokenizer, PROMPTS, max_new_tokens=5, seed=3)
+            samples = generate(fresh_policy, tokenizer, PROMPTS, 5, seed=3)
+            expected = []
+            for s in samples:
+                ids = torch.tensor([s["prompt_ids"] + s["answer_ids"]])
+                with torch.no_grad():
+                    p = fresh_policy(input_ids=ids).logits[0].log_softmax(-1)
+                    with using_version(fresh_policy, "base"):
+                        q = fresh_policy(input_ids=ids).logits[0].log_softmax(-1)
+                start = len(s["prompt_ids"]) - 1
+                rows = slice(start, start + len(s["answer_ids"]))
+                expected.append((p[rows].exp() * (p[rows] - q[rows])).sum().item())
+        assert kl["per_answer"] == pytest.approx(expected, abs=1e-4)
+    finally:
+        with torch.no_grad():
+            for name, parameter in fresh_policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.zero_()

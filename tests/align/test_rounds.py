@@ -22,6 +22,7 @@ from annotations.registry import (
     promote,
     reserve_version,
     select_pairs,
+    select_prompts,
     snapshot_hash,
     step_metrics,
 )
@@ -55,10 +56,10 @@ def test_reward_round_registers_candidate_with_metrics_and_data_hash(store, tiny
     round_id, result = run(store, tiny_model_dir, "rm")
     assert result["version"] == "rm1" and result["status"] == "succeeded"
     version = get_version(db, "rm1")
-    # The promotion gate makes a first reward model live when it beats chance on held-out pairs.
-    expected_state = "live" if version["metrics"]["heldout_accuracy"] > 0.5 else "candidate"
+    # Four held-out pairs cannot show that a reward model beats chance: the gate keeps it a candidate.
     assert (version["kind"], version["state"], version["method"], version["round_id"]) == (
-        "reward", expected_state, "rm", round_id)
+        "reward", "candidate", "rm", round_id)
+    assert version["metrics"]["heldout_accuracy_interval"]["n"] == 4 and not result["gate"]["promoted"]
     assert version["path"] == str(home / "versions" / "rm1") and version_dirs(home) == ["rm1"]
     assert 0.0 <= version["metrics"]["heldout_accuracy"] <= 1.0 and version["metrics"]["heldout_pairs"] == 4
     row = get_round(db, round_id)
@@ -69,7 +70,7 @@ def test_reward_round_registers_candidate_with_metrics_and_data_hash(store, tiny
     assert "registered rm1" in row["log_tail"] and "step 2/2" in row["log_tail"]
     curves = {(m["step"], m["key"]) for m in step_metrics(db, round_id)}
     assert {(1, "loss"), (2, "loss"), (2, "accuracy")} <= curves
-    assert "promotion gate" in get_round(db, round_id)["log_tail"]
+    assert "promotion gate: kept rm1 a candidate: held-out accuracy" in get_round(db, round_id)["log_tail"]
 
 
 def test_dpo_round_with_live_reward_model_records_parent_win_rate_and_samples(store, tiny_model_dir):
@@ -81,7 +82,15 @@ def test_dpo_round_with_live_reward_model_records_parent_win_rate_and_samples(st
     assert get_version(db, "v1")["parent"] == "base" and get_round(db, round_id)["parent_version"] == "base"
     for key in ("heldout_implicit_accuracy", "heldout_implicit_margin", "kl_to_base", "win_rate_vs_parent"):
         assert isinstance(metrics[key], float), key
-    assert metrics["win_rate_judge"] == "rm1"
+    comparison = metrics["gate_comparison"]
+    heldout = [p["id"] for p in select_prompts(db, "heldout")]
+    assert comparison["judge"] == "rm1" and comparison["opponent"] == "base" and not comparison["judge_optimised"]
+    assert comparison["seed"] == round_id  # a fresh draw each round, recorded
+    assert set(comparison["prompt_ids"]) <= set(heldout) and len(comparison["prompt_ids"]) == min(4, len(heldout))
+    assert comparison["n"] == len(comparison["prompt_ids"]) == comparison["wins"] + comparison["ties"] + \
+        comparison["losses"]
+    assert comparison["low"] <= comparison["win_rate"] <= comparison["high"]
+    assert metrics["kl_to_base"] >= 0 and metrics["kl_to_base_interval"]["n"] == 2
     assert len(metrics["samples"]) == 1 and set(metrics["samples"][0]["answers"]) == {"base", "v1"}
     assert version_dirs(home) == ["rm1", "v1"]
 

@@ -29,6 +29,13 @@ def test_answer_rows_keep_written_answers_once_each_or_every_chosen_answer():
         answer_rows(pairs, "all")
 
 
+def test_answer_rows_keep_the_largest_weight_of_a_repeated_answer():
+    pairs = [{**pair(0, "mine", True), "weight": 0.5}, {**pair(0, "mine", True), "weight": 2.0},
+             {**pair(0, "mine", True), "weight": 1.0}, pair(1, "other", True)]
+    assert [(row["completion"][0]["content"], row["weight"]) for row in answer_rows(pairs)] == \
+        [("mine", 2.0), ("other", 1.0)]
+
+
 def test_only_the_answer_tokens_are_trained_and_the_prompt_is_cut_from_the_left(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     rows = answer_rows([pair(0, ANSWER, True)])

@@ -7,6 +7,7 @@ import pytest
 from align.training import (
     TrainingOptions,
     device_arguments,
+    example_weight,
     make_preference_collator,
     make_unpaired_collator,
     preference_rows,
@@ -52,10 +53,36 @@ def test_unpaired_collator_truncates_answer_and_kl_answer_from_left():
 def test_rows_in_trl_conversational_format():
     pair = {"id": 1, "messages": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
     assert preference_rows([pair]) == [{"prompt": pair["messages"], "chosen": [{"role": "assistant", "content": "a"}],
-                                        "rejected": [{"role": "assistant", "content": "b"}]}]
+                                        "rejected": [{"role": "assistant", "content": "b"}], "weight": 1.0}]
     rating = {"id": 2, "messages": pair["messages"], "completion": "c", "label": False}
     assert [(r["completion"][0]["content"], r["label"]) for r in unpaired_rows([pair, rating])] == [
         ("a", True), ("b", False), ("c", False)]
+
+
+def test_rows_carry_the_weight_of_their_pair_or_rating_defaulting_to_one():
+    messages = [{"role": "user", "content": "q"}]
+    pairs = [{"messages": messages, "chosen": "a", "rejected": "b", "weight": 2.5},
+             {"messages": messages, "chosen": "a", "rejected": "b", "weight": None},
+             {"messages": messages, "chosen": "a", "rejected": "b", "weight": 0.0},
+             {"messages": messages, "chosen": "a", "rejected": "b"}]
+    assert [row["weight"] for row in preference_rows(pairs)] == [2.5, 1.0, 0.0, 1.0]
+    rating = {"messages": messages, "completion": "c", "label": True, "weight": 0.5}
+    assert [row["weight"] for row in unpaired_rows(pairs[:1] + [rating])] == [2.5, 2.5, 0.5]
+
+
+def test_example_weight_refuses_a_negative_weight():
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        example_weight({"weight": -1.0})
+
+
+def test_collators_put_the_weights_in_the_batch():
+    preference = make_preference_collator(pad_token_id=0, max_length=8, side="left")
+    batch = preference([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "weight": 2.0},
+                        {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}])
+    assert batch["weight"].tolist() == [2.0, 1.0]
+    unpaired = make_unpaired_collator(pad_token_id=0, max_length=8, side="left")
+    batch = unpaired([{"prompt_ids": [1], "completion_ids": [2], "label": True, "weight": 0.0}])
+    assert batch["weight"].tolist() == [0.0]
 
 
 def test_device_arguments_turn_off_bf16_on_cpu():

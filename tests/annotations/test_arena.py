@@ -71,10 +71,35 @@ def test_leaderboard_orders_versions_and_brackets_scores(db, users):
     for winner in ["A"] * 6 + ["B"] * 2:
         battle = arena.record_battle(db, users[0], PROMPT, "v1", "base", f"x{winner}", "y")
         arena.vote(db, users[0], battle, winner)
-    rows = arena.leaderboard(db, bootstrap=50)
+    rows = arena.leaderboard(db)
     assert [r["version"] for r in rows] == ["v1", "base"]
     assert all(r["ci_low"] <= r["score"] <= r["ci_high"] for r in rows)
-    assert rows[0]["battles"] == 8 and rows[0]["wins"] == 6
+    assert rows[0]["battles"] == 8 and rows[0]["wins"] == 6 and rows[0]["provisional"]
+    assert rows[1]["anchor"] and rows[1]["score"] == 1000.0
+
+
+def test_leaderboard_interval_after_one_battle_is_wide_and_provisional(db, users):
+    battle = arena.record_battle(db, users[0], PROMPT, "v1", "v2", "one", "two")
+    arena.vote(db, users[0], battle, "A")
+    rows = {r["version"]: r for r in arena.leaderboard(db)}
+    for row in rows.values():
+        assert row["ci_high"] - row["ci_low"] > 300  # one vote says almost nothing
+        assert row["provisional"] and not row["anchor"]
+    assert rows["v1"]["score"] > rows["v2"]["score"]
+
+
+def test_leaderboard_interval_narrows_with_more_battles(db, users):
+    def width():
+        row = next(r for r in arena.leaderboard(db) if r["version"] == "v1")
+        return row["ci_high"] - row["ci_low"], row["provisional"]
+
+    for i in range(4):
+        arena.vote(db, users[0], arena.record_battle(db, users[0], PROMPT, "v1", "base", f"a{i}", "b"), "AB"[i % 2])
+    few, few_provisional = width()
+    for i in range(60):
+        arena.vote(db, users[0], arena.record_battle(db, users[0], PROMPT, "v1", "base", f"c{i}", "d"), "AB"[i % 2])
+    many, many_provisional = width()
+    assert many < few / 2 and few_provisional and not many_provisional
 
 
 def test_win_rate_over_parent_counts_only_battles_against_the_parent(db, users):
@@ -82,4 +107,7 @@ def test_win_rate_over_parent_counts_only_battles_against_the_parent(db, users):
     db.conn.commit()
     for a, b, winner in [("v1", "base", "A"), ("base", "v1", "A"), ("v1", "base", "tie")]:
         arena.vote(db, users[0], arena.record_battle(db, users[0], PROMPT, a, b, "p", "q"), winner)
-    assert arena.win_rates_over_parent(db) == [{"version": "v1", "parent": "base", "battles": 3, "win_rate": 0.5}]
+    (row,) = arena.win_rates_over_parent(db)
+    assert {k: row[k] for k in ("version", "parent", "battles", "win_rate", "too_few")} == \
+        {"version": "v1", "parent": "base", "battles": 3, "win_rate": 0.5, "too_few": True}
+    assert row["ci_low"] < 0.1 and row["ci_high"] > 0.9  # three votes: anything is possible

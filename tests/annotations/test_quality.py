@@ -440,3 +440,14 @@ def test_cli_quality_prints_report_table(hand_store, tmp_path):
     assert "pairwise agreement 0.667, Krippendorff's alpha (nominal) 0.500" in lines
     cat = next(line for line in lines if line.startswith("cat "))
     assert cat.split() == ["cat", "4", "4", "0.500", "0", "-", "-"]
+
+
+def test_select_pairs_drops_pairs_below_the_agreement_bar(db, users):
+    # Two annotators disagree on one item: each pair agrees with half the judgements.
+    from annotations import registry
+
+    item, (a, b) = ready_item(db, "q?", overlap=2)
+    submit_judgement(db, users["ann"], item, [[a], [b]], shown_order=[a, b])
+    submit_judgement(db, users["bob"], item, [[b], [a]], shown_order=[a, b])
+    assert len(registry.select_pairs(db, split=None)) == 2
+    assert registry.select_pairs(db, split=None, min_agreement=0.6) == []

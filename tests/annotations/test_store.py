@@ -301,7 +301,8 @@ def test_next_item_returns_prompt_and_candidates(db, users):
     item = next_item(db, users["ann"])
     assert item["id"] == item_id
     assert item["messages"] == [{"role": "user", "content": "Say hi"}]
-    assert [c["id"] for c in item["candidates"]] == candidate_ids
+    assert sorted(c["id"] for c in item["candidates"]) == candidate_ids
+    assert [c["id"] for c in item["candidates"]] == item["shown_order"]
 
 
 def test_next_item_returns_same_item_while_lease_held(db, users):

@@ -1,5 +1,7 @@
 """Chat and arena handlers on the tiny model and a real store."""
 
+import json
+
 import pytest
 
 from annotations import store
@@ -22,7 +24,7 @@ def user(ctx):
 
 
 def test_chat_stream_stores_the_reply_with_its_version(ctx):
-    outputs = list(chat.chat_stream(ctx, user(ctx), [], "hello there", conversation="c1", sampling=SAMPLING))
+    outputs = list(chat.chat_stream(ctx, user(ctx), "hello there", conversation="c1", sampling=SAMPLING))
     text, version, reply_id = outputs[-1]
     row = ctx.db().execute("SELECT reply, policy_version, messages FROM chat_replies WHERE id = ?",
                            [reply_id]).fetchone()
@@ -30,37 +32,68 @@ def test_chat_stream_stores_the_reply_with_its_version(ctx):
     assert '"hello there"' in row[2]
 
 
-def test_chat_history_with_content_parts_is_understood(ctx):
-    history = [{"role": "user", "content": [{"type": "text", "text": "first"}]},
-               {"role": "assistant", "content": [{"type": "text", "text": "answer"}]}]
-    *_, last = chat.chat_stream(ctx, user(ctx), history, "second", conversation="c2", sampling=SAMPLING)
+def test_chat_continues_the_conversation_the_server_stored(ctx):
+    *_, first = chat.chat_stream(ctx, user(ctx), "first", conversation="c2", sampling=SAMPLING)
+    *_, last = chat.chat_stream(ctx, user(ctx), "second", conversation="c2", sampling=SAMPLING)
     stored = ctx.db().execute("SELECT messages FROM chat_replies WHERE id = ?", [last[2]]).fetchone()[0]
-    assert '"first"' in stored and '"answer"' in stored and '"second"' in stored
+    assert json.loads(stored) == [{"role": "user", "content": "first"},
+                                  {"role": "assistant", "content": first[0].strip()},
+                                  {"role": "user", "content": "second"}]
+
+
+def test_chat_conversations_of_other_users_are_not_continued(ctx):
+    ctx.db().execute("INSERT INTO users (name, role, password_hash) VALUES ('eve', 'annotator', 'x')")
+    ctx.db().conn.commit()
+    list(chat.chat_stream(ctx, user(ctx), "secret plan", conversation="shared-id", sampling=SAMPLING))
+    *_, last = chat.chat_stream(ctx, store.get_user(ctx.db(), "eve"), "what did they say?",
+                                conversation="shared-id", sampling=SAMPLING)
+    stored = ctx.db().execute("SELECT messages FROM chat_replies WHERE id = ?", [last[2]]).fetchone()[0]
+    assert "secret plan" not in stored
+
+
+def test_rating_the_reply_on_screen_checks_it_is_the_stored_one(ctx):
+    *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), "rate me", conversation="c3", sampling=SAMPLING)
+    assert chat.rate_shown_reply(ctx, user(ctx), "c3", 0, [{"type": "text", "text": text}], True) == reply_id
+    assert ctx.db().execute("SELECT rating FROM chat_replies WHERE id = ?", [reply_id]).fetchone()[0] == 1
+    with pytest.raises(InvalidInput, match="not one of your stored replies"):
+        chat.rate_shown_reply(ctx, user(ctx), "c3", 0, "a different text", True)
+    with pytest.raises(InvalidInput, match="still being written"):
+        chat.rate_shown_reply(ctx, user(ctx), "c3", 1, "half a rep", True)
+    ctx.db().execute("INSERT INTO users (name, role, password_hash) VALUES ('eve', 'annotator', 'x')")
+    ctx.db().conn.commit()
+    with pytest.raises(InvalidInput):  # eve's conversation "c3" holds no reply of ann's
+        chat.rate_shown_reply(ctx, store.get_user(ctx.db(), "eve"), "c3", 0, text, True)
+    assert ctx.db().execute("SELECT rating FROM chat_replies WHERE id = ?", [reply_id]).fetchone()[0] == 1
 
 
 def test_chat_refuses_an_empty_message_and_anonymous_users(ctx):
     with pytest.raises(InvalidInput):
-        list(chat.chat_stream(ctx, user(ctx), [], "   ", conversation="c", sampling=SAMPLING))
+        list(chat.chat_stream(ctx, user(ctx), "   ", conversation="c", sampling=SAMPLING))
     with pytest.raises(PermissionDenied):
-        list(chat.chat_stream(ctx, None, [], "hi", conversation="c", sampling=SAMPLING))
+        list(chat.chat_stream(ctx, None, "hi", conversation="c", sampling=SAMPLING))
 
 
 def test_thumbs_on_a_reply_are_stored_as_kto_rows(ctx):
     from annotations.chat import rated_replies
 
-    *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), [], "rate me", conversation="c", sampling=SAMPLING)
+    *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), "rate me", conversation="c", sampling=SAMPLING)
     chat.rate_reply(ctx, user(ctx), reply_id, False)
     rows = rated_replies(ctx.db())
     assert rows[0]["label"] is False and rows[0]["completion"][0]["content"] == text.strip()
 
 
-def test_send_to_annotation_queues_the_conversation_up_to_the_last_user_turn(ctx):
-    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-               {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
-    item_id = chat.send_to_annotation(ctx, user(ctx), history)
+def test_send_to_annotation_queues_the_stored_conversation_up_to_the_last_user_turn(ctx):
+    *_, first = chat.chat_stream(ctx, user(ctx), "q1", conversation="c4", sampling=SAMPLING)
+    list(chat.chat_stream(ctx, user(ctx), "q2", conversation="c4", sampling=SAMPLING))
+    item_id = chat.send_to_annotation(ctx, user(ctx), "c4")
     pending = store.pending_items(ctx.db())
     assert pending[0]["id"] == item_id
-    assert [m["content"] for m in pending[0]["messages"]] == ["q1", "a1", "q2"]
+    assert [m["content"] for m in pending[0]["messages"]] == ["q1", first[0].strip(), "q2"]
+
+
+def test_send_to_annotation_without_a_conversation_says_so(ctx):
+    with pytest.raises(InvalidInput, match="send a message first"):
+        chat.send_to_annotation(ctx, user(ctx), None)
 
 
 def test_arena_needs_two_versions_when_only_the_base_exists(ctx):
@@ -69,11 +102,11 @@ def test_arena_needs_two_versions_when_only_the_base_exists(ctx):
 
 
 def test_a_rated_chat_reply_becomes_kto_training_data(ctx):
-    from annotations.registry import rows_from_ratings
+    from annotations.answer_labels import kto_examples
 
-    *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), [], "useful?", conversation="c", sampling=SAMPLING)
+    *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), "useful?", conversation="c", sampling=SAMPLING)
     chat.rate_reply(ctx, user(ctx), reply_id, True)
     chat.rate_reply(ctx, user(ctx), reply_id, False)  # a change of mind replaces the rating
-    rows = rows_from_ratings(ctx.db(), split=None)
+    rows = kto_examples(ctx.db(), split=None)
     assert [(r["completion"], r["label"]) for r in rows] == [(text.strip(), False)]
     assert store.count_items(ctx.db(), "ready") == 0  # the closed item is never served

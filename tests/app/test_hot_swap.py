@@ -124,7 +124,7 @@ def test_a_chat_request_queued_behind_a_promotion_is_answered_by_the_new_version
     outcome = []
     server._lock.acquire(ModelLock.INTERACTIVE)  # a generation in flight on the base
     thread = threading.Thread(target=lambda: outcome.append(list(chat.chat_stream(
-        ctx, user, [], "hello", conversation="c1", sampling={"max_new_tokens": 4}))[-1]))
+        ctx, user, "hello", conversation="c1", sampling={"max_new_tokens": 4}))[-1]))
     thread.start()
     wait_until(lambda: len(server._lock._queue) == 1, timeout=10, message="the chat request queued")
     server.set_live("v9")

@@ -66,7 +66,7 @@ def test_a_staged_adapter_is_loaded_and_merged_before_registration_and_goes_live
 
     store.add_user(ctx.db(), "asker", "annotator", "a-long-password")
     with pytest.raises(KeyError, match="no policy version"):  # not registered: nobody can ask for it
-        list(chat.chat_stream(ctx, store.get_user(ctx.db(), "asker"), [], "hi", conversation="c", version=version))
+        list(chat.chat_stream(ctx, store.get_user(ctx.db(), "asker"), "hi", conversation="c", version=version))
     assert version not in chat.policy_versions(ctx)
 
     final = register(ctx, round_id, version, folder)
