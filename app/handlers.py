@@ -19,6 +19,7 @@ from pathlib import Path
 
 from annotations import store
 from annotations.db import connect as connect_db
+from app.prefetch import DEFAULT_ANSWER_INSTRUCTION
 from annotations.errors import InvalidInput, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,15 @@ DEFAULT_SETTINGS = {
     "k": 4,
     "overlap": 1,
     "pair_policy": "all",
-    "sampling": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 96},
+    # 256 new tokens under the answer instruction: most answers end by themselves well before
+    # (bench/completeness.py measures the share and the time per item it costs)
+    "sampling": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 256},
     # sample an answer again when the token budget cut it off (app/prefetch.py)
-    "exclude_truncated": False,
+    "exclude_truncated": True,
+    # the system message candidates are sampled under when a prompt has none (app/prefetch.py)
+    "answer_instruction": DEFAULT_ANSWER_INSTRUCTION,
 }
+MAX_INSTRUCTION_CHARS = 2_000
 
 
 @dataclass
@@ -273,7 +279,8 @@ def project_settings(ctx: AppContext, user: dict | None) -> dict:
 
 
 def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: int, overlap: int,
-                          pair_policy: str, sampling: dict, exclude_truncated: bool = False) -> dict:
+                          pair_policy: str, sampling: dict, exclude_truncated: bool = True,
+                          answer_instruction: str | None = None) -> dict:
     """Validate and store the defaults for newly queued items and for deriving pairs."""
     from app.serving import SamplingParams
 
@@ -291,8 +298,11 @@ def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: i
         sampling = SamplingParams(**sampling).as_dict()
     except (TypeError, ValueError) as e:
         raise InvalidInput(str(e)) from None
+    instruction = ctx.setting("answer_instruction") if answer_instruction is None else answer_instruction.strip()
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise InvalidInput(f"the answer instruction is limited to {MAX_INSTRUCTION_CHARS:,} characters")
     values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling,
-              "exclude_truncated": bool(exclude_truncated)}
+              "exclude_truncated": bool(exclude_truncated), "answer_instruction": instruction}
     for key, value in values.items():
         store.set_setting(ctx.db(), key, value)
     return values
@@ -305,7 +315,9 @@ def describe_settings(values: dict) -> str:
             + (f" with {values['k']} answers" if values["mode"] == "ranking" else "")
             + f", {values['overlap']} judgement(s) each, pairs by '{values['pair_policy']}'; answers sampled at "
             f"temperature {sampling['temperature']}, top-p {sampling['top_p']}, up to {sampling['max_new_tokens']} "
-            "tokens" + ("; cut-off answers are sampled again" if values["exclude_truncated"] else "") + ".")
+            "tokens" + ("; cut-off answers are sampled again" if values["exclude_truncated"] else "")
+            + (f"; instruction: \u201c{values['answer_instruction']}\u201d" if values["answer_instruction"]
+               else "; no answer instruction") + ".")
 
 
 def weighting(ctx: AppContext, user: dict | None) -> dict:

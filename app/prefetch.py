@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 BATCH_ITEMS = 4  # items whose answers are sampled together
 BATCH_TOKENS = 4096  # padded prompt tokens (rows x longest prompt) a batch may hold
 RESAMPLE_TRIES = 2  # with `exclude_truncated`, times a cut-off answer is sampled again
+# The project's default answer instruction (setting `answer_instruction`; empty: none): the
+# system message candidates are sampled under when the prompt has none of its own, so that
+# answers end by themselves instead of at the token budget (docs/annotation.md, "Complete
+# answers"). It is recorded with each candidate's sampling settings; annotators judge, and
+# training learns from, the prompt as stored.
+DEFAULT_ANSWER_INSTRUCTION = "Answer helpfully, briefly and completely, in a few sentences."
 
 
 class Prefetcher:
@@ -73,6 +79,16 @@ class Prefetcher:
             " AND NOT EXISTS (SELECT 1 FROM judgements WHERE judgements.item_id = items.id)"
         ).fetchone()[0]
 
+    def _instruction(self, db) -> str:
+        return (store.get_setting(db, "answer_instruction", DEFAULT_ANSWER_INSTRUCTION) or "").strip()
+
+    def _prompt(self, messages: list[dict], instruction: str) -> list[dict]:
+        """What the model is asked: the item's prompt, with the project's answer instruction as
+        its system message when the prompt brings none of its own."""
+        if not instruction or any(m["role"] == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": instruction}, *messages]
+
     def _sampling(self, db, item) -> SamplingParams:
         return self.sampling or SamplingParams(**(item["sampling"] or store.get_setting(db, "sampling", {}) or {}))
 
@@ -96,10 +112,11 @@ class Prefetcher:
                 break  # left-padded to the longest prompt: this many rows would outgrow the budget
             batch.append(item)
             width = max(width, tokens)
-        answers = self.server.generate_many([item["messages"] for item in batch], n=first["k"], sampling=sampling,
-                                            preemptible=True)
+        instruction = self._instruction(db)
+        prompts = [self._prompt(item["messages"], instruction) for item in batch]
+        answers = self.server.generate_many(prompts, n=first["k"], sampling=sampling, preemptible=True)
         if self._exclude_truncated(db):
-            answers = self._replace_truncated(batch, answers, sampling)
+            answers = self._replace_truncated(prompts, answers, sampling)
         if any(g.version != self.server.live_version for group in answers for g in group):
             # A new version went live while these answers were generated: they would be stale
             # on arrival. Leave the items pending; the next pass answers them with the new version.
@@ -108,15 +125,15 @@ class Prefetcher:
         total = sum(len(group) for group in answers)
         for item, group in zip(batch, answers):
             try:
-                self._store(db, item, group, total)
+                self._store(db, item, group, total, instruction)
             except AnnotationsError as e:  # this item changed under us (retired, filled): keep the others
                 logger.warning("prefetch: item %s: %s", item["id"], e)
         return True
 
     def _exclude_truncated(self, db) -> bool:
-        return bool(store.get_setting(db, "exclude_truncated", False))
+        return bool(store.get_setting(db, "exclude_truncated", True))
 
-    def _replace_truncated(self, batch, answers, sampling):
+    def _replace_truncated(self, prompts, answers, sampling):
         """Answers cut off by the token budget, sampled again (up to `RESAMPLE_TRIES` times, the
         items that need it in one batch) so that items show complete answers only; an item
         whose prompt keeps producing overlong answers keeps the rest, marked as truncated,
@@ -127,7 +144,7 @@ class Prefetcher:
             if not short:
                 return answers
             wanted = max(sum(g.truncated for g in answers[i]) for i in short)
-            fresh = self.server.generate_many([batch[i]["messages"] for i in short], n=wanted, sampling=sampling,
+            fresh = self.server.generate_many([prompts[i] for i in short], n=wanted, sampling=sampling,
                                               preemptible=True)
             for i, extra in zip(short, fresh):
                 complete = iter(g for g in extra if not g.truncated)
@@ -140,20 +157,23 @@ class Prefetcher:
         """A contrast item splits its K answers over the requested versions."""
         versions = item["versions"]
         counts = [item["k"] // len(versions) + (i < item["k"] % len(versions)) for i in range(len(versions))]
+        instruction = self._instruction(db)
         generations = []
         for version, n in zip(versions, counts):
             version = ensure_loaded(self.server, db, version)
-            generations += self.server.generate(item["messages"], n=n, sampling=self._sampling(db, item),
-                                                version=version, preemptible=True)
-        self._store(db, item, generations, len(generations))
+            generations += self.server.generate(self._prompt(item["messages"], instruction), n=n,
+                                                sampling=self._sampling(db, item), version=version, preemptible=True)
+        self._store(db, item, generations, len(generations), instruction)
         return True
 
-    def _store(self, db, item, generations, batch_answers: int) -> None:
+    def _store(self, db, item, generations, batch_answers: int, instruction: str = "") -> None:
+        used = instruction if not any(m["role"] == "system" for m in item["messages"]) else ""
         store.add_candidates(
             db,
             item["id"],
             [
-                {"text": g.text, "policy_version": g.version, "sampling": g.sampling,
+                {"text": g.text, "policy_version": g.version,
+                 "sampling": {**g.sampling, **({"instruction": used} if used else {})},
                  "gen_seconds": g.seconds / batch_answers, "truncated": g.truncated}
                 for g in generations
             ],

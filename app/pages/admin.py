@@ -25,8 +25,12 @@ def build(ctx, current_user, annotate_view):
             top_p = gr.Slider(0.05, 1, step=0.05, label="top_p")
             repetition_penalty = gr.Slider(1, 2, step=0.05, label="repetition_penalty")
             max_new_tokens = gr.Slider(8, 512, step=8, label="max_new_tokens")
-        exclude_truncated = gr.Checkbox(label="Keep cut-off answers out of items (sample them again; slower)",
-                                        elem_id="setting-exclude-truncated")
+        with gr.Row():
+            answer_instruction = gr.Textbox(
+                label="Answer instruction (the system message answers are sampled under when a prompt has none; "
+                      "empty: none)", elem_id="setting-instruction", scale=3)
+            exclude_truncated = gr.Checkbox(label="Keep cut-off answers out of items (sample them again)",
+                                            elem_id="setting-exclude-truncated", scale=1)
         save_settings = gr.Button("Save settings", elem_id="save-settings")
         settings_status = gr.Markdown(elem_id="settings-status")
 
@@ -97,17 +101,19 @@ def build(ctx, current_user, annotate_view):
             weights = handlers.weighting(ctx, user)
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
                     *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
+                    values["answer_instruction"],
                     handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
                     weights["agreement"], weights["annotator_accuracy"],
                     *[weights["sources"][source] for source in WEIGHT_SOURCES])
         return guard(run)
 
-    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, request: gr.Request):
+    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, instruction_v,
+                         request: gr.Request):
         def run():
             values = handlers.save_project_settings(
                 ctx, current_user(request), mode=mode_v, k=k_v, overlap=overlap_v, pair_policy=policy_v,
                 sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)},
-                exclude_truncated=exclude_v)
+                exclude_truncated=exclude_v, answer_instruction=instruction_v or "")
             return handlers.describe_settings(values)
         return guard(run)
 
@@ -161,7 +167,7 @@ def build(ctx, current_user, annotate_view):
         return guard(lambda: handlers.quality_report(ctx, current_user(request)))
 
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens,
-                      exclude_truncated]
+                      exclude_truncated, answer_instruction]
     save_settings.click(do_save_settings, setting_inputs, settings_status, api_name=endpoint("save_settings", "admin"))
     weight_inputs = [weight_agreement, weight_trust, *source_weights.values()]
     save_weights.click(do_save_weights, weight_inputs, weights_status, api_name=endpoint("save_weights", "admin"))
