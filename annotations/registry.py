@@ -490,40 +490,6 @@ def select_pairs(
     ]
 
 
-def rows_from_ratings(
-    db,
-    split: str | None = "train",
-    *,
-    since_round: int | str | None = None,
-    method: str | None = None,
-    until_id: int | None = None,
-) -> list[dict]:
-    """Thumbs ratings as unpaired preference rows for KTO, oldest first.
-
-    Each row is {"id", "messages" (the item's prompt), "completion" (the rated answer's text),
-    "label": True for a positive rating, False for a negative one}; neutral (0) ratings are left out.
-    """
-    since_id = _since_id(db, since_round, method, "data_until_rating_id")
-    sql = (
-        "SELECT ratings.id, prompts.messages, candidates.text, ratings.value FROM ratings"
-        " JOIN candidates ON candidates.id = ratings.candidate_id"
-        " JOIN items ON items.id = candidates.item_id"
-        " JOIN prompts ON prompts.id = items.prompt_id"
-        " WHERE ratings.value != 0 AND ratings.id > ?"
-    )
-    params: list = [since_id]
-    if split:
-        sql += " AND prompts.split = ?"
-        params.append(split)
-    if until_id is not None:
-        sql += " AND ratings.id <= ?"
-        params.append(until_id)
-    return [
-        {"id": r[0], "messages": json.loads(r[1]), "completion": r[2], "label": r[3] > 0}
-        for r in db.execute(sql + " ORDER BY ratings.id", params).fetchall()
-    ]
-
-
 def select_prompts(db, split: str | None = "train", limit: int | None = None) -> list[dict]:
     """Stored prompts ({"id", "messages"}), oldest first, for sampling (PPO, evaluation)."""
     sql = "SELECT id, messages FROM prompts"

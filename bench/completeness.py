@@ -31,8 +31,10 @@ def prompts(n_each: int) -> list[list[dict]]:
     """`n_each` demo prompts and `n_each` hh prompts (every turn but the last reply)."""
     from annotations.formats import parse_hh_transcript
 
-    demo = [[{"role": "user", "content": json.loads(line)["prompt"]}] for line in DEMO.read_text().splitlines()]
-    out = demo[:n_each]
+    from annotations.store import canonical_messages
+
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    out = [canonical_messages(row.get("messages") or row["prompt"]) for row in rows][:n_each]
     if HH.exists():
         transcripts = [json.loads(line)["chosen"] for line in gzip.open(HH, "rt", encoding="utf-8")]
         random.Random(0).shuffle(transcripts)

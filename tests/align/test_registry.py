@@ -31,7 +31,6 @@ from annotations.registry import (
     register_version,
     reserve_version,
     rollback,
-    rows_from_ratings,
     select_pairs,
     select_prompts,
     set_round_data,
@@ -263,22 +262,6 @@ def test_snapshot_hash_depends_on_ids_and_texts_only(db, tmp_path):
     assert snapshot_hash(pairs[:-1]) != digest
     assert snapshot_hash(pairs[::-1]) != digest
     assert snapshot_hash([{**pairs[0], "chosen": pairs[0]["chosen"] + "!"}, *pairs[1:]]) != digest
-
-
-def test_rows_from_ratings_labels_thumbs(db):
-    user = add_user(db, "ann", "annotator", "password123")
-    prompt_id, _ = add_prompt(db, "Say hi", heldout_fraction=0.0)
-    (item,) = queue_items(db, [prompt_id])
-    from annotations.store import add_candidates
-
-    good, bad = add_candidates(db, item, [{"text": "hi!", "policy_version": "base"},
-                                           {"text": "go away", "policy_version": "base"}])
-    submit_judgement(db, user, item, [[good, bad]], shown_order=[good, bad], both_bad=True)  # two thumbs down
-    db.execute("INSERT INTO ratings (candidate_id, value) VALUES (?, 1)", [good])
-    rows = rows_from_ratings(db)
-    assert [(r["completion"], r["label"]) for r in rows] == [("hi!", False), ("go away", False), ("hi!", True)]
-    assert rows[0]["messages"] == [{"role": "user", "content": "Say hi"}]
-    assert rows_from_ratings(db, "heldout") == []
 
 
 def test_select_prompts_by_split(db, tmp_path):
