@@ -115,9 +115,9 @@ class Prefetcher:
         instruction = self._instruction(db)
         prompts = [self._prompt(item["messages"], instruction) for item in batch]
         answers = self.server.generate_many(prompts, n=first["k"], sampling=sampling, preemptible=True)
-        if self._exclude_truncated(db):
-            answers = self._replace_truncated(prompts, answers, sampling)
-        if any(g.version != self.server.live_version for group in answers for g in group):
+        if self._exclude_truncated(db) and not self._stale(answers):
+            answers = self._replace_truncated(prompts, answers, sampling, version=answers[0][0].version)
+        if self._stale(answers):
             # A new version went live while these answers were generated: they would be stale
             # on arrival. Leave the items pending; the next pass answers them with the new version.
             self.discarded += len(batch)
@@ -133,7 +133,10 @@ class Prefetcher:
     def _exclude_truncated(self, db) -> bool:
         return bool(store.get_setting(db, "exclude_truncated", True))
 
-    def _replace_truncated(self, prompts, answers, sampling):
+    def _stale(self, answers) -> bool:
+        return any(g.version != self.server.live_version for group in answers for g in group)
+
+    def _replace_truncated(self, prompts, answers, sampling, version: str):
         """Answers cut off by the token budget, sampled again (up to `RESAMPLE_TRIES` times, the
         items that need it in one batch) so that items show complete answers only; an item
         whose prompt keeps producing overlong answers keeps the rest, marked as truncated,
@@ -145,7 +148,7 @@ class Prefetcher:
                 return answers
             wanted = max(sum(g.truncated for g in answers[i]) for i in short)
             fresh = self.server.generate_many([prompts[i] for i in short], n=wanted, sampling=sampling,
-                                              preemptible=True)
+                                              version=version, preemptible=True)
             for i, extra in zip(short, fresh):
                 complete = iter(g for g in extra if not g.truncated)
                 answers[i] = [next(complete, g) if g.truncated else g for g in answers[i]]

@@ -23,6 +23,13 @@ SHORTCUTS_JS = """
   const focus = {"r": "#ranking textarea, #ranking input", "e": "#edited textarea",
                  "u": "#thumbs-up input", "d": "#thumbs-down input"};
   const visible = (el) => el && el.offsetParent !== null;
+  document.addEventListener("click", (event) => {  // capture: before the tab's own handlers
+    const tab = event.target.closest && event.target.closest("[role=tab]");
+    if (tab) {
+      window.rankloopClickedTab = tab.innerText.trim().toLowerCase();
+      localStorage.setItem("rankloop-tab", window.rankloopClickedTab);
+    }
+  }, true);
   document.addEventListener("keydown", (event) => {
     const target = event.target;
     const typing = target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT" || target.isContentEditable);
@@ -45,14 +52,11 @@ SHORTCUTS_JS = """
 """
 
 
-# The tab a person last used, kept in their browser: the page opens on it, and an annotation
-# item is dealt (leased) only when the Annotate tab is actually what they look at.
+# The tab a person last used, kept in their browser (a click on a tab records it, in
+# SHORTCUTS_JS): the page opens on it, and an annotation item is dealt (leased) only when the
+# Annotate tab is actually what they look at.
 TABS = ("annotate", "chat", "arena", "admin")
 READ_TAB_JS = "() => [localStorage.getItem('rankloop-tab') || 'annotate']"
-
-
-def remember_tab_js(tab: str) -> str:
-    return f"() => {{ localStorage.setItem('rankloop-tab', '{tab}'); }}"
 
 
 def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
@@ -68,9 +72,9 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
         with gr.Tabs(elem_id="main-tabs") as tabs:
             with gr.Tab("Annotate", id="annotate") as annotate_tab:
                 annotate = annotate_page.build(ctx, current_user)
-            with gr.Tab("Chat", id="chat") as chat_tab_block:
+            with gr.Tab("Chat", id="chat"):
                 chat_tab = chat_page.build_chat(ctx, current_user)
-            with gr.Tab("Arena", id="arena") as arena_tab_block:
+            with gr.Tab("Arena", id="arena"):
                 arena_tab = chat_page.build_arena(ctx, current_user)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 load_admin, admin_outputs = admin_page.build(ctx, current_user, annotate["view"])
@@ -95,8 +99,13 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                                          arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs,
                                          *training_outputs],
                   js=READ_TAB_JS, api_visibility="private")
-        annotate_tab.select(annotate["load"], None, annotate["outputs"],
-                            js=remember_tab_js("annotate"), api_visibility="private")
-        for block, name in ((chat_tab_block, "chat"), (arena_tab_block, "arena"), (admin_tab, "admin")):
-            block.select(None, None, None, js=remember_tab_js(name), api_visibility="private")
+        def on_annotate_shown(clicked, request: gr.Request):
+            # Gradio also fires `select` for the tab shown first when the page opens, before
+            # on_load has picked the tab: only a person's click on the tab deals an item here
+            if clicked != "annotate":
+                return [gr.update() for _ in annotate["outputs"]]
+            return annotate["load"](request)
+
+        annotate_tab.select(on_annotate_shown, [start_tab], annotate["outputs"],
+                            js="() => [window.rankloopClickedTab || '']", api_visibility="private")
     return demo

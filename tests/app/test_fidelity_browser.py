@@ -31,7 +31,7 @@ def open_tab(page, name):
 def send_chat(page, text):
     page.locator("#chat-input textarea").fill(text)
     page.locator("#chat-send").click()
-    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('Answered by')",
+    page.wait_for_function("document.querySelector('#chat-status')?.innerText.includes('Answered by')",
                            timeout=60_000)
 
 
@@ -44,7 +44,7 @@ def test_a_thumb_after_clearing_the_chat_is_stored_on_the_reply_shown(app, brows
     wait_until(lambda: page.locator("#chatbot .message").count() == 0, timeout=20, message="the chat cleared")
     send_chat(page, "second question")
     page.locator("#chatbot button[aria-label='Like']").last.click()
-    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('Rated')", timeout=20_000)
+    page.wait_for_function("document.querySelector('#chat-status')?.innerText.includes('Rated')", timeout=20_000)
     page.close()
 
     db = app.db()
@@ -60,15 +60,19 @@ def test_a_thumb_after_clearing_the_chat_is_stored_on_the_reply_shown(app, brows
 
 
 def item_on_screen(page) -> int:
-    header = page.inner_text("#annotate-header")
-    return int(header.split("Item ")[1].split(" ")[0].strip("*"))
+    """The id of the item the Annotate tab shows (waiting for one to be shown)."""
+    import re
+
+    page.wait_for_function("/Item \\d+/.test(document.querySelector('#annotate-header')?.innerText || '')",
+                           timeout=60_000)
+    return int(re.search(r"Item (\d+)", page.inner_text("#annotate-header")).group(1))
 
 
 def test_an_item_open_through_a_promotion_is_still_stored_when_submitted(app, browser):
     db = app.db()
     page = browser.new_page()
     browser_login(page, app.url, *ANNOTATORS[0])
-    page.wait_for_function("document.querySelector('#annotate-header').innerText.includes('Item')",
+    page.wait_for_function("document.querySelector('#annotate-header')?.innerText.includes('Item')",
                            timeout=60_000)
     item_id = item_on_screen(page)
     letters_before = [page.locator(f"#answer-{x} textarea").input_value() for x in "ab"]
@@ -81,7 +85,7 @@ def test_an_item_open_through_a_promotion_is_still_stored_when_submitted(app, br
     assert db.execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()[0] == "retired"
 
     page.keyboard.press("1")  # A is better
-    page.wait_for_function("document.querySelector('#annotate-header').innerText.includes('Saved judgement')",
+    page.wait_for_function("document.querySelector('#annotate-header')?.innerText.includes('Saved judgement')",
                            timeout=30_000)
     page.close()
     judgement = db.execute("SELECT id, shown_order FROM judgements WHERE item_id = ?", [item_id]).fetchone()
@@ -106,15 +110,17 @@ def test_an_item_is_dealt_only_when_the_annotate_tab_is_shown(app, browser):
         db.execute("DELETE FROM leases WHERE user_id = ?", [user])
     page.reload()  # the page opens on the tab last used: Chat, and deals nothing
     wait_until(lambda: page.locator("#chat-input textarea").is_visible(), timeout=30, message="the chat tab shown")
-    page.wait_for_function("document.querySelector('#who').innerText.includes('Logged in')", timeout=30_000)
+    page.wait_for_function("document.querySelector('#who')?.innerText.includes('Logged in')", timeout=30_000)
     assert db.execute("SELECT count(*) FROM leases WHERE user_id = ?", [user]).fetchone()[0] == 0
     open_tab(page, "Annotate")
     wait_until(lambda: db.execute("SELECT count(*) FROM leases WHERE user_id = ?", [user]).fetchone()[0] == 1,
                timeout=30, message="an item dealt when Annotate is shown")
-    first = page.inner_text("#annotate-header")
+    first = item_on_screen(page)
     served = db.execute("SELECT served_at, shown_order FROM item_views WHERE user_id = ?", [user]).fetchall()
+    answers = [page.locator(f"#answer-{x} textarea").input_value() for x in "ab"]
     page.reload()  # the same item, the same letters, the same served time
-    page.wait_for_function("document.querySelector('#annotate-header').innerText.includes('Item')", timeout=30_000)
-    assert page.inner_text("#annotate-header").split("·")[0] == first.split("·")[0]
+    assert item_on_screen(page) == first
+    wait_until(lambda: [page.locator(f"#answer-{x} textarea").input_value() for x in "ab"] == answers, timeout=30,
+               message="the same answers under the same letters")
     assert db.execute("SELECT served_at, shown_order FROM item_views WHERE user_id = ?", [user]).fetchall() == served
     page.close()

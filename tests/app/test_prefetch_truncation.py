@@ -55,6 +55,7 @@ class ScriptedServer:
 
     def generate_many(self, prompts, n=1, sampling=None, version=None, seed=None, *, preemptible=False,
                       interactive=False):
+        assert version in (None, "base")  # answers sampled again come from the version of the first ones
         self.calls.append((len(prompts), n))
         flags = iter(self.script.pop(0))
         return [[Generation(f"answer {i}.{j}", "base", 1.0, {}, truncated=next(flags)) for j in range(n)]
