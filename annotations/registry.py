@@ -315,6 +315,14 @@ def fail_stale_rounds(db) -> list[int]:
     return failed
 
 
+def latest_round_id(db) -> int | None:
+    return db.execute("SELECT max(id) FROM rounds").fetchone()[0]
+
+
+def any_round_running(db) -> bool:
+    return db.execute("SELECT 1 FROM rounds WHERE status = 'running' LIMIT 1").fetchone() is not None
+
+
 def running_versions(db) -> set[str]:
     """Version names reserved by rounds that are running now (their folders may be in use)."""
     rows = db.execute("SELECT version FROM rounds WHERE status = 'running' AND version IS NOT NULL").fetchall()
@@ -345,6 +353,57 @@ def list_versions(db, kind: str | None = None) -> list[dict]:
         sql += " WHERE kind = ?"
         params.append(_check_kind(kind))
     return [_version_dict(r) for r in db.execute(sql + " ORDER BY rowid", params).fetchall()]
+
+
+def find_version(db, version: str) -> dict | None:
+    """The version's row, or None if no such version is registered."""
+    row = db.execute(f"SELECT {', '.join(_VERSION_COLUMNS)} FROM policies WHERE version = ?", [version]).fetchone()
+    return _version_dict(row) if row else None
+
+
+def newest_candidates(db, limit: int, kind: str = "policy") -> list[dict]:
+    """The `limit` most recently registered candidates of `kind`, newest first."""
+    return [_version_dict(r) for r in db.execute(
+        f"SELECT {', '.join(_VERSION_COLUMNS)} FROM policies WHERE kind = ? AND state = 'candidate'"
+        " ORDER BY created_at DESC, rowid DESC LIMIT ?", [_check_kind(kind), limit]).fetchall()]
+
+
+def chat_versions(db) -> list[str]:
+    """Policy versions people may pick in chat and the arena: the base and every version that
+    is not retired, oldest first."""
+    return list(dict.fromkeys(r[0] for r in db.execute(
+        "SELECT version FROM policies WHERE kind = 'policy' AND (state != 'retired' OR version = ?)"
+        " ORDER BY created_at, rowid", [BASE_VERSION])))
+
+
+AVAILABLE_SETTING = "available_versions"
+
+
+def available_versions(db) -> list[str]:
+    """Policy versions annotators may pick in chat and the arena: the live one, its parent, the
+    candidates under evaluation, and those an admin listed (setting `available_versions`).
+    Anything else would make the server load an old adapter for one person, pausing everyone."""
+    from annotations.store import get_setting
+
+    live = get_live_version(db, "policy")
+    names = [live["version"], live["parent"]] if live else [BASE_VERSION]
+    names += [v["version"] for v in newest_candidates(db, 1000)]
+    names += [name for name in get_setting(db, AVAILABLE_SETTING, []) or [] if find_version(db, name)]
+    return [name for name in dict.fromkeys(names) if name]
+
+
+def set_available_versions(db, names: list[str]) -> list[str]:
+    """Store the versions, besides the live one, its parent and the candidates, that annotators
+    may pick in chat and the arena."""
+    from annotations.store import set_setting
+
+    names = [str(n).strip() for n in names or [] if str(n).strip()]
+    for name in names:
+        row = find_version(db, name)
+        if row is None or row["kind"] != "policy":
+            raise InvalidInput(f"there is no policy version {name!r}")
+    set_setting(db, AVAILABLE_SETTING, list(dict.fromkeys(names)))
+    return available_versions(db)
 
 
 def get_live_version(db, kind: str = "policy") -> dict | None:

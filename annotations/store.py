@@ -98,6 +98,37 @@ def count_users(db) -> int:
     return db.execute("SELECT count(*) FROM users").fetchone()[0]
 
 
+def has_admin(db) -> bool:
+    return db.execute("SELECT 1 FROM users WHERE role = 'admin'").fetchone() is not None
+
+
+def user_exists(db, name: str) -> bool:
+    return db.execute("SELECT 1 FROM users WHERE name = ?", [name or ""]).fetchone() is not None
+
+
+def list_accounts(db) -> list[dict]:
+    """Every account, oldest first: {"name", "role", "judgements", "created_at"}."""
+    return [{"name": r[0], "role": r[1], "judgements": r[2], "created_at": r[3]} for r in db.execute(
+        "SELECT users.name, users.role, (SELECT count(*) FROM judgements WHERE user_id = users.id), users.created_at"
+        " FROM users ORDER BY users.id").fetchall()]
+
+
+def judgement_counts(db, user_id: int) -> dict:
+    """How many judgements a user has given: {"done" (all time), "today" (since midnight UTC)}."""
+    done, today = db.execute(
+        "SELECT count(*), coalesce(sum(created_at >= date('now')), 0) FROM judgements WHERE user_id = ?",
+        [user_id]).fetchone()
+    return {"done": done, "today": today}
+
+
+def annotator_throughput(db, limit: int = 100) -> list[dict]:
+    """Judgements per annotator per day, newest first: {"name", "day", "judgements", "mean_decision_ms"}."""
+    return [{"name": r[0], "day": r[1], "judgements": r[2], "mean_decision_ms": r[3]} for r in db.execute(
+        "SELECT users.name, date(judgements.created_at) AS day, count(*),"
+        " CAST(avg(judgements.decision_ms) AS INTEGER) FROM judgements JOIN users ON users.id = judgements.user_id"
+        " GROUP BY users.name, day ORDER BY day DESC, users.name LIMIT ?", [limit]).fetchall()]
+
+
 # ---------------------------------------------------------------- prompts
 
 
@@ -174,6 +205,16 @@ def add_prompt(
         return cursor.lastrowid, True
 
 
+def random_prompt(db, split: str | None = "heldout") -> list[dict] | None:
+    """The messages of a prompt drawn at random from `split` (any prompt if that split has none),
+    or None when the store holds no prompts."""
+    row = None
+    if split:
+        row = db.execute("SELECT messages FROM prompts WHERE split = ? ORDER BY random() LIMIT 1", [split]).fetchone()
+    row = row or db.execute("SELECT messages FROM prompts ORDER BY random() LIMIT 1").fetchone()
+    return json.loads(row[0]) if row else None
+
+
 def get_prompt(db, prompt_id: int) -> dict:
     row = db.execute("SELECT id, messages, split, source FROM prompts WHERE id = ?", [prompt_id]).fetchone()
     if row is None:
@@ -240,6 +281,15 @@ def pending_items(db, limit: int = 10) -> list[dict]:
 
 def count_items(db, status: str) -> int:
     return db.execute("SELECT count(*) FROM items WHERE status = ?", [status]).fetchone()[0]
+
+
+def count_unclaimed_ready(db) -> int:
+    """Ready items nobody has leased or judged yet: the prefetch buffer that hides generation time."""
+    return db.execute(
+        "SELECT count(*) FROM items WHERE status = 'ready'"
+        " AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.item_id = items.id)"
+        " AND NOT EXISTS (SELECT 1 FROM judgements WHERE judgements.item_id = items.id)"
+    ).fetchone()[0]
 
 
 def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
               "(shown once; set RANKLOOP_ADMIN_PASSWORD to choose it)\n", flush=True)
     print(f"rankloop: http://{args.host}:{args.port}", flush=True)
     try:
-        launch(demo, auth, args.host, args.port)
+        launch(demo, auth, args.host, args.port, ctx=ctx)
     finally:
         shutdown(ctx)
     return 0

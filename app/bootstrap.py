@@ -22,11 +22,11 @@ def ensure_admin(db) -> tuple[str, str] | None:
     Name and password come from RANKLOOP_ADMIN_USER / RANKLOOP_ADMIN_PASSWORD, else
     `admin` and a random password.
     """
-    if db.execute("SELECT 1 FROM users WHERE role = 'admin'").fetchone():
+    if store.has_admin(db):
         return None
     name = os.environ.get("RANKLOOP_ADMIN_USER", "admin")
     password = os.environ.get("RANKLOOP_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
-    if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+    if store.user_exists(db, name):
         logger.warning("no admin account exists and the name %r is taken by an annotator: create an admin with "
                        "`python -m annotations add-user NAME --role admin`", name)
         return None
@@ -36,7 +36,7 @@ def ensure_admin(db) -> tuple[str, str] | None:
 
 def seed_demo_prompts(db, *, mode: str = "pairwise", k: int = 2) -> int:
     """Queue the bundled demo prompts if the store holds no prompts at all. Returns how many."""
-    if db.execute("SELECT count(*) FROM prompts").fetchone()[0] > 0:
+    if store.count_rows(db, "prompts") > 0:
         return 0
     report = import_file(db, DEMO_PROMPTS, "prompts", source="demo", mode=mode, k=k)
     return report.items_queued

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 
-from annotations import arena, chat, store
-from annotations.errors import InvalidInput
+from annotations import arena, chat, registry, store
+from annotations.errors import InvalidInput, PermissionDenied
 from app.handlers import AppContext, _annotator
 from app.serving import BASE_VERSION, SamplingParams, ensure_loaded
 
@@ -25,17 +26,23 @@ def message_text(content) -> str:
     return "" if content is None else str(content)
 
 
-def policy_versions(ctx: AppContext) -> list[str]:
-    """Versions one can chat with: the live one, the base, and every registered policy."""
-    rows = ctx.db().execute(
-        "SELECT version FROM policies WHERE kind = 'policy' AND state != 'retired' OR version = 'base'"
-        " ORDER BY created_at").fetchall()
-    return [LIVE, *dict.fromkeys(r[0] for r in rows)]
+def policy_versions(ctx: AppContext, user: dict | None = None) -> list[str]:
+    """Versions this person may chat with or battle: "live" first, then those an admin made
+    available (`annotations.registry.available_versions`; an admin sees every non-retired one)."""
+    db = ctx.db()
+    if user is not None and user["role"] == "admin":
+        return [LIVE, *registry.chat_versions(db)]
+    return [LIVE, *registry.available_versions(db)]
 
 
-def _resolve(ctx: AppContext, version: str | None) -> str:
+def _resolve(ctx: AppContext, version: str | None, user: dict | None = None) -> str:
+    """The version to answer with; an annotator may name only an available version (naming
+    another would make the server load it, pausing everyone's answers)."""
     if not version or version == LIVE:
         return ctx.server.live_version
+    if user is not None and user["role"] != "admin" and version not in registry.available_versions(ctx.db()):
+        raise PermissionDenied(f"version {version} is not available for chat or the arena: ask an admin to make it "
+                               "available")
     return ensure_loaded(ctx.server, ctx.db(), version)
 
 
@@ -58,7 +65,7 @@ def chat_stream(ctx: AppContext, user: dict | None, message: str, *, conversatio
     params = _sampling(sampling)
     # "live" is resolved by the server when this request's turn comes, so a request queued
     # behind a promotion is answered by the new version
-    version = None if not version or version == LIVE else _resolve(ctx, version)
+    version = None if not version or version == LIVE else _resolve(ctx, version, user)
     start = time.perf_counter()
     text, produced_by = "", version
     for text, produced_by in ctx.server.stream(messages, params, version):
@@ -89,12 +96,32 @@ def rate_reply(ctx: AppContext, user: dict | None, reply_id: int, liked: bool | 
     chat.rate_reply(ctx.db(), user["id"], int(reply_id), None if liked is None else (1 if liked else -1))
 
 
+MAX_QUEUED_PER_HOUR = 20  # conversations one person may send to annotation in an hour
+_queued: dict[int, list[float]] = {}
+_queued_lock = threading.Lock()
+
+
+def _spend_queue_allowance(user_id: int, now: float | None = None) -> None:
+    """Refuse a 21st conversation sent to annotation within an hour by the same person: each
+    one becomes an item others spend time on."""
+    now = time.time() if now is None else now
+    with _queued_lock:
+        recent = [t for t in _queued.get(user_id, []) if now - t < 3600]
+        if len(recent) >= MAX_QUEUED_PER_HOUR:
+            wait = 3600 - (now - recent[0])
+            raise InvalidInput(f"you have sent {MAX_QUEUED_PER_HOUR} conversations to annotation in the last hour: "
+                               f"try again in {wait / 60:.0f} min")
+        _queued[user_id] = [*recent, now]
+
+
 def send_to_annotation(ctx: AppContext, user: dict | None, conversation: str | None) -> int:
-    """Queue the conversation on screen (as the server stored it) for annotation."""
+    """Queue the conversation on screen (as the server stored it) for annotation, at most
+    `MAX_QUEUED_PER_HOUR` an hour per person."""
     user = _annotator(user)
     messages = chat.conversation_messages(ctx.db(), user["id"], conversation) if conversation else []
     if not messages:
         raise InvalidInput("send a message first: there is no conversation to annotate")
+    _spend_queue_allowance(user["id"])
     item_id = chat.send_to_annotation(
         ctx.db(), messages, mode=ctx.setting("mode"), k=int(ctx.setting("k")),
         overlap=int(ctx.setting("overlap")), source=f"chat:{user['name']}")
@@ -112,8 +139,8 @@ def new_conversation() -> str:
 def default_opponents(ctx: AppContext) -> tuple[str, str]:
     """Live version against its parent (or the base, if the live version has none)."""
     live = ctx.server.live_version
-    row = ctx.db().execute("SELECT parent FROM policies WHERE version = ?", [live]).fetchone()
-    parent = row[0] if row and row[0] else BASE_VERSION
+    row = registry.find_version(ctx.db(), live)
+    parent = (row or {}).get("parent") or BASE_VERSION
     if parent == live:
         raise InvalidInput("the live version is the base and has no parent yet: pick two versions to compare")
     return live, parent
@@ -122,14 +149,9 @@ def default_opponents(ctx: AppContext) -> tuple[str, str]:
 def random_prompt(ctx: AppContext, user: dict | None) -> str:
     """A held-out single-turn prompt to battle on (falls back to any prompt)."""
     _annotator(user)
-    row = ctx.db().execute(
-        "SELECT messages FROM prompts WHERE split = 'heldout' ORDER BY random() LIMIT 1").fetchone() or \
-        ctx.db().execute("SELECT messages FROM prompts ORDER BY random() LIMIT 1").fetchone()
-    if row is None:
+    messages = store.random_prompt(ctx.db(), "heldout")
+    if messages is None:
         raise InvalidInput("the store holds no prompts yet: type one")
-    import json
-
-    messages = json.loads(row[0])
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
@@ -142,7 +164,7 @@ def start_battle(ctx: AppContext, user: dict | None, prompt: str, version_a: str
     if version_a in (None, "", LIVE) and version_b in (None, "", LIVE):
         first, second = default_opponents(ctx)
     else:
-        first, second = _resolve(ctx, version_a), _resolve(ctx, version_b)
+        first, second = _resolve(ctx, version_a, user), _resolve(ctx, version_b, user)
     if first == second:
         raise InvalidInput("pick two different versions")
     params = _sampling(sampling)

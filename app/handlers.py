@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annotations import store
+from annotations import registry, store
 from annotations.db import connect as connect_db
 from app.prefetch import DEFAULT_ANSWER_INSTRUCTION
 from annotations.errors import InvalidInput, NotFound, PermissionDenied
@@ -62,6 +62,7 @@ class AppContext:
     lease_seconds: float = store.DEFAULT_LEASE_SECONDS
     export_dir: Path | None = None  # where exports are written, each in a fresh private folder
     upload_dir: Path | None = None  # when set, only files under it (Gradio's uploads) can be imported
+    file_owners: object = None  # app.guard.FileOwners: who may download each export
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def db(self):
@@ -246,11 +247,7 @@ def best_answer_text(view: dict | None, ranking_text: str = "", choice: str | No
 def annotator_progress(ctx: AppContext, user: dict | None) -> dict:
     user = _annotator(user)
     db = ctx.db()
-    done = db.execute("SELECT count(*) FROM judgements WHERE user_id = ?", [user["id"]]).fetchone()[0]
-    today = db.execute(
-        "SELECT count(*) FROM judgements WHERE user_id = ? AND created_at >= date('now')", [user["id"]]
-    ).fetchone()[0]
-    return {"done": done, "today": today, "ready": store.count_items(db, "ready"),
+    return {**store.judgement_counts(db, user["id"]), "ready": store.count_items(db, "ready"),
             "pending": store.count_items(db, "pending")}
 
 
@@ -349,7 +346,8 @@ def queue_prompt(ctx: AppContext, user: dict | None, text: str, *, versions=(), 
     prompt_id, _ = store.add_prompt(ctx.db(), text, source=f"admin:{user['name']}")
     versions = [v for v in versions or [] if v]
     for v in versions:
-        if ctx.db().execute("SELECT 1 FROM policies WHERE version = ? AND kind = 'policy'", [v]).fetchone() is None:
+        row = registry.find_version(ctx.db(), v)
+        if row is None or row["kind"] != "policy":
             raise NotFound(f"no policy version {v!r}")
     (item_id,) = store.queue_items(
         ctx.db(), [prompt_id], mode=mode or ctx.setting("mode"), k=int(k or ctx.setting("k")),
@@ -369,11 +367,19 @@ def import_upload(ctx: AppContext, user: dict | None, path: str, fmt: str) -> st
     # Gradio already refuses a path outside its upload folder; this holds even if it did not.
     if ctx.upload_dir is not None and not Path(path).resolve().is_relative_to(Path(ctx.upload_dir).resolve()):
         raise PermissionDenied("only a file uploaded through the page can be imported")
-    report = import_file(
-        ctx.db(), Path(path), fmt, source=f"upload:{Path(path).name}",
-        mode=ctx.setting("mode"), k=int(ctx.setting("k")), overlap=int(ctx.setting("overlap")),
-    )
+    name = Path(path).name
+    try:
+        report = import_file(
+            ctx.db(), Path(path), fmt, source=f"upload:{name}",
+            mode=ctx.setting("mode"), k=int(ctx.setting("k")), overlap=int(ctx.setting("overlap")),
+        )
+    except InvalidInput as e:  # the message names the file the admin chose, not where the server keeps it
+        raise InvalidInput(str(e).replace(str(path), name)) from None
+    finally:
+        if ctx.upload_dir is not None:  # an upload is read once: it does not stay in the server's cache
+            Path(path).unlink(missing_ok=True)
     ctx.wake_prefetcher()
+    report.path = name
     return report.summary()
 
 
@@ -394,8 +400,12 @@ def export_download(ctx: AppContext, user: dict | None, *, split: str | None = N
     root = Path(ctx.export_dir or tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="rankloop-export-", dir=root))
-    out = folder / f"pairs{'-' + split if split else ''}.{file_format}"
+    # a random token in the name: the copy Gradio serves keeps it, and the guard serves that copy
+    # to this admin alone (app.guard)
+    out = folder / f"pairs{'-' + split if split else ''}-{uuid.uuid4().hex[:16]}.{file_format}"
     n = export_pairs(ctx.db(), out, split=split or None, **filters)
+    if ctx.file_owners is not None:
+        ctx.file_owners.add(out, user["name"])
     return str(out), n
 
 
@@ -407,6 +417,20 @@ def quality_report(ctx: AppContext, user: dict | None) -> str:
     return format_report(agreement_report(ctx.db()))
 
 
+def available_versions(ctx: AppContext, user: dict | None) -> dict:
+    """{"available": what annotators may pick in chat and the arena, "extra": those listed by an
+    admin beyond the live version, its parent and the candidates}."""
+    _admin(user)
+    return {"available": registry.available_versions(ctx.db()),
+            "extra": store.get_setting(ctx.db(), registry.AVAILABLE_SETTING, []) or []}
+
+
+def save_available_versions(ctx: AppContext, user: dict | None, names) -> str:
+    _admin(user)
+    available = registry.set_available_versions(ctx.db(), list(names or []))
+    return "Annotators may now pick: " + ", ".join(available) + "."
+
+
 def add_account(ctx: AppContext, user: dict | None, name: str, role: str, password: str) -> str:
     _admin(user)
     store.add_user(ctx.db(), name, role, password)
@@ -415,9 +439,7 @@ def add_account(ctx: AppContext, user: dict | None, name: str, role: str, passwo
 
 def list_accounts(ctx: AppContext, user: dict | None) -> list[list]:
     _admin(user)
-    return [list(r) for r in ctx.db().execute(
-        "SELECT users.name, users.role, (SELECT count(*) FROM judgements WHERE user_id = users.id), users.created_at"
-        " FROM users ORDER BY users.id").fetchall()]
+    return [[a["name"], a["role"], a["judgements"], a["created_at"]] for a in store.list_accounts(ctx.db())]
 
 
 def mark_gold(ctx: AppContext, user: dict | None, view: dict | None, ranking_text: str) -> int:

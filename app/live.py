@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 
-from annotations import store
+from annotations import registry, store
 from app.serving import BASE_VERSION, configure_threads, ensure_loaded
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class LiveWatcher:
         self._preload(db, staged)
         self._unload_retired(db)
         self._merge_next(db, staged)
-        training = db.execute("SELECT count(*) FROM rounds WHERE status = 'running'").fetchone()[0] > 0
+        training = registry.any_round_running(db)
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
         if self._threads != threads:
             configure_threads(threads)  # on the model thread: torch's thread count is per thread
@@ -113,9 +113,9 @@ class LiveWatcher:
         for version, round_id in server.provisional_versions().items():
             if staged.get(version, (None,))[0] == round_id:
                 continue
-            row = db.execute("SELECT round_id, path FROM policies WHERE version = ?", [version]).fetchone()
-            if row is not None and row[0] == round_id:
-                server.confirm(version, Path(row[1]))
+            row = registry.find_version(db, version)
+            if row is not None and row["round_id"] == round_id:
+                server.confirm(version, Path(row["path"]))
             else:
                 server.unload_adapter(version)
                 self._merge_tried.discard(version)
@@ -138,13 +138,11 @@ class LiveWatcher:
                 self._stage_failed.add((version, round_id))
                 logger.info("cannot preload %s from round %d's staging folder: %s", version, round_id, e)
             return
-        rows = db.execute(
-            "SELECT version, path FROM policies WHERE kind = 'policy' AND path IS NOT NULL AND ("
-            " version IN (SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
-            "             ORDER BY created_at DESC LIMIT ?)"
-            " OR version = (SELECT parent FROM policies WHERE kind = 'policy' AND state = 'live'))"
-            " ORDER BY created_at DESC", [PRELOAD_CANDIDATES]).fetchall()
-        for version, path in rows:
+        live = registry.get_live_version(db, "policy")
+        parent = registry.find_version(db, live["parent"]) if live and live["parent"] else None
+        wanted = sorted([*registry.newest_candidates(db, PRELOAD_CANDIDATES), *([parent] if parent else [])],
+                        key=lambda v: v["created_at"], reverse=True)
+        for version, path in ((v["version"], v["path"]) for v in wanted if v["path"]):
             if version in server.versions() or version in self._unloadable:
                 continue
             try:
@@ -164,9 +162,9 @@ class LiveWatcher:
         loaded = set(server.versions()) - {BASE_VERSION, server.live_version} - set(server.provisional_versions())
         if not loaded:
             return
-        parent = db.execute("SELECT parent FROM policies WHERE version = ?", [server.live_version]).fetchone()
-        retired = {r[0] for r in db.execute("SELECT version FROM policies WHERE kind = 'policy' AND state = 'retired'")}
-        for version in sorted(loaded & retired - {parent[0] if parent else None}):
+        parent = (registry.find_version(db, server.live_version) or {}).get("parent")
+        retired = {v["version"] for v in registry.list_versions(db, "policy") if v["state"] == "retired"}
+        for version in sorted(loaded & retired - {parent}):
             # a look without the lock first: taking it (at SWAP) would pause the chat batch for nothing
             if server.idle_seconds(version) >= RETIRED_IDLE_S and server.unload_adapter(version,
                                                                                        idle_for=RETIRED_IDLE_S):
@@ -182,9 +180,8 @@ class LiveWatcher:
         if self._merging is not None and self._merging.is_alive():
             return
         server = self.ctx.server
-        wanted = [server.live_version, *staged] + [r[0] for r in db.execute(
-            "SELECT version FROM policies WHERE kind = 'policy' AND state = 'candidate'"
-            " ORDER BY created_at DESC LIMIT ?", [PRELOAD_CANDIDATES])]
+        wanted = [server.live_version, *staged] + [v["version"] for v in
+                                                   registry.newest_candidates(db, PRELOAD_CANDIDATES)]
         for version in wanted:
             if version == BASE_VERSION or version in self._merge_tried or version in server.merged_versions() \
                     or version not in server.versions():

@@ -71,14 +71,6 @@ class Prefetcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def _unclaimed_ready(self, db) -> int:
-        # Ready items nobody has leased or judged yet: the buffer that hides generation time.
-        return db.execute(
-            "SELECT count(*) FROM items WHERE status = 'ready'"
-            " AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.item_id = items.id)"
-            " AND NOT EXISTS (SELECT 1 FROM judgements WHERE judgements.item_id = items.id)"
-        ).fetchone()[0]
-
     def _instruction(self, db) -> str:
         return (store.get_setting(db, "answer_instruction", DEFAULT_ANSWER_INSTRUCTION) or "").strip()
 
@@ -94,7 +86,7 @@ class Prefetcher:
 
     def fill_once(self, db) -> bool:
         """Generate candidates for the oldest pending item(s) if the buffer is low. True if it did."""
-        if self._unclaimed_ready(db) >= self.target_ready:
+        if store.count_unclaimed_ready(db) >= self.target_ready:
             return False
         pending = store.pending_items(db, limit=self.batch_items)
         if not pending:

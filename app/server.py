@@ -7,7 +7,8 @@ from pathlib import Path
 
 from annotations import open_db
 from app import bootstrap, handlers
-from app.auth import Authenticator
+from app.auth import Authenticator, user_from_request
+from app.guard import FileOwners
 from app.live import LiveWatcher, WorkerProcess
 from app.prefetch import Prefetcher
 from app.serving import PolicyServer, configure_threads
@@ -33,7 +34,7 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
     db.close()
 
     configure_threads(threads)
-    ctx = handlers.AppContext(db_path=db_path)
+    ctx = handlers.AppContext(db_path=db_path, file_owners=FileOwners())
     ctx.server = PolicyServer(base, dtype=dtype)
     ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
@@ -54,14 +55,56 @@ def shutdown(ctx, demo=None) -> None:
         demo.close()
 
 
-def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
-    """Start serving (queue, login, shortcuts). With block=False, returns once listening."""
+# Gradio's login form says "Incorrect credentials" whatever the server answered: show a person
+# who is locked out (HTTP 429, app.auth) what the server said, where they are looking.
+LOGIN_NOTICE_HEAD = """<script>
+(() => {
+  const original = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await original(...args);
+    const url = String((args[0] && args[0].url) || args[0]);
+    if (response.status === 429 && /\\/login\\/?$/.test(url)) {
+      response.clone().json().then((body) => {
+        let note = document.getElementById("rankloop-login-note");
+        if (!note) {
+          note = document.createElement("div");
+          note.id = "rankloop-login-note";
+          note.setAttribute("role", "alert");
+          note.style.cssText = "margin:1em auto;max-width:30em;padding:.75em 1em;border-radius:6px;" +
+            "background:#fef2f2;color:#991b1b;border:1px solid #fca5a5;font:16px sans-serif;text-align:center";
+          document.body.prepend(note);
+        }
+        note.textContent = body.detail;
+      }).catch(() => {});
+    }
+    return response;
+  };
+})();
+</script>"""
+
+
+def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True,
+           ctx=None):
+    """Start serving (queue, login, shortcuts) behind the HTTP guard (`app.guard`). With
+    block=False, returns once listening."""
+    from starlette.middleware import Middleware
+
     from annotations.formats import MAX_IMPORT_BYTES
+    from app.guard import Guard
     from app.ui import SHORTCUTS_JS
+
+    owners = ctx.file_owners if ctx is not None else FileOwners()
+    connect = ctx.db if ctx is not None else auth._connect
+
+    def role_of(name):
+        user = user_from_request(connect, type("Request", (), {"username": name})())
+        return user["role"] if user else None
 
     demo.queue(default_concurrency_limit=8)
     return demo.launch(
         server_name=host, server_port=port, auth=auth.check_login_async, auth_message="Log in to rankloop",
-        ssr_mode=False, show_error=True, js=SHORTCUTS_JS, prevent_thread_lock=not block, quiet=not block,
-        max_file_size=MAX_IMPORT_BYTES,  # any logged-in user can upload: no file larger than an import
+        ssr_mode=False, show_error=True, js=SHORTCUTS_JS, head=LOGIN_NOTICE_HEAD, prevent_thread_lock=not block,
+        quiet=not block, max_file_size=MAX_IMPORT_BYTES,  # uploads are for admins, and no larger than an import
+        enable_monitoring=False,  # per-endpoint counts and timings are nobody's business but an admin's
+        app_kwargs={"middleware": [Middleware(Guard, role_of=role_of, owners=owners)]},
     )

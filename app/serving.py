@@ -550,16 +550,17 @@ def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
         if version:
             server.touch(version)  # the watcher does not unload a version someone just asked for
         return version or server.live_version
-    row = db.execute("SELECT path, round_id FROM policies WHERE version = ? AND kind = 'policy'",
-                     [version]).fetchone()
-    if row is None or not row[0]:
+    from annotations.registry import find_version
+
+    row = find_version(db, version)
+    if row is None or row["kind"] != "policy" or not row["path"]:
         raise KeyError(f"no policy version {version!r} with an adapter in the registry")
     if staged_by is not None:
-        if row[1] == staged_by:
-            server.confirm(version, Path(row[0]))
+        if row["round_id"] == staged_by:
+            server.confirm(version, Path(row["path"]))
             return version
         server.unload_adapter(version)  # a failed round's adapter under a name now reused
-    server.load_adapter(version, Path(row[0]))
+    server.load_adapter(version, Path(row["path"]))
     return version
 
 

@@ -7,6 +7,7 @@ Training never runs in the app: `queue_round` writes a row and the worker proces
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import yaml
 
@@ -80,14 +81,11 @@ def round_detail(ctx: AppContext, user: dict | None, round_id: int | None) -> di
     newest if `round_id` is empty)."""
     _admin(user)
     db = ctx.db()
-    if not round_id:
-        row = db.execute("SELECT max(id) FROM rounds").fetchone()
-        if row[0] is None:
-            return {"round": None, "curves": []}
-        round_id = row[0]
+    round_id = round_id or registry.latest_round_id(db)
+    if round_id is None:
+        return {"round": None, "curves": []}
     r = registry.get_round(db, int(round_id))
-    curves = [{"step": s, "metric": k, "value": v} for s, k, v in db.execute(
-        "SELECT step, key, value FROM round_metrics WHERE round_id = ? ORDER BY step", [r["id"]])]
+    curves = [{"step": m["step"], "metric": m["key"], "value": m["value"]} for m in registry.step_metrics(db, r["id"])]
     return {"round": r, "curves": curves}
 
 
@@ -104,11 +102,10 @@ def versions_table(ctx: AppContext, user: dict | None) -> list[list]:
     rows = []
     db = ctx.db()
     for v in registry.list_versions(db):
-        data = db.execute("SELECT data_hash, n_pairs, config FROM rounds WHERE id = ?", [v["round_id"]]).fetchone() \
-            if v["round_id"] else None
+        r = registry.get_round(db, v["round_id"]) if v["round_id"] else None
         rows.append([v["version"], v["kind"], v["state"], v["parent"] or "", v["method"], v["round_id"] or "",
-                     (data[0] or "")[:12] if data else "", data[1] if data else "", headline(v["metrics"]),
-                     (data[2] if data else "")[:200], v["created_at"]])
+                     (r["data_hash"] or "")[:12] if r else "", r["n_pairs"] if r else "", headline(v["metrics"]),
+                     json.dumps(r["config"], sort_keys=True)[:200] if r else "", v["created_at"]])
     return rows
 
 
@@ -174,10 +171,7 @@ def dashboard(ctx: AppContext, user: dict | None) -> dict:
                        "figures": headline(m),
                        **{k: m.get(k) for k in ("heldout_accuracy", "heldout_implicit_accuracy", "kl_to_base",
                                                 "win_rate_vs_parent")}})
-    throughput = [list(row) for row in db.execute(
-        "SELECT users.name, date(judgements.created_at) AS day, count(*),"
-        " CAST(avg(judgements.decision_ms) AS INTEGER) FROM judgements JOIN users ON users.id = judgements.user_id"
-        " GROUP BY users.name, day ORDER BY day DESC, users.name LIMIT 100")]
+    throughput = [[r["name"], r["day"], r["judgements"], r["mean_decision_ms"]] for r in store.annotator_throughput(db)]
     report = agreement_report(db)
     return {"rounds": rounds, "throughput": throughput,
             "agreement": {"pairwise_agreement": report.get("pairwise_agreement"), "alpha": report.get("alpha"),

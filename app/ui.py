@@ -90,7 +90,7 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 guidelines = handlers.guidelines(ctx, user)
                 admin_values = ([*load_admin(request), *load_training(request)] if is_admin
                                 else [gr.update() for _ in (*admin_outputs, *training_outputs)])
-                versions = gr.update(choices=chat_versions(ctx))
+                versions = gr.update(choices=chat_versions(ctx, user))
                 return [f"Logged in as **{user['name']}** ({user['role']})", gr.Tabs(selected=shown), *page,
                         guidelines, versions, versions, versions, gr.update(visible=is_admin), *admin_values]
             return guard(run)

@@ -136,7 +136,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     add_ready_items(db, annotators * submissions + baseline_submissions + annotators + 1)
     users = make_annotators(db, annotators + 1)
     port = free_port()
-    launch(demo, auth, "127.0.0.1", port, block=False)
+    launch(demo, auth, "127.0.0.1", port, block=False, ctx=ctx)
     url = f"http://127.0.0.1:{port}/"
     try:
         alone = drive_annotators(url, users[-1:], baseline_submissions)

@@ -46,7 +46,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     while store.count_items(db, "ready") < rounds + 1 and time.monotonic() < deadline:
         time.sleep(1)
     port = free_port()
-    launch(demo, auth, "127.0.0.1", port, block=False)
+    launch(demo, auth, "127.0.0.1", port, block=False, ctx=ctx)
     client = Client(f"http://127.0.0.1:{port}/", auth=("bench", "bench-password"), verbose=False)
     client.predict(api_name="/next_item")
     warm = []

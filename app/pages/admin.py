@@ -74,6 +74,14 @@ def build(ctx, current_user, annotate_view):
             queue_button = gr.Button("Queue")
         queue_status = gr.Markdown()
 
+        gr.Markdown("### Versions annotators may pick in chat and the arena\nAlways: the live version, its parent "
+                    "and the candidates. Add older ones here (each one an annotator picks is loaded into memory).")
+        with gr.Row():
+            extra_versions = gr.Dropdown([], multiselect=True, label="Also available", elem_id="available-versions",
+                                         scale=3)
+            save_available = gr.Button("Save", elem_id="save-available")
+        available_status = gr.Markdown(elem_id="available-status")
+
         gr.Markdown("### Gold item: make the item on your annotate tab gold, with this ranking as its answer")
         with gr.Row():
             gold_ranking = gr.Textbox(label="Known ranking, e.g. A > B", scale=3)
@@ -97,14 +105,16 @@ def build(ctx, current_user, annotate_view):
             user = current_user(request)
             values = handlers.project_settings(ctx, user)
             sampling = values["sampling"]
-            versions = [r[0] for r in ctx.db().execute("SELECT version FROM policies WHERE kind = 'policy'")]
+            versions = [v["version"] for v in handlers.registry.list_versions(ctx.db(), "policy")]
             weights = handlers.weighting(ctx, user)
+            extra = handlers.available_versions(ctx, user)["extra"]
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
                     *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
                     values["answer_instruction"],
                     handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
                     weights["agreement"], weights["annotator_accuracy"],
-                    *[weights["sources"][source] for source in WEIGHT_SOURCES])
+                    *[weights["sources"][source] for source in WEIGHT_SOURCES],
+                    gr.update(choices=versions, value=extra))
         return guard(run)
 
     def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, instruction_v,
@@ -150,6 +160,9 @@ def build(ctx, current_user, annotate_view):
             return f"Queued item {item_id}."
         return guard(run)
 
+    def do_save_available(names, request: gr.Request):
+        return guard(lambda: handlers.save_available_versions(ctx, current_user(request), names))
+
     def do_gold(view_value, ranking_text, request: gr.Request):
         def run():
             item_id = handlers.mark_gold(ctx, current_user(request), view_value, ranking_text)
@@ -175,8 +188,10 @@ def build(ctx, current_user, annotate_view):
     import_button.click(do_import, [upload, import_format], import_status, api_name=endpoint("import_file", "admin"))
     export_button.click(do_export, [export_split, export_format, min_agreement, min_accuracy], export_file, api_name=endpoint("export_pairs", "admin"))
     queue_button.click(do_queue, [queue_text, queue_versions], queue_status, api_name=endpoint("queue_prompt", "admin"))
+    save_available.click(do_save_available, extra_versions, available_status,
+                         api_name=endpoint("save_available_versions", "admin"))
     gold_button.click(do_gold, [annotate_view, gold_ranking], gold_status, api_name=endpoint("mark_gold", "admin"))
     add_button.click(do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
                      api_name=endpoint("add_account", "admin"))
     quality_button.click(do_quality, None, quality, api_name=endpoint("quality_report", "admin"))
-    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts, *weight_inputs]
+    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts, *weight_inputs, extra_versions]

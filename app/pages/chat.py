@@ -7,7 +7,7 @@ import gradio as gr
 from annotations.arena import PROVISIONAL_BATTLES
 from annotations.errors import AnnotationsError
 from app import chat
-from app.pages.common import endpoint, guard
+from app.pages.common import endpoint, guard, visible_error
 
 
 def _decoding_controls():
@@ -51,7 +51,7 @@ def build_chat(ctx, current_user):
                        f"Answered by **{produced_by}** — rate it with 👍 / 👎" if done
                        else f"Writing… (**{produced_by}**)")
         except (AnnotationsError, ValueError, KeyError) as e:
-            raise gr.Error(str(e).strip("'\"")) from None
+            raise visible_error(str(e).strip("'\"")) from None
 
     def rate(history, conv, data: gr.LikeData, request: gr.Request):
         def run():

@@ -12,15 +12,22 @@ from annotations.errors import AnnotationsError, PermissionDenied
 logger = logging.getLogger(__name__)
 
 
+def visible_error(message: str) -> gr.Error:
+    """A refusal the person sees where they are looking, logged as one line (not a traceback:
+    a wrong ranking or password is not a server fault)."""
+    logger.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def guard(fn):
     """Run a handler; domain errors become a visible `gr.Error` (and, for the API, an error
     response) instead of a stack trace."""
     try:
         return fn()
     except PermissionDenied as e:
-        raise gr.Error(f"Permission denied: {e}") from None
+        raise visible_error(f"Permission denied: {e}") from None
     except (AnnotationsError, ValueError, KeyError) as e:
-        raise gr.Error(str(e).strip("'\"")) from None
+        raise visible_error(str(e).strip("'\"")) from None
 
 
 def prompt_for_chatbot(messages):
@@ -53,6 +60,7 @@ ENDPOINT_ROLES: dict[str, str] = {
     "copy_best": "annotator",
     "save_settings": "admin",
     "save_weights": "admin",
+    "save_available_versions": "admin",
     "save_guidelines": "admin",
     "import_file": "admin",
     "export_pairs": "admin",

@@ -244,3 +244,10 @@ def test_required_human_votes_keep_a_candidate_people_do_not_prefer(db, user_id)
     assert judge_gate_items(db, user_id, prefer="base") == 20
     assert store.live_version(db) == "base"
     assert "human votes" in check_gate(db, "v1")["reasons"][0]
+
+
+def test_available_versions_are_live_parent_candidates_and_the_admins_list(db):
+    add_candidate(db, "v1", metrics=comparison(80))
+    assert registry.available_versions(db) == ["base", "v1"]
+    with pytest.raises(InvalidInput, match="no policy version"):
+        registry.set_available_versions(db, ["v9"])

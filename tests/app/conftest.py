@@ -74,7 +74,7 @@ def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, pro
     for name, password in ANNOTATORS:
         store.add_user(db, name, "annotator", password)
     port = free_port()
-    launch(demo, auth, "127.0.0.1", port, block=False)
+    launch(demo, auth, "127.0.0.1", port, block=False, ctx=ctx)
     app = RunningApp(url=f"http://127.0.0.1:{port}/", ctx=ctx, home=home, demo=demo)
     ctx.wake_prefetcher()
     wait_until(lambda: store.count_items(ctx.db(), "ready") >= 2, message="prefetched items")

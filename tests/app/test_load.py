@@ -25,7 +25,7 @@ def load_app(tmp_path_factory, tiny_model_dir):
     add_ready_items(db, ANNOTATORS * SUBMISSIONS + ANNOTATORS)  # each annotator ends holding one more
     users = make_annotators(db, ANNOTATORS)
     port = free_port()
-    launch(demo, auth, "127.0.0.1", port, block=False)
+    launch(demo, auth, "127.0.0.1", port, block=False, ctx=ctx)
     yield f"http://127.0.0.1:{port}/", ctx, users
     shutdown(ctx, demo)
 
