@@ -101,6 +101,7 @@ def test_chat_ignores_a_forged_history_and_answers_the_stored_conversation(app):
 def test_send_to_annotation_queues_only_the_stored_conversation_and_is_rate_limited(app, monkeypatch):
     from app import chat
 
+    monkeypatch.setattr(chat, "_queued", {})  # the allowance other tests of this app spent
     client = Client(app.url, auth=ANNOTATORS[1], verbose=False)
     with pytest.raises(Exception, match="send a message first"):
         client.predict(api_name="/send_to_annotation")  # a fresh session has no stored conversation

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from annotations import open_db, registry, store
+from annotations.errors import PermissionDenied
 from app import chat, handlers
 from app.live import LiveWatcher
 from app.serving import PolicyServer, ensure_loaded
@@ -65,8 +66,11 @@ def test_a_staged_adapter_is_loaded_and_merged_before_registration_and_goes_live
     wait_until(lambda: version in server.merged_versions(), timeout=30, message="the staged adapter merged")
 
     store.add_user(ctx.db(), "asker", "annotator", "a-long-password")
-    with pytest.raises(KeyError, match="no policy version"):  # not registered: nobody can ask for it
+    with pytest.raises(PermissionDenied, match="not available"):  # not registered: nobody can ask for it
         list(chat.chat_stream(ctx, store.get_user(ctx.db(), "asker"), "hi", conversation="c", version=version))
+    admin = {"id": 0, "name": "root", "role": "admin"}
+    with pytest.raises(KeyError, match="no policy version"):  # not even an admin
+        list(chat.chat_stream(ctx, admin, "hi", conversation="c", version=version))
     assert version not in chat.policy_versions(ctx)
 
     final = register(ctx, round_id, version, folder)
