@@ -296,4 +296,6 @@ def m010_item_views_and_truncation(db):
         "ALTER TABLE rounds ADD COLUMN data_until_judgement_id INTEGER",
         # a promotion gate's blind pair: JSON [candidate version, the live version it must beat]
         "ALTER TABLE items ADD COLUMN gate_versions TEXT",
+        # why the prefetcher gave up on an item (retired with this reason; shown on the Health tab)
+        "ALTER TABLE items ADD COLUMN park_reason TEXT",
     )

@@ -283,6 +283,24 @@ def count_items(db, status: str) -> int:
     return db.execute("SELECT count(*) FROM items WHERE status = ?", [status]).fetchone()[0]
 
 
+MAX_PARKED_SHOWN = 50
+
+
+def park_item(db, item_id: int, reason: str) -> None:
+    """Set aside a pending item whose answers cannot be generated (its version's adapter does
+    not load, say): it is retired with the reason, so it never blocks the queue, and the
+    Health tab lists it."""
+    with write_transaction(db):
+        db.execute("UPDATE items SET status = 'retired', park_reason = ? WHERE id = ? AND status = 'pending'",
+                   [reason[:MAX_REASON_CHARS], item_id])
+
+
+def parked_items(db, limit: int = MAX_PARKED_SHOWN) -> list[dict]:
+    """Items the prefetcher parked, newest first: [{"id", "reason"}]."""
+    return [{"id": r[0], "reason": r[1]} for r in db.execute(
+        "SELECT id, park_reason FROM items WHERE park_reason IS NOT NULL ORDER BY id DESC LIMIT ?", [limit])]
+
+
 def count_unclaimed_ready(db) -> int:
     """Ready items nobody has leased or judged yet: the prefetch buffer that hides generation time."""
     return db.execute(

@@ -32,7 +32,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def health_command(argv) -> int:
+    """`python -m app health`: the running app's health report (exit 0: ok, 1: degraded, 2: unreachable)."""
+    import json
+
+    import httpx
+
+    parser = argparse.ArgumentParser(prog="python -m app health", description=health_command.__doc__)
+    parser.add_argument("--url", default=f"http://{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '7860')}/")
+    parser.add_argument("--user", default=os.environ.get("RANKLOOP_ADMIN_USER", "admin"), help="an admin account")
+    parser.add_argument("--password", default=os.environ.get("RANKLOOP_ADMIN_PASSWORD"),
+                        help="its password (default: $RANKLOOP_ADMIN_PASSWORD)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if not args.password:
+        print("error: give the admin's password with --password or RANKLOOP_ADMIN_PASSWORD", file=sys.stderr)
+        return 2
+    from app.health import format_report
+
+    try:
+        with httpx.Client(base_url=args.url, timeout=30) as client:
+            login = client.post("login", data={"username": args.user, "password": args.password})
+            if login.status_code != 200:
+                print(f"error: cannot log in as {args.user}: HTTP {login.status_code}", file=sys.stderr)
+                return 2
+            response = client.get("health")
+    except httpx.HTTPError as e:
+        print(f"error: the app at {args.url} does not answer: {e}", file=sys.stderr)
+        return 2
+    if response.status_code not in (200, 503):
+        print(f"error: HTTP {response.status_code}: {response.text[:200]}", file=sys.stderr)
+        return 2
+    report = response.json()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["status"] == "ok" else 1
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["health"]:
+        return health_command(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     home = Path(args.home).resolve()

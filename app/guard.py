@@ -14,6 +14,8 @@ Gradio's own app and resolves the request's user from Gradio's session cookie, t
 - every response carries a Content-Security-Policy that lets a page load images only from the
   app itself (`img-src 'self' data: blob:`): a markdown image in a chat message or a model's
   reply (`![](http://host/x.png)`) is never fetched from elsewhere;
+- `GET /health` answers an admin with the app's health report (`app.health`): 200 when all
+  is well, 503 when something is degraded (for monitoring);
 - the client's address is kept for the request (`client_address()`), so login throttling can
   count failures per address as well as per name (`app.auth`).
 
@@ -37,6 +39,7 @@ CSP = "img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'self'"
 FILE_PREFIXES = ("/gradio_api/file=", "/file=")
 UPLOAD_PREFIXES = ("/gradio_api/upload", "/upload")
 ADMIN_ONLY_PREFIXES = ("/monitoring", "/gradio_api/monitoring")
+HEALTH_PATH = "/health"
 
 _client_address: contextvars.ContextVar[str | None] = contextvars.ContextVar("rankloop_client", default=None)
 
@@ -78,10 +81,11 @@ class Guard:
     """ASGI middleware around Gradio's app (see the module docstring). `role_of(name)` returns
     a user's role ('admin', 'annotator') or None."""
 
-    def __init__(self, app, role_of, owners: FileOwners):
+    def __init__(self, app, role_of, owners: FileOwners, health=None):
         self.app = app
         self.role_of = role_of
         self.owners = owners
+        self.health = health  # () -> the app's health report (app.health), served at /health
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -93,6 +97,13 @@ class Guard:
             refusal = self._refusal(path, user)
             if refusal:
                 return await _respond(send, 403, refusal)
+            if path.rstrip("/") == HEALTH_PATH and self.health is not None:
+                if self.role_of(user) != "admin" if user else True:
+                    return await _respond(send, 403, "the health report is for admins")
+                import anyio
+
+                report = await anyio.to_thread.run_sync(self.health)
+                return await _respond(send, 200 if report["status"] == "ok" else 503, None, report)
             if path.startswith(UPLOAD_PREFIXES) and scope.get("method") == "POST":
                 return await self.app(scope, receive, self._remember_uploads(send, user))
             return await self.app(scope, receive, _with_csp(send))
@@ -159,8 +170,8 @@ def _with_csp(send):
     return sending
 
 
-async def _respond(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _respond(send, status: int, detail: str | None, payload: dict | None = None) -> None:
+    body = json.dumps(payload if payload is not None else {"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"content-security-policy", CSP.encode())]})

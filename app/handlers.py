@@ -63,6 +63,7 @@ class AppContext:
     export_dir: Path | None = None  # where exports are written, each in a fresh private folder
     upload_dir: Path | None = None  # when set, only files under it (Gradio's uploads) can be imported
     file_owners: object = None  # app.guard.FileOwners: who may download each export
+    errors: object = None  # app.health.ErrorLog: what the background parts report
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def db(self):
@@ -407,6 +408,14 @@ def export_download(ctx: AppContext, user: dict | None, *, split: str | None = N
     if ctx.file_owners is not None:
         ctx.file_owners.add(out, user["name"])
     return str(out), n
+
+
+def health(ctx: AppContext, user: dict | None) -> dict:
+    """Every part's state and what went wrong (app.health)."""
+    from app.health import health_report
+
+    _admin(user)
+    return health_report(ctx)
 
 
 def quality_report(ctx: AppContext, user: dict | None) -> str:

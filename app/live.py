@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 WORKER_THREADS = 1
 PRELOAD_CANDIDATES = 2  # newest candidate adapters kept loaded, ready to go live
 RETIRED_IDLE_S = 60.0  # a retired version's adapter is unloaded once unused this long
+LIVE_RETRY_S = 30.0  # a live version whose adapter failed to load is tried again this often
 
 
 class LiveWatcher:
@@ -57,6 +59,7 @@ class LiveWatcher:
         self._threads: int | None = None
         self._merge_tried: set[str] = set()  # versions not to try again until the next swap
         self._stage_failed: set[tuple[str, int]] = set()  # (version, round) staged adapters that did not load
+        self._load_failed: dict[str, float] = {}  # live version -> when loading it last failed
 
     def start(self) -> "LiveWatcher":
         self.check()
@@ -83,8 +86,12 @@ class LiveWatcher:
         server = self.ctx.server
         staged = self._sync_staged(db)
         live = store.live_version(db) or BASE_VERSION
+        if live != server.live_version and not self._load_live(db, live):
+            live = server.live_version  # the previous version keeps serving; the Health tab says why
         if live != server.live_version:
-            ensure_loaded(server, db, live)
+            self._load_failed.pop(live, None)
+            if self._errors() is not None:
+                self._errors().clear("live")
             previous = server.live_version
             server.set_live(live)
             self.swaps += 1
@@ -101,6 +108,27 @@ class LiveWatcher:
             configure_threads(threads)  # on the model thread: torch's thread count is per thread
             self._threads = threads
             logger.info("serving threads: %d (%s)", threads, "a round is training" if training else "idle worker")
+
+    def _load_live(self, db, version: str) -> bool:
+        """Load the store's new live version; False if it cannot load (reported once, tried
+        again every `LIVE_RETRY_S`), so the version serving now goes on serving."""
+        failed = self._load_failed.get(version)
+        if failed is not None and time.monotonic() - failed < LIVE_RETRY_S:
+            return False
+        server = self.ctx.server
+        try:
+            ensure_loaded(server, db, version)
+        except Exception as e:
+            self._load_failed[version] = time.monotonic()
+            message = (f"live version {version} cannot be loaded ({type(e).__name__}: {e}); "
+                       f"{server.live_version} keeps serving; retrying every {LIVE_RETRY_S:.0f} s")
+            if self._errors() is None or self._errors().record("live", message):
+                logger.error("%s", message)
+            return False
+        return True
+
+    def _errors(self):
+        return getattr(self.ctx, "errors", None)
 
     def _sync_staged(self, db) -> dict[str, tuple[int, str]]:
         """Settle the provisional adapters: confirm those their round registered, unload those
@@ -202,9 +230,10 @@ class LiveWatcher:
             try:
                 self.check()
                 self.last_error = None
-            except Exception as e:  # keep watching; the admin page shows the error
-                logger.exception("live watcher")
+            except Exception as e:  # keep watching; the Health tab shows the error
                 self.last_error = f"{type(e).__name__}: {e}"
+                if self._errors() is None or self._errors().record("live", self.last_error):
+                    logger.exception("live watcher")
 
 
 class WorkerProcess:

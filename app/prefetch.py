@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from annotations import store
 from annotations.errors import AnnotationsError
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 BATCH_ITEMS = 4  # items whose answers are sampled together
 BATCH_TOKENS = 4096  # padded prompt tokens (rows x longest prompt) a batch may hold
 RESAMPLE_TRIES = 2  # with `exclude_truncated`, times a cut-off answer is sampled again
+MAX_ITEM_TRIES = 3  # an item whose answers fail this often is parked (app.health shows why)
+RETRY_SECONDS = 5.0  # a failed item waits this long times its failures while the queue moves on
 # The project's default answer instruction (setting `answer_instruction`; empty: none): the
 # system message candidates are sampled under when the prompt has none of its own, so that
 # answers end by themselves instead of at the token budget (docs/annotation.md, "Complete
@@ -37,7 +40,7 @@ DEFAULT_ANSWER_INSTRUCTION = "Answer helpfully, briefly and completely, in a few
 class Prefetcher:
     def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = BATCH_ITEMS,
                  batch_tokens: int = BATCH_TOKENS,
-                 sampling=None, poll_seconds: float = 5.0):
+                 sampling=None, poll_seconds: float = 5.0, errors=None):
         if batch_items < 1:
             raise ValueError(f"batch_items must be at least 1, got {batch_items}")
         self._connect = connect  # () -> a store connection for this thread
@@ -55,6 +58,9 @@ class Prefetcher:
         self.discarded = 0
         self.resampled = 0  # answers sampled again because the first ones were cut off
         self.kept_truncated = 0  # items shown with a truncated answer after every try
+        self.parked = 0  # items given up on (their reason is stored with them)
+        self.errors = errors  # app.health.ErrorLog: what went wrong, for the Health tab
+        self._failures: dict[int, tuple[int, float]] = {}  # item id -> (failures, monotonic time to retry after)
         self.last_error: str | None = None
 
     def start(self) -> "Prefetcher":
@@ -85,25 +91,62 @@ class Prefetcher:
         return self.sampling or SamplingParams(**(item["sampling"] or store.get_setting(db, "sampling", {}) or {}))
 
     def fill_once(self, db) -> bool:
-        """Generate candidates for the oldest pending item(s) if the buffer is low. True if it did."""
+        """Generate candidates for the oldest pending item(s) if the buffer is low. True if it did
+        (or set aside an item that failed: the queue moves on)."""
         if store.count_unclaimed_ready(db) >= self.target_ready:
             return False
-        pending = store.pending_items(db, limit=self.batch_items)
+        now = time.monotonic()
+        pending = [item for item in store.pending_items(db, limit=self.batch_items + len(self._failures))
+                   if self._failures.get(item["id"], (0, 0.0))[1] <= now]
         if not pending:
             return False
         first = pending[0]
-        if first["versions"] is not None:
-            return self._fill_contrast(db, first)
+        batch = [first]
+        try:
+            if first["versions"] is not None:
+                return self._fill_contrast(db, first)
+            if first["id"] in self._failures:  # it failed before: alone, so it fails nobody else
+                return self._fill_batch(db, batch)
+            sampling = self._sampling(db, first)
+            width = self.server.prompt_tokens(first["messages"])
+            for item in pending[1:]:
+                if item["versions"] is not None or item["k"] != first["k"] or item["id"] in self._failures \
+                        or self._sampling(db, item) != sampling:
+                    continue
+                tokens = self.server.prompt_tokens(item["messages"])
+                if max(width, tokens) * first["k"] * (len(batch) + 1) > self.batch_tokens:
+                    break  # left-padded to the longest prompt: this many rows would outgrow the budget
+                batch.append(item)
+                width = max(width, tokens)
+            return self._fill_batch(db, batch)
+        except (Preempted, AnnotationsError):
+            raise
+        except Exception as e:
+            self._set_aside(db, batch, e)
+            return True
+
+    def _set_aside(self, db, items, error: Exception) -> None:
+        """Items whose answers could not be generated wait a while (longer each time) while the
+        queue moves on; after `MAX_ITEM_TRIES` failures one is parked with its reason."""
+        message = f"{type(error).__name__}: {error}"
+        if self.errors is None or self.errors.record("prefetch", message):
+            logger.error("prefetch: items %s failed: %s", [i["id"] for i in items], message)
+        for item in items:
+            tries = self._failures.get(item["id"], (0, 0.0))[0] + 1
+            if tries >= MAX_ITEM_TRIES:
+                store.park_item(db, item["id"], f"answers could not be generated {tries} times: {message}")
+                self._failures.pop(item["id"], None)
+                self.parked += 1
+            else:
+                self._failures[item["id"]] = (tries, time.monotonic() + RETRY_SECONDS * tries)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _fill_batch(self, db, batch) -> bool:
+        """Sample the answers of `batch` (items sharing K and sampling settings) together."""
+        first = batch[0]
         sampling = self._sampling(db, first)
-        batch, width = [first], self.server.prompt_tokens(first["messages"])
-        for item in pending[1:]:
-            if item["versions"] is not None or item["k"] != first["k"] or self._sampling(db, item) != sampling:
-                continue
-            tokens = self.server.prompt_tokens(item["messages"])
-            if max(width, tokens) * first["k"] * (len(batch) + 1) > self.batch_tokens:
-                break  # left-padded to the longest prompt: this many rows would outgrow the budget
-            batch.append(item)
-            width = max(width, tokens)
         instruction = self._instruction(db)
         prompts = [self._prompt(item["messages"], instruction) for item in batch]
         answers = self.server.generate_many(prompts, n=first["k"], sampling=sampling, preemptible=True)
@@ -120,6 +163,7 @@ class Prefetcher:
                 self._store(db, item, group, total, instruction)
             except AnnotationsError as e:  # this item changed under us (retired, filled): keep the others
                 logger.warning("prefetch: item %s: %s", item["id"], e)
+            self._failures.pop(item["id"], None)
         return True
 
     def _exclude_truncated(self, db) -> bool:
@@ -159,6 +203,7 @@ class Prefetcher:
             generations += self.server.generate(self._prompt(item["messages"], instruction), n=n,
                                                 sampling=self._sampling(db, item), version=version, preemptible=True)
         self._store(db, item, generations, len(generations), instruction)
+        self._failures.pop(item["id"], None)
         return True
 
     def _store(self, db, item, generations, batch_answers: int, instruction: str = "") -> None:
@@ -188,9 +233,10 @@ class Prefetcher:
             except Preempted:  # chat or arena needed the model: let it go first, then retry
                 self.preempted += 1
                 worked, pause = False, 0.5
-            except Exception as e:  # keep the thread alive; the error shows on the admin page
-                logger.exception("prefetch failed")
+            except Exception as e:  # keep the thread alive; the error shows on the Health tab
                 self.last_error = f"{type(e).__name__}: {e}"
+                if self.errors is None or self.errors.record("prefetch", self.last_error):
+                    logger.exception("prefetch failed")
                 worked = False
             if not worked:
                 self._wake.wait(pause)

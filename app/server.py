@@ -9,6 +9,7 @@ from annotations import open_db
 from app import bootstrap, handlers
 from app.auth import Authenticator, user_from_request
 from app.guard import FileOwners
+from app.health import ErrorLog
 from app.live import LiveWatcher, WorkerProcess
 from app.prefetch import Prefetcher
 from app.serving import PolicyServer, configure_threads
@@ -34,11 +35,11 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
     db.close()
 
     configure_threads(threads)
-    ctx = handlers.AppContext(db_path=db_path, file_owners=FileOwners())
+    ctx = handlers.AppContext(db_path=db_path, file_owners=FileOwners(), errors=ErrorLog())
     ctx.server = PolicyServer(base, dtype=dtype)
     ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
-        ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch).start()
+        ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch, errors=ctx.errors).start()
     if worker:
         ctx.worker = WorkerProcess(db_path, base, log_path=home / "worker.log").start()
     demo = build_ui(ctx)
@@ -93,6 +94,8 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
     from app.guard import Guard
     from app.ui import SHORTCUTS_JS
 
+    from app.health import health_report
+
     owners = ctx.file_owners if ctx is not None else FileOwners()
     connect = ctx.db if ctx is not None else auth._connect
 
@@ -106,5 +109,6 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
         ssr_mode=False, show_error=True, js=SHORTCUTS_JS, head=LOGIN_NOTICE_HEAD, prevent_thread_lock=not block,
         quiet=not block, max_file_size=MAX_IMPORT_BYTES,  # uploads are for admins, and no larger than an import
         enable_monitoring=False,  # per-endpoint counts and timings are nobody's business but an admin's
-        app_kwargs={"middleware": [Middleware(Guard, role_of=role_of, owners=owners)]},
+        app_kwargs={"middleware": [Middleware(Guard, role_of=role_of, owners=owners,
+                                              health=(lambda: health_report(ctx)) if ctx is not None else None)]},
     )

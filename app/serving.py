@@ -309,6 +309,20 @@ class PolicyServer:
     def merged_versions(self) -> list[str]:
         return list(self._merged)
 
+    def adapter_sizes(self) -> dict[str, int]:
+        """Bytes of each loaded adapter's own weights, by version."""
+        sizes = dict.fromkeys(self._adapters, 0)
+        for name, parameter in self.model.named_parameters():
+            for version in sizes:
+                if f".{version}." in name:
+                    sizes[version] += parameter.numel() * parameter.element_size()
+        return sizes
+
+    def merged_sizes(self) -> dict[str, int]:
+        """Bytes each merged serving copy holds of its own (weights not shared with the base)."""
+        with self._merge_guard:
+            return {version: size for version, (_, size) in self._merged.items()}
+
     def merge(self, version: str) -> bool:
         """Make a serving copy of the base with `version`'s adapter merged into the weights it
         adapts, so that generations of that version alone run at the base model's speed: PEFT's

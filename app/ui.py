@@ -11,6 +11,7 @@ from app.chat import policy_versions as chat_versions
 from app.pages import admin as admin_page
 from app.pages import annotate as annotate_page
 from app.pages import chat as chat_page
+from app.pages import health as health_page
 from app.pages import training as training_page
 from app.pages.common import guard
 
@@ -79,6 +80,7 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 load_admin, admin_outputs = admin_page.build(ctx, current_user, annotate["view"])
                 load_training, training_outputs = training_page.build(ctx, current_user)
+                load_health, health_outputs = health_page.build(ctx, current_user)
 
         def on_load(tab, request: gr.Request):
             def run():
@@ -88,8 +90,8 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 # an item is dealt only to someone who is looking at the Annotate tab
                 page = annotate["load"](request) if shown == "annotate" else [gr.update() for _ in annotate["outputs"]]
                 guidelines = handlers.guidelines(ctx, user)
-                admin_values = ([*load_admin(request), *load_training(request)] if is_admin
-                                else [gr.update() for _ in (*admin_outputs, *training_outputs)])
+                admin_values = ([*load_admin(request), *load_training(request), *load_health(request)] if is_admin
+                                else [gr.update() for _ in (*admin_outputs, *training_outputs, *health_outputs)])
                 versions = gr.update(choices=chat_versions(ctx, user))
                 return [f"Logged in as **{user['name']}** ({user['role']})", gr.Tabs(selected=shown), *page,
                         guidelines, versions, versions, versions, gr.update(visible=is_admin), *admin_values]
@@ -97,7 +99,7 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
 
         demo.load(on_load, [start_tab], [who, tabs, *annotate["outputs"], annotate["guidelines"], chat_tab["version"],
                                          arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs,
-                                         *training_outputs],
+                                         *training_outputs, *health_outputs],
                   js=READ_TAB_JS, api_visibility="private")
         def on_annotate_shown(clicked, request: gr.Request):
             # Gradio also fires `select` for the tab shown first when the page opens, before

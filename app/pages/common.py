@@ -68,6 +68,7 @@ ENDPOINT_ROLES: dict[str, str] = {
     "mark_gold": "admin",
     "add_account": "admin",
     "quality_report": "admin",
+    "health": "admin",
     "queue_round": "admin",
     "round_status": "admin",
     "cancel_round": "admin",

@@ -104,6 +104,7 @@ def test_a_broken_adapter_shows_on_the_health_tab_and_the_queue_keeps_moving(run
     (stuck,) = store.queue_items(db, [store.add_prompt(db, "Answer me with the broken version")[0]],
                                  versions=["v-broken"])
     fresh = store.queue_items(db, [store.add_prompt(db, "A plain question after the broken one")[0]])
+    monkeypatch.setattr(running_app.ctx.prefetcher, "target_ready", 1000)  # generate every pending item now
     running_app.ctx.wake_prefetcher()
     wait_until(lambda: store.parked_items(db) and store.parked_items(db)[0]["id"] == stuck, timeout=120,
                message="the broken item parked")
