@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from annotations.registry import METHODS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -294,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     base_help = "local base model folder (default: $RANKLOOP_HOME/models/SmolLM2-135M-Instruct)"
     p = commands.add_parser("round", help="queue a training round and run it in this process")
-    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto", "sft"),
+    p.add_argument("--method", required=True, choices=tuple(METHODS),
                    help="rm: reward model; dpo, kto, ppo: policy")
     p.add_argument("--config", default=None, help="YAML file of config keys (round keys and the method's keys)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_round)
 
     p = commands.add_parser("config", help="list the config keys of a method, with defaults and help")
-    p.add_argument("--method", required=True, choices=("rm", "dpo", "ppo", "kto", "sft"))
+    p.add_argument("--method", required=True, choices=tuple(METHODS))
     p.set_defaults(func=cmd_config)
 
     p = commands.add_parser("worker", help="run queued rounds as they come")

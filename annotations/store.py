@@ -748,12 +748,7 @@ def iter_pairs(db, split: str | None = None) -> Iterable[dict]:
         }
 
 
-# ---------------------------------------------------------------- policies
-
-
-def live_version(db, kind: str = "policy") -> str | None:
-    row = db.execute("SELECT version FROM policies WHERE kind = ? AND state = 'live'", [kind]).fetchone()
-    return row[0] if row else None
+# ---------------------------------------------------------------- settings
 
 
 def get_setting(db, key: str, default=None):

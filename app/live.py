@@ -85,7 +85,7 @@ class LiveWatcher:
         db = self.ctx.db()
         server = self.ctx.server
         staged = self._sync_staged(db)
-        live = store.live_version(db) or BASE_VERSION
+        live = (registry.get_live_version(db, "policy") or {}).get("version") or BASE_VERSION
         if live != server.live_version and not self._load_live(db, live):
             live = server.live_version  # the previous version keeps serving; the Health tab says why
         if live != server.live_version:

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 
-from align.models import load_causal_lm, load_tokenizer
+from align.models import BASE_VERSION, load_causal_lm, load_tokenizer
 from align.training import cpu_has_bf16, tune_malloc
 from app.attention import DECODE_ATTENTION
 from app.decoding import ChatBatcher, NucleusWarper
 
 logger = logging.getLogger(__name__)
 
-BASE_VERSION = "base"
 SERVING_DTYPES = ("auto", "float32", "bfloat16")
 STREAM_TIMEOUT_S = 300
 # Memory for merged serving copies of adapter versions (the live one's first). A copy holds its

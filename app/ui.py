@@ -7,7 +7,7 @@ import gradio as gr
 
 from app import handlers
 from app.auth import user_from_request
-from app.chat import policy_versions as chat_versions
+from app.chat_and_arena import policy_versions as chat_versions
 from app.pages import admin as admin_page
 from app.pages import annotate as annotate_page
 from app.pages import chat as chat_page

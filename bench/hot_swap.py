@@ -44,7 +44,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
 
     from align.models import VersionDir
     from annotations import registry, store
-    from app import chat
+    from app import chat_and_arena as chat
     from app.server import create_app, shutdown
     from app.serving import PolicyServer, SamplingParams
 

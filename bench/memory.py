@@ -28,7 +28,7 @@ APP_SCRIPT = PEAK + """
 import json, os, sys
 from pathlib import Path
 from annotations import registry, store
-from app import chat
+from app import chat_and_arena as chat
 from app.server import create_app, shutdown
 home, base, adapters = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 ctx, demo, _, _ = create_app(home, base, threads=2, prefetch=0, demo_prompts=False)

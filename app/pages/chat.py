@@ -1,4 +1,4 @@
-"""The chat and arena tabs: wiring only (logic in `app.chat`)."""
+"""The chat and arena tabs: wiring only (logic in `app.chat_and_arena`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gradio as gr
 
 from annotations.arena import PROVISIONAL_BATTLES
 from annotations.errors import AnnotationsError
-from app import chat
+from app import chat_and_arena
 from app.pages.common import endpoint, guard, visible_error
 
 
@@ -27,7 +27,7 @@ def _sampling(t, p, r, m):
 def build_chat(ctx, current_user):
     conversation = gr.State(None)  # the id of the conversation the server stores; its messages stay there
     with gr.Row():
-        version = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version", elem_id="chat-version", scale=1)
+        version = gr.Dropdown([chat_and_arena.LIVE], value=chat_and_arena.LIVE, label="Version", elem_id="chat-version", scale=1)
         status = gr.Markdown(elem_id="chat-status")
     decoding = _decoding_controls()
     chatbot = gr.Chatbot(label="Chat (thumbs up / down on a reply rates it)", height=420, elem_id="chatbot")
@@ -40,10 +40,10 @@ def build_chat(ctx, current_user):
 
     def respond(history, text, conv, version_name, t, p, r, m, request: gr.Request):
         user = current_user(request)
-        conv = conv or chat.new_conversation()
+        conv = conv or chat_and_arena.new_conversation()
         shown = list(history or []) + [{"role": "user", "content": text}]
         try:
-            for out in chat.chat_stream(ctx, user, text, conversation=conv, version=version_name,
+            for out in chat_and_arena.chat_stream(ctx, user, text, conversation=conv, version=version_name,
                                         sampling=_sampling(t, p, r, m)):
                 reply, produced_by = out[0], out[1]
                 done = len(out) == 3
@@ -56,20 +56,20 @@ def build_chat(ctx, current_user):
     def rate(history, conv, data: gr.LikeData, request: gr.Request):
         def run():
             user = current_user(request)
-            chat._annotator(user)  # the role first, before reading anything else the request sent
+            chat_and_arena._annotator(user)  # the role first, before reading anything else the request sent
             index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
             if not isinstance(index, int) or not isinstance(history, list) or not 0 <= index < len(history):
-                raise chat.InvalidInput("that message is not one of your stored replies in this conversation")
+                raise chat_and_arena.InvalidInput("that message is not one of your stored replies in this conversation")
             position = sum(1 for m in history[: index + 1] if isinstance(m, dict) and m.get("role") == "assistant") - 1
             liked = data.liked if data.liked in (True, False) else None
-            chat.rate_shown_reply(ctx, user, conv, position, data.value, liked)
+            chat_and_arena.rate_shown_reply(ctx, user, conv, position, data.value, liked)
             return ("Rated 👍: thank you." if liked else "Rated 👎: thank you." if liked is False
                     else "Rating removed.")
         return guard(run)
 
     def annotate(conv, request: gr.Request):
         def run():
-            item_id = chat.send_to_annotation(ctx, current_user(request), conv)
+            item_id = chat_and_arena.send_to_annotation(ctx, current_user(request), conv)
             return f"Queued as annotation item {item_id}."
         return guard(run)
 
@@ -97,8 +97,8 @@ def build_arena(ctx, current_user):
         prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt", scale=4)
         random_prompt = gr.Button("Random held-out prompt", elem_id="arena-random", scale=1)
     with gr.Row():
-        version_a = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version 1 (live: live vs parent)")
-        version_b = gr.Dropdown([chat.LIVE], value=chat.LIVE, label="Version 2")
+        version_a = gr.Dropdown([chat_and_arena.LIVE], value=chat_and_arena.LIVE, label="Version 1 (live: live vs parent)")
+        version_b = gr.Dropdown([chat_and_arena.LIVE], value=chat_and_arena.LIVE, label="Version 2")
         fight = gr.Button("Battle", variant="primary", elem_id="arena-battle")
     decoding = _decoding_controls()
     with gr.Row():
@@ -117,18 +117,18 @@ def build_arena(ctx, current_user):
                            interactive=False, label="Human win rate over parent")
 
     def do_random(request: gr.Request):
-        return guard(lambda: chat.random_prompt(ctx, current_user(request)))
+        return guard(lambda: chat_and_arena.random_prompt(ctx, current_user(request)))
 
     def do_battle(text, a, b, t, p, r, m, request: gr.Request):
         def run():
-            result = chat.start_battle(ctx, current_user(request), text, a, b, _sampling(t, p, r, m))
+            result = chat_and_arena.start_battle(ctx, current_user(request), text, a, b, _sampling(t, p, r, m))
             return result["battle_id"], result["answers"][0], result["answers"][1], "Vote to reveal the versions."
         return guard(run)
 
     def make_vote(winner):
         def do_vote(battle_id, request: gr.Request):
             def run():
-                result = chat.vote(ctx, current_user(request), battle_id, winner)
+                result = chat_and_arena.vote(ctx, current_user(request), battle_id, winner)
                 return (f"You voted **{winner}**. A was **{result['version_a']}**, B was **{result['version_b']}**."
                         + (" Stored as a preference pair." if result["pair_id"] else ""))
             return guard(run)
@@ -137,7 +137,7 @@ def build_arena(ctx, current_user):
 
     def do_refresh(request: gr.Request):
         def run():
-            rows, over_parent = chat.leaderboard(ctx, current_user(request))
+            rows, over_parent = chat_and_arena.leaderboard(ctx, current_user(request))
             board_rows = [[r["version"], r["score"], "fixed (anchor)" if r["anchor"] else f"{r['ci_low']} – {r['ci_high']}",
                            r["battles"], r["wins"], r["ties"], "provisional" if r["provisional"] else ""] for r in rows]
             parent_rows = [[r["version"], r["parent"], r["battles"], r["win_rate"], f"{r['ci_low']} – {r['ci_high']}",

@@ -1,12 +1,12 @@
 """Admin tabs for training: start and watch rounds, versions, dashboard. Wiring only (logic in
-`app.training`); each handler re-checks the admin role on the server."""
+`app.round_admin`); each handler re-checks the admin role on the server."""
 
 from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
 
-from app import training
+from app import round_admin
 from app.pages.common import endpoint, guard
 
 ROUND_HEADERS = ["id", "method", "status", "progress", "version", "pairs", "held-out", "created"]
@@ -37,7 +37,7 @@ def build(ctx, current_user):
                     "restarts. Keys and defaults of the chosen method are shown below; override any as "
                     "`key: value` lines.")
         with gr.Row():
-            method = gr.Radio(list(training.METHODS), value="dpo", label="Method", elem_id="round-method")
+            method = gr.Radio(list(round_admin.METHODS), value="dpo", label="Method", elem_id="round-method")
             data = gr.Radio(["all", "new"], value="all", label="Data: all train pairs, or new since the last round")
         overrides = gr.Code(label="Overrides (YAML)", language="yaml", value="", elem_id="round-overrides")
         defaults = gr.JSON(label="Config keys and defaults", elem_id="round-defaults")
@@ -90,21 +90,21 @@ def build(ctx, current_user):
 
     def show_defaults(method_name, request: gr.Request):
         def run():
-            training.require_admin(current_user(request))
-            return training.method_defaults(method_name)
+            round_admin.require_admin(current_user(request))
+            return round_admin.method_defaults(method_name)
         return guard(run)
 
     def do_start(method_name, data_choice, text, request: gr.Request):
         def run():
-            new_id = training.queue_round(ctx, current_user(request), method_name, text, data=data_choice)
-            return f"Queued round {new_id}.", training.rounds_table(ctx, current_user(request)), new_id
+            new_id = round_admin.queue_round(ctx, current_user(request), method_name, text, data=data_choice)
+            return f"Queued round {new_id}.", round_admin.rounds_table(ctx, current_user(request)), new_id
         return guard(run)
 
     def do_refresh(selected, request: gr.Request):
         def run():
             user = current_user(request)
-            detail = training.round_detail(ctx, user, selected)
-            table = training.rounds_table(ctx, user)
+            detail = round_admin.round_detail(ctx, user, selected)
+            table = round_admin.rounds_table(ctx, user)
             r = detail["round"]
             if r is None:
                 return table, "No rounds yet.", _curves_frame([]), "", {}
@@ -118,30 +118,30 @@ def build(ctx, current_user):
         return guard(run)
 
     def do_cancel(selected, request: gr.Request):
-        return guard(lambda: training.cancel_round(ctx, current_user(request), selected))
+        return guard(lambda: round_admin.cancel_round(ctx, current_user(request), selected))
 
     def do_versions(request: gr.Request):
         def run():
             user = current_user(request)
-            gate = training.gate_settings(ctx, user)
-            return (training.versions_table(ctx, user), *[gate[key] for key in GATE_FIELDS])
+            gate = round_admin.gate_settings(ctx, user)
+            return (round_admin.versions_table(ctx, user), *[gate[key] for key in GATE_FIELDS])
         return guard(run)
 
     def do_promote(name, request: gr.Request):
         def run():
             user = current_user(request)
-            return training.promote(ctx, user, name), training.versions_table(ctx, user)
+            return round_admin.promote(ctx, user, name), round_admin.versions_table(ctx, user)
         return guard(run)
 
     def do_check_gate(name, request: gr.Request):
         def run():
-            return gate_verdict(training.check_gate(ctx, current_user(request), name))
+            return gate_verdict(round_admin.check_gate(ctx, current_user(request), name))
         return guard(run)
 
     def do_rollback(request: gr.Request):
         def run():
             user = current_user(request)
-            return training.rollback(ctx, user), training.versions_table(ctx, user)
+            return round_admin.rollback(ctx, user), round_admin.versions_table(ctx, user)
         return guard(run)
 
     def do_save_gate(auto_value, confidence_value, prompts_value, human_value, share_value, votes_value, items_value,
@@ -151,7 +151,7 @@ def build(ctx, current_user):
                                               votes_value, items_value)))
             for key in ("min_prompts", "min_human_votes", "gate_items"):
                 settings[key] = int(settings[key] or 0)
-            saved = training.save_gate_settings(ctx, current_user(request), **settings)
+            saved = round_admin.save_gate_settings(ctx, current_user(request), **settings)
             return "Gate saved: " + ("promotes automatically" if saved["auto_promote"] else "never promotes by itself") \
                 + f" at {saved['confidence']:.0%} confidence from at least {saved['min_prompts']} prompts" \
                 + (f"; people decide, from at least {saved['min_human_votes']} votes" if saved["require_human_votes"]
@@ -160,7 +160,7 @@ def build(ctx, current_user):
 
     def do_dashboard(request: gr.Request):
         def run():
-            d = training.dashboard(ctx, current_user(request))
+            d = round_admin.dashboard(ctx, current_user(request))
             a = d["agreement"]
             text = (f"**{d['pairs_total']}** preference pairs · **{a['judgements'] or 0}** judgements · "
                     f"agreement {_fmt(a['pairwise_agreement'])} · Krippendorff's alpha {_fmt(a['alpha'])}")
@@ -189,7 +189,7 @@ def build(ctx, current_user):
 
     def on_admin_load(request: gr.Request):
         """Values the training tabs show when an admin opens the page (and the timer starts)."""
-        return [training.method_defaults("dpo"), *do_versions(request), gr.Timer(active=True)]
+        return [round_admin.method_defaults("dpo"), *do_versions(request), gr.Timer(active=True)]
 
     return on_admin_load, [defaults, versions, *gate_inputs, timer]
 

@@ -119,7 +119,7 @@ def user_id(db):
 def test_gate_promotes_a_clear_winner_over_the_live_parent(db):
     add_candidate(db, metrics=comparison(62))
     result = apply_gate(db, "v1")
-    assert result["promoted"] and store.live_version(db) == "v1"
+    assert result["promoted"] and registry.get_live_version(db)["version"] == "v1"
     assert result["reward_model"]["lower_bound"] > 0.5 and result["reward_model"]["n"] == 88
     assert verdict_line(result) == "promoted v1: it is live now"
 
@@ -128,7 +128,7 @@ def test_gate_keeps_a_candidate_whose_interval_does_not_clear(db):
     add_candidate(db, metrics=comparison(50))  # 0.57 looks better, but could be noise
     result = apply_gate(db, "v1")
     assert not result["promoted"] and "lower bound" in result["reasons"][0]
-    assert store.live_version(db) == "base"
+    assert registry.get_live_version(db)["version"] == "base"
     assert verdict_line(result).startswith("kept v1 a candidate: reward model rm1: win rate 0.57")
 
 
@@ -161,7 +161,7 @@ def test_gate_passes_but_waits_when_automatic_promotion_is_off(db):
     add_candidate(db, metrics=comparison(80))
     save_gate_settings(db, {"auto_promote": False})
     result = apply_gate(db, "v1")
-    assert result["passed"] and not result["promoted"] and store.live_version(db) == "base"
+    assert result["passed"] and not result["promoted"] and registry.get_live_version(db)["version"] == "base"
     assert "automatic promotion is off" in verdict_line(result)
 
 
@@ -229,7 +229,7 @@ def test_required_human_votes_queue_gate_pairs_and_promote_when_people_clearly_p
     assert not result["promoted"] and result["gate_items"] == 20 and "human votes" in result["reasons"][0]
     answer_gate_items(db)
     judge_gate_items(db, user_id, prefer="v1")
-    assert store.live_version(db) == "v1"  # promoted by the vote that cleared the interval
+    assert registry.get_live_version(db)["version"] == "v1"  # promoted by the vote that cleared the interval
     board = {row["version"]: row for row in arena.leaderboard(db)}
     assert board["v1"]["battles"] >= 10  # the gate's votes count in the arena leaderboard
 
@@ -242,7 +242,7 @@ def test_required_human_votes_keep_a_candidate_people_do_not_prefer(db, user_id)
     apply_gate(db, "v1")
     answer_gate_items(db)
     assert judge_gate_items(db, user_id, prefer="base") == 20
-    assert store.live_version(db) == "base"
+    assert registry.get_live_version(db)["version"] == "base"
     assert "human votes" in check_gate(db, "v1")["reasons"][0]
 
 

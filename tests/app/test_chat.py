@@ -6,7 +6,7 @@ import pytest
 
 from annotations import store
 from annotations.errors import InvalidInput, PermissionDenied
-from app import chat
+from app import chat_and_arena as chat
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_chat_refuses_an_empty_message_and_anonymous_users(ctx):
 
 
 def test_thumbs_on_a_reply_are_stored_as_kto_rows(ctx):
-    from annotations.chat import rated_replies
+    from annotations.chat_replies import rated_replies
 
     *_, (text, _, reply_id) = chat.chat_stream(ctx, user(ctx), "rate me", conversation="c", sampling=SAMPLING)
     chat.rate_reply(ctx, user(ctx), reply_id, False)

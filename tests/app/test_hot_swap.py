@@ -112,7 +112,8 @@ def test_the_live_version_is_merged_into_a_serving_copy_in_the_background(swap_a
 def test_a_chat_request_queued_behind_a_promotion_is_answered_by_the_new_version(tmp_path, tiny_model_dir):
     """"Live" is resolved when the request gets the model, not when it arrives."""
     from annotations import open_db
-    from app import chat, handlers
+    from app import chat_and_arena as chat
+    from app import handlers
     from app.serving import ModelLock, PolicyServer
 
     server = PolicyServer(tiny_model_dir)

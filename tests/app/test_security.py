@@ -99,7 +99,7 @@ def test_chat_ignores_a_forged_history_and_answers_the_stored_conversation(app):
 
 
 def test_send_to_annotation_queues_only_the_stored_conversation_and_is_rate_limited(app, monkeypatch):
-    from app import chat
+    from app import chat_and_arena as chat
 
     monkeypatch.setattr(chat, "_queued", {})  # the allowance other tests of this app spent
     client = Client(app.url, auth=ANNOTATORS[1], verbose=False)

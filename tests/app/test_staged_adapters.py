@@ -11,7 +11,8 @@ import torch
 
 from annotations import open_db, registry, store
 from annotations.errors import PermissionDenied
-from app import chat, handlers
+from app import chat_and_arena as chat
+from app import handlers
 from app.live import LiveWatcher
 from app.serving import PolicyServer, ensure_loaded
 from tests.app.conftest import wait_until

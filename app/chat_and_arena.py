@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 
-from annotations import arena, chat, registry, store
+from annotations import arena, chat_replies, registry, store
 from annotations.errors import InvalidInput, PermissionDenied
 from app.handlers import AppContext, _annotator
 from app.serving import BASE_VERSION, SamplingParams, ensure_loaded
@@ -60,7 +60,7 @@ def chat_stream(ctx: AppContext, user: dict | None, message: str, *, conversatio
     (reply so far, version); the last item also carries the stored reply id:
     (reply, version, reply_id)."""
     user = _annotator(user)
-    earlier = chat.conversation_messages(ctx.db(), user["id"], conversation)
+    earlier = chat_replies.conversation_messages(ctx.db(), user["id"], conversation)
     messages = store.canonical_messages(earlier + [{"role": "user", "content": message or ""}])
     params = _sampling(sampling)
     # "live" is resolved by the server when this request's turn comes, so a request queued
@@ -70,7 +70,7 @@ def chat_stream(ctx: AppContext, user: dict | None, message: str, *, conversatio
     text, produced_by = "", version
     for text, produced_by in ctx.server.stream(messages, params, version):
         yield text, produced_by
-    reply_id = chat.add_reply(ctx.db(), user["id"], conversation, messages, text.strip(), produced_by,
+    reply_id = chat_replies.add_reply(ctx.db(), user["id"], conversation, messages, text.strip(), produced_by,
                               sampling=params.as_dict(), seconds=time.perf_counter() - start)
     yield text, produced_by, reply_id
 
@@ -81,19 +81,19 @@ def rate_shown_reply(ctx: AppContext, user: dict | None, conversation: str | Non
     checking that it is the stored reply with exactly the text the person sees. Returns the
     reply id. A reply still being written has no stored row yet, and says so."""
     user = _annotator(user)
-    replies = chat.conversation_replies(ctx.db(), user["id"], conversation) if conversation else []
+    replies = chat_replies.conversation_replies(ctx.db(), user["id"], conversation) if conversation else []
     if not 0 <= position < len(replies) or replies[position]["reply"] != message_text(shown_text).strip():
         if position == len(replies):
             raise InvalidInput("this reply is still being written: rate it once it is complete")
         raise InvalidInput("that message is not one of your stored replies in this conversation")
     reply_id = replies[position]["id"]
-    chat.rate_reply(ctx.db(), user["id"], reply_id, None if liked is None else (1 if liked else -1))
+    chat_replies.rate_reply(ctx.db(), user["id"], reply_id, None if liked is None else (1 if liked else -1))
     return reply_id
 
 
 def rate_reply(ctx: AppContext, user: dict | None, reply_id: int, liked: bool | None) -> None:
     user = _annotator(user)
-    chat.rate_reply(ctx.db(), user["id"], int(reply_id), None if liked is None else (1 if liked else -1))
+    chat_replies.rate_reply(ctx.db(), user["id"], int(reply_id), None if liked is None else (1 if liked else -1))
 
 
 MAX_QUEUED_PER_HOUR = 20  # conversations one person may send to annotation in an hour
@@ -118,11 +118,11 @@ def send_to_annotation(ctx: AppContext, user: dict | None, conversation: str | N
     """Queue the conversation on screen (as the server stored it) for annotation, at most
     `MAX_QUEUED_PER_HOUR` an hour per person."""
     user = _annotator(user)
-    messages = chat.conversation_messages(ctx.db(), user["id"], conversation) if conversation else []
+    messages = chat_replies.conversation_messages(ctx.db(), user["id"], conversation) if conversation else []
     if not messages:
         raise InvalidInput("send a message first: there is no conversation to annotate")
     _spend_queue_allowance(user["id"])
-    item_id = chat.send_to_annotation(
+    item_id = chat_replies.send_to_annotation(
         ctx.db(), messages, mode=ctx.setting("mode"), k=int(ctx.setting("k")),
         overlap=int(ctx.setting("overlap")), source=f"chat:{user['name']}")
     ctx.wake_prefetcher()

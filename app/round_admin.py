@@ -17,7 +17,7 @@ from app.handlers import AppContext, _admin
 
 require_admin = _admin
 
-METHODS = ("dpo", "rm", "ppo", "kto", "sft")
+METHODS = tuple(registry.METHODS)  # the one list of training methods
 
 
 def method_defaults(method: str) -> dict:
