@@ -18,7 +18,7 @@ Whatever goes wrong, at any step, the round ends `failed` with the error, the st
 is removed, nothing is registered, and the live version is untouched. A process killed
 outright leaves a running round and maybe a staging folder: `recover_interrupted`, run when a
 worker starts, fails the round and sweeps the folder. (`tests/align/test_kill_worker.py`
-kills a worker at each step; `pause_point` below lets it stop there first.)
+kills a worker at each step: its `checkpoint` hook stops the worker there first.)
 
 Under `accelerate launch` every process calls `run_round`: the main process does the store
 work and broadcasts the plan (the data itself) to the others, all of them train together,
@@ -37,6 +37,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from annotations.gate import DEFAULT_GATE_PROMPTS
 
@@ -51,8 +52,8 @@ DATA_CHOICES = ("all", "new")
 KTO_DATA_CHOICES = ("ratings", "pairs", "both")
 SFT_DATA_CHOICES = ("written", "chosen")
 CURVE_SKIP = ("epoch", "total_flos", "step")  # logged values that are not curves
-PAUSE_ENV, PAUSE_MARKER_ENV = "RANKLOOP_TEST_PAUSE_AT", "RANKLOOP_TEST_PAUSE_MARKER"
-PAUSE_SECONDS = 600.0
+STAGES = ("claim", "reserve", "select_data", "stage", "train", "save", "evaluate", "commit", "register",
+          "registering", "gate")
 GATE_GENERATION_BATCH = 16  # answers sampled together for the gate's comparison
 
 
@@ -123,9 +124,6 @@ class RoundConfig:
     eval_batch_size: int = field(
         default=4, metadata={"help": "Pairs or answers per forward pass during evaluation (4 keeps a DPO round's "
                                      "worker under 5 GiB at 512 tokens)."})
-    fail_after_steps: int = field(
-        default=0, metadata={"help": "Testing only: raise an error after this many training steps (0: never)."}
-    )
 
     def __post_init__(self):
         if self.data not in DATA_CHOICES:
@@ -134,7 +132,7 @@ class RoundConfig:
             raise ValueError(f"sft_data must be one of {', '.join(SFT_DATA_CHOICES)}, got {self.sft_data!r}.")
         if self.kto_data not in KTO_DATA_CHOICES:
             raise ValueError(f"kto_data must be one of {', '.join(KTO_DATA_CHOICES)}, got {self.kto_data!r}.")
-        for name in ("eval_pairs", "eval_prompts", "eval_samples", "gate_prompts", "fail_after_steps"):
+        for name in ("eval_pairs", "eval_prompts", "eval_samples", "gate_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}.")
         for name in ("eval_max_new_tokens", "eval_batch_size"):
@@ -209,18 +207,16 @@ def code_version() -> str:
 # ---------------------------------------------------------------- test hook
 
 
-def pause_point(stage: str) -> None:
-    """Testing only, inert unless RANKLOOP_TEST_PAUSE_AT names `stage`: write the file named by
-    RANKLOOP_TEST_PAUSE_MARKER (if set) and sleep, so a test can SIGKILL the worker at exactly
-    this step of a round. Stages, in order: claim, reserve, select_data, stage, train, save
-    (PPO only), evaluate, commit, register, registering, gate."""
-    if os.environ.get(PAUSE_ENV) != stage:
-        return
-    logger.warning("test hook: pausing at %r for up to %.0f s (%s)", stage, PAUSE_SECONDS, PAUSE_ENV)
-    marker = os.environ.get(PAUSE_MARKER_ENV)
-    if marker:
-        Path(marker).write_text(f"{stage} {os.getpid()}\n")
-    time.sleep(PAUSE_SECONDS)
+CHECKPOINT_HOOKS: list[Callable[[str], None]] = []
+
+
+def checkpoint(stage: str) -> None:
+    """A named point of a round (`STAGES`, in order; "train" once per optimizer step). In
+    production nothing listens. Tests add a hook to `CHECKPOINT_HOOKS` to stop a worker there
+    and kill it (tests/align/pausing_worker.py), or to make a round fail mid-way: a test hook
+    lives in the test, not in a round's configuration."""
+    for hook in CHECKPOINT_HOOKS:
+        hook(stage)
 
 
 # ---------------------------------------------------------------- processes
@@ -252,12 +248,12 @@ def broadcast_from_main(value, state):
 class RoundReporter:
     """The training progress callable: writes progress and log lines to the round row (main
     process only) and stops training (on every process together) when the round was cancelled,
-    the worker is stopping, or `fail_after_steps` is reached."""
+    the worker is stopping."""
 
     def __init__(self, db, round_id: int, state, *, stop_event: threading.Event | None = None,
-                 fail_after_steps: int = 0, min_interval_s: float = 1.0):
+                 min_interval_s: float = 1.0):
         self.db, self.round_id, self.state = db, round_id, state
-        self.stop_event, self.fail_after_steps = stop_event, fail_after_steps
+        self.stop_event = stop_event
         self.min_interval_s = min_interval_s
         self._last_write = self._last_check = 0.0
 
@@ -281,11 +277,9 @@ class RoundReporter:
             update_round(self.db, self.round_id, progress=progress)
             self._last_write = now
         if logs is None:  # once per optimizer step, on every process: decide together whether to stop
-            pause_point("train")
+            checkpoint("train")
             stop = self._stop_reason(step, now) if main else None
             stop = broadcast_from_main(stop, self.state)
-            if stop is None and self.fail_after_steps and step >= self.fail_after_steps:
-                raise RuntimeError(f"injected failure after {step} training steps (fail_after_steps)")
             if stop is not None:
                 raise RoundStopped(stop[1], status=stop[0])
 
@@ -404,7 +398,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
         claim_round(db, round_id, os.getpid())
     elif not (row["status"] == "running" and row["pid"] == os.getpid()):
         raise RoundError(f"round {round_id} is {row['status']}: only a queued round can be run")
-    pause_point("claim")
+    checkpoint("claim")
     method = row["method"]
     try:
         round_config, method_config = parse_round_config(method, row["config"])
@@ -412,7 +406,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
         raise RoundError(str(e)) from None
     kind = method_kind(method)
     version = reserve_version(db, round_id)
-    pause_point("reserve")
+    checkpoint("reserve")
     parent = _resolve_version(db, kind, round_config.parent)
     reward = _resolve_version(db, "reward", round_config.reward_model) if kind == "policy" else None
     if method == "ppo" and reward is None:
@@ -420,7 +414,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
 
     until = {"pair": pair_watermark(db), "rating": rating_watermark(db), "judgement": judgement_watermark(db)}
     rows, snapshot, description = _select_data(db, method, round_config, until)
-    pause_point("select_data")
+    checkpoint("select_data")
     data_hash = snapshot_hash(snapshot)
     set_round_data(
         db, round_id, data_hash=data_hash, n_pairs=len(snapshot),
@@ -435,7 +429,7 @@ def _plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dic
     )
     staging = versions.staging(version)
     staging.mkdir(parents=True)
-    pause_point("stage")
+    checkpoint("stage")
     parent_path = parent["path"] if parent and parent["path"] else None
     return {
         "round_id": round_id,
@@ -510,7 +504,7 @@ def _train_ppo(plan: dict, config, parent_adapter: Path | None, progress) -> dic
         progress_callback=lambda step, metrics: _ppo_progress(progress, step, config.steps, metrics),
     )
     policy.save_pretrained(str(staging), selected_adapters=["default"])
-    pause_point("save")  # a half-written staging folder: the adapter without its tokenizer
+    checkpoint("save")  # a half-written staging folder: the adapter without its tokenizer
     tokenizer.save_pretrained(str(staging))
     last = history[-1] if history else {}
     return {f"train_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))}
@@ -542,7 +536,7 @@ def _evaluate(db, plan: dict, round_config: RoundConfig, method_config) -> dict:
     pairs = select_pairs(db, None, "heldout", until_id=plan["pair_until"])[: round_config.eval_pairs]
     rows = preference_rows(pairs)
     metrics: dict = {"heldout_pairs": len(rows)}
-    pause_point("evaluate")
+    checkpoint("evaluate")
 
     if plan["kind"] == "reward":
         if rows:
@@ -676,8 +670,7 @@ def run_round(
     staging, committed = Path(plan["staging"]), None
     try:
         round_config, method_config = parse_round_config(plan["method"], plan["config"])
-        reporter = RoundReporter(db, round_id, state, stop_event=stop_event,
-                                 fail_after_steps=round_config.fail_after_steps)
+        reporter = RoundReporter(db, round_id, state, stop_event=stop_event)
         train = _train(plan, round_config, method_config, reporter)
         if not main:
             return {"round_id": round_id, "version": plan["version"], "status": "trained", "metrics": train}
@@ -686,17 +679,17 @@ def run_round(
         if plan["kind"] == "policy":
             stage_adapter(db, round_id, staging)  # unregistered: the app may load it, nobody can ask for it
         metrics = {**train, **_evaluate(db, plan, round_config, method_config)}
-        pause_point("commit")
+        checkpoint("commit")
         committed = versions.commit(staging, plan["version"])
-        pause_point("register")
+        checkpoint("register")
         with write_transaction(db):
             if get_round(db, round_id)["status"] != "running":
                 raise RoundStopped("cancelled during evaluation", status="cancelled")
             register_version(db, plan["version"], plan["kind"], plan["parent"], plan["method"], round_id,
                              str(committed), _summary(metrics))
-            pause_point("registering")  # inside the transaction: killed here, none of it lands
+            checkpoint("registering")  # inside the transaction: killed here, none of it lands
             finish_round(db, round_id, "succeeded", version=plan["version"], metrics=metrics)
-        pause_point("gate")
+        checkpoint("gate")
         update_round(db, round_id, log_line=f"registered {plan['version']} as a candidate: {_headline(metrics)}")
         logger.info("round %d: registered %s (%s)", round_id, plan["version"], _headline(metrics))
         gate = apply_gate(db, plan["version"])  # every new version goes through the promotion gate

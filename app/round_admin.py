@@ -29,8 +29,6 @@ def method_defaults(method: str) -> dict:
     out = {}
     for cls in (RoundConfig, method_configs()[method]):
         for f in dataclasses.fields(cls):
-            if f.name == "fail_after_steps":
-                continue
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             out[f.name] = default

@@ -1,7 +1,7 @@
 """A training worker killed outright (SIGKILL) at each step of a round leaves nothing half done.
 
 For every step the worker runs as its own process (`python -m align worker --once`), stops at
-the step through the test hook (`RANKLOOP_TEST_PAUSE_AT`, see `align.rounds.pause_point`) and
+the step through a test hook (tests/align/pausing_worker.py, at `align.rounds.checkpoint`) and
 is killed there. After the next worker start's recovery the live versions are unchanged, no
 version is registered or left in versions/, the round is failed with a reason, and running the
 same round again succeeds.
@@ -27,7 +27,7 @@ from annotations.registry import (
     promote,
 )
 from annotations.store import set_setting
-from align.rounds import PAUSE_ENV, PAUSE_MARKER_ENV, recover_interrupted, run_round
+from align.rounds import CHECKPOINT_HOOKS, STAGES, checkpoint, recover_interrupted, run_round
 from align.worker import run_worker
 from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
 from tests.app.conftest import wait_until
@@ -82,12 +82,11 @@ def store(template, tmp_path):
 def kill_worker_at(stage: str, home, base) -> str:
     """Start a worker that pauses at `stage`, wait until it is there, SIGKILL it; returns its log."""
     marker, log_path = home / "paused-at", home / f"worker-{stage}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           PAUSE_ENV: stage, PAUSE_MARKER_ENV: str(marker)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "align", "--db", str(home / "rankloop.db"), "worker", "--base", str(base),
-             "--once", "--threads", "1"],
+            [sys.executable, "-m", "tests.align.pausing_worker", stage, str(marker), "--",
+             "--db", str(home / "rankloop.db"), "worker", "--base", str(base), "--once", "--threads", "1"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     try:
@@ -166,11 +165,9 @@ def test_worker_killed_after_registration_keeps_the_registered_candidate(store, 
                                                                                "adapter_model.safetensors"}
 
 
-def test_pause_hook_is_inert_when_unset(monkeypatch):
-    from align.rounds import pause_point
-
-    monkeypatch.delenv(PAUSE_ENV, raising=False)
+def test_checkpoints_do_nothing_without_a_hook():
+    assert CHECKPOINT_HOOKS == []  # production: nothing listens, nothing reads the environment
     start = time.monotonic()
-    for stage in ("claim", "train", "registering"):
-        pause_point(stage)
+    for stage in STAGES:
+        checkpoint(stage)
     assert time.monotonic() - start < 0.1

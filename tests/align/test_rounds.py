@@ -124,12 +124,20 @@ def test_a_policy_rounds_adapter_is_staged_for_the_app_while_it_evaluates(store,
     assert failed["status"] == "failed" and failed["staged_path"] is None and not os.path.exists(seen[2][1])
 
 
-def test_round_failing_mid_training_leaves_no_trace(store, tiny_model_dir):
+def test_round_failing_mid_training_leaves_no_trace(store, tiny_model_dir, monkeypatch):
+    from align import rounds
+
     _, home, db = store
     run(store, tiny_model_dir, "dpo")
     promote(db, "v1")
+
+    def fail_at_first_step(stage):
+        if stage == "train":
+            raise RuntimeError("injected failure after 1 training steps")
+
+    monkeypatch.setattr(rounds, "CHECKPOINT_HOOKS", [fail_at_first_step])
     with pytest.raises(RuntimeError, match="injected failure after 1 training steps"):
-        run(store, tiny_model_dir, "dpo", fail_after_steps=1)
+        run(store, tiny_model_dir, "dpo")
     failed = get_round(db, 2)
     assert failed["status"] == "failed" and "injected failure" in failed["error"]
     assert failed["version"] is None and "RuntimeError: injected failure" in failed["log_tail"]
