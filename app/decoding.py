@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.model_thread import ModelLock, on_model_thread
+
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # chat answers decoded together; later requests wait for a free row
@@ -182,7 +184,7 @@ class ChatBatcher:
         with torch.inference_mode():
             self._admit()
             self.steps += 1
-            live = self.server.live_version
+            live = self.server._live
             for version, batch in list(self._batches.items()):
                 if version not in self.server.versions():  # unloaded (a failed round's staged adapter)
                     error = KeyError(f"version {version} was unloaded while answering")
@@ -206,8 +208,6 @@ class ChatBatcher:
     # ------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        from app.serving import ModelLock, on_model_thread
-
         lock = self.server._lock
         priority = ModelLock.INTERACTIVE
         try:
@@ -243,7 +243,7 @@ class ChatBatcher:
                 request.events.put((_END, None))
                 continue
             try:
-                version = request.version or self.server.live_version
+                version = request.version or self.server._live  # on the owner thread: the table itself
                 self.server._check_version(version)
                 row, cache = self._prefill(request, version)
             except Exception as e:  # this request's problem (an unknown version, say), not the batch's

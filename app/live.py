@@ -93,7 +93,9 @@ class LiveWatcher:
             if self._errors() is not None:
                 self._errors().clear("live")
             previous = server.live_version
-            server.set_live(live)
+            row = registry.find_version(db, live)
+            # with its path, the owner loads it again in the same step if it was unloaded meanwhile
+            server.set_live(live, Path(row["path"]) if row and row["path"] else None)
             self.swaps += 1
             requeued = store.retire_stale_items(db, live)
             logger.info("live policy %s -> %s (%d unjudged items requeued)", previous, live, requeued)

@@ -10,27 +10,27 @@ per step, in one running batch that a new request joins at the next step (`app.d
 concurrent chats and a promotion's first answer do not wait for other answers to finish.
 Batches of candidates (`generate_many`) and arena answers run whole, with `generate`.
 
-The lock is fair and ordered (`ModelLock`): loading an adapter goes first, then interactive
+One owner (app/model_thread.py): the model, the adapter table, the live pointer and the merged
+copies are touched only on the model thread, in the order of a priority lock (`ModelLock`):
+loading, unloading, confirming an adapter and moving the live pointer first, then interactive
 requests (the chat batch, arena answers) in arrival order, then brief upkeep (the next layers
-of a merge), then background work (prefetching answers). With a plain `threading.Lock` a
-thread that releases it usually takes it straight back, so under a steady stream of chat
-requests a promotion waited seconds for its turn. The chat batch lets go of the lock between
-two steps whenever any of the first three is queued.
+of a merge), then background work (prefetching answers). Other threads read the snapshot the
+owner publishes after each change (`ServerView`), never the tables themselves. With a plain
+`threading.Lock` a thread that releases it usually takes it straight back, so under a steady
+stream of chat requests a promotion waited seconds for its turn. The chat batch lets go of
+the lock between two steps whenever any of the first three is queued.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import heapq
-import itertools
 import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -38,6 +38,7 @@ from align.models import BASE_VERSION, load_causal_lm, load_tokenizer
 from align.training import cpu_has_bf16, tune_malloc
 from app.attention import DECODE_ATTENTION
 from app.decoding import ChatBatcher, NucleusWarper
+from app.model_thread import ModelLock, ModelOwner, on_model_thread  # noqa: F401 (ModelLock: for callers)
 
 logger = logging.getLogger(__name__)
 
@@ -49,24 +50,6 @@ STREAM_TIMEOUT_S = 300
 MERGED_BUDGET_MIB = 600
 GENERATE_TOP_K = 50  # transformers' default for sampling in `generate` (chat streams do not apply it)
 MERGE_CHUNK = 35  # adapted linear layers merged per hold of the lock: five decoder layers of SmolLM2, ~50 ms
-
-
-_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankloop-model")
-
-
-def on_model_thread(fn, *args, **kwargs):
-    """Run `fn(*args, **kwargs)` on the process's one model thread and return its result.
-
-    Every forward pass of the serving path runs on that one thread. Each thread that runs
-    parallel torch work gets its own OpenMP team, and as soon as a second team exists, libgomp
-    (PyTorch's OpenMP on Linux) stops its workers spinning between operations because more
-    threads than cores exist: every bf16 matmul then pays a futex wake-up, and a decoding step
-    of SmolLM2 took 45-60 ms instead of 25 ms (docs/performance.md). The thread count set by
-    `torch.set_num_threads` is also per thread: the thread budget is set here, on this thread.
-    """
-    if threading.current_thread().name.startswith("rankloop-model"):
-        return fn(*args, **kwargs)
-    return _MODEL_THREAD.submit(fn, *args, **kwargs).result()
 
 
 def default_serving_dtype() -> str:
@@ -122,64 +105,14 @@ class _StopWhen:
         return torch.full((input_ids.shape[0],), bool(self.predicate()), dtype=torch.bool)
 
 
-class ModelLock:
-    """A lock granted by priority, then in arrival order (a ticket queue).
+@dataclass(frozen=True)
+class ServerView:
+    """What the server holds, as its owner last published it: safe to read from any thread."""
 
-    Priorities: `SWAP` (loading an adapter), `INTERACTIVE` (a person waits), `BRIEF` (a few
-    milliseconds of upkeep, such as one layer of a merge, slipped between two chat decoding
-    steps), `BACKGROUND` (prefetching answers). `urgent_waiting()` tells a running background
-    job that someone interactive (or a swap) is queued; `BRIEF` work waits for it instead.
-    """
-
-    SWAP, INTERACTIVE, BRIEF, BACKGROUND = 0, 1, 2, 3
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._held = False
-        self._queue: list[tuple[int, int]] = []  # heap of (priority, arrival number)
-        self._arrivals = itertools.count()
-
-    def acquire(self, priority: int = BACKGROUND) -> None:
-        with self._cond:
-            ticket = (priority, next(self._arrivals))
-            heapq.heappush(self._queue, ticket)
-            try:
-                while self._held or self._queue[0] != ticket:
-                    self._cond.wait()
-            except BaseException:  # interrupted while queued: leave the queue as found
-                self._queue.remove(ticket)
-                heapq.heapify(self._queue)
-                self._cond.notify_all()
-                raise
-            heapq.heappop(self._queue)
-            self._held = True
-
-    def release(self) -> None:
-        with self._cond:
-            if not self._held:
-                raise RuntimeError("release of an unheld ModelLock")
-            self._held = False
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def hold(self, priority: int = BACKGROUND):
-        self.acquire(priority)
-        try:
-            yield
-        finally:
-            self.release()
-
-    def locked(self) -> bool:
-        return self._held
-
-    def waiting(self, priority: int) -> bool:
-        """Whether a request of `priority` or more urgent is queued."""
-        with self._cond:
-            return bool(self._queue) and self._queue[0][0] <= priority
-
-    def urgent_waiting(self) -> bool:
-        """Whether an interactive request or a swap is queued."""
-        return self.waiting(self.INTERACTIVE)
+    live: str = BASE_VERSION
+    adapters: tuple[str, ...] = ()
+    provisional: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # version -> round id
+    merged: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # version -> bytes of its own
 
 
 class PolicyServer:
@@ -188,6 +121,8 @@ class PolicyServer:
     Interactive requests (chat, arena) come first: a background generation (prefetching
     an item's answers) started with `preemptible=True` stops as soon as an interactive
     request is waiting for the model, and raises `Preempted` so its caller retries later.
+    Every change to what the server holds runs on the model thread (`ModelOwner`); the
+    methods below send it there and wait.
     """
 
     def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024, dtype: str = "float32"):
@@ -200,127 +135,160 @@ class PolicyServer:
         tune_malloc()  # the KV cache grows and is freed on every answer
         self.tokenizer = load_tokenizer(self.base_path)
         self.tokenizer.padding_side = "left"
+        self._owner = ModelOwner()
+        self._lock = self._owner.lock
         self.model = on_model_thread(load_causal_lm, self.base_path, dtype=getattr(torch, dtype),
                                      attn_implementation=DECODE_ATTENTION)  # app/attention.py
         # The base without PEFT's wrappers (loading an adapter wraps `self.model`'s layers in
         # place): the same weights, none copied. Base generations run on it.
         self._plain = copy.deepcopy(self.model, {id(t): t for t in (*self.model.parameters(), *self.model.buffers())})
+        # --- owned by the model thread: read and written there only
         self._merged: dict[str, tuple[torch.nn.Module, int]] = {}  # version -> (merged copy, bytes of its own)
         self._unmergeable: set[str] = set()
-        self.merged_budget_bytes = MERGED_BUDGET_MIB * 2**20
-        self._merge_guard = threading.Lock()
-        self.max_prompt_tokens = max_prompt_tokens
-        self._lock = ModelLock()
         self._adapters: dict[str, Path] = {}
         self._provisional: dict[str, int] = {}  # version -> round id: staged by a running round, not registered
         self._loads = 0  # counts adapter loads: a merge started before an unload must not land after it
         self._load_ids: dict[str, int] = {}
-        self._last_used: dict[str, float] = {}  # version -> time.monotonic() of its last load, request or step
         self._live = BASE_VERSION
+        # --- published by the owner after each change, read by anyone
+        self.view = ServerView()
+        # --- bookkeeping any thread may update: when each version was last asked for or used
+        self._last_used: dict[str, float] = {}
+        self._use_lock = threading.Lock()
+        self.merged_budget_bytes = MERGED_BUDGET_MIB * 2**20
+        self.max_prompt_tokens = max_prompt_tokens
         self._batcher = ChatBatcher(self)
+
+    def _publish(self) -> None:
+        """(Model thread.) Publish what the server holds now."""
+        self.view = ServerView(self._live, tuple(self._adapters), MappingProxyType(dict(self._provisional)),
+                               MappingProxyType({v: size for v, (_, size) in self._merged.items()}))
 
     # ------------------------------------------------------------ versions
 
     @property
     def live_version(self) -> str:
-        return self._live
+        return self.view.live
 
     def versions(self) -> list[str]:
-        return [BASE_VERSION, *self._adapters]
+        return [BASE_VERSION, *self.view.adapters]
 
     def provisional_versions(self) -> dict[str, int]:
         """{version: round id} of the adapters loaded from a running round's staging folder,
         before their registration: the app preloads them, nobody can ask for them by name."""
-        return dict(self._provisional)
+        return dict(self.view.provisional)
+
+    def merged_versions(self) -> list[str]:
+        return list(self.view.merged)
+
+    def merged_sizes(self) -> dict[str, int]:
+        """Bytes each merged serving copy holds of its own (weights not shared with the base)."""
+        return dict(self.view.merged)
+
+    def adapter_sizes(self) -> dict[str, int]:
+        """Bytes of each loaded adapter's own weights, by version (counted on the model thread)."""
+        def count():
+            sizes = dict.fromkeys(self._adapters, 0)
+            for name, parameter in self.model.named_parameters():
+                for version in sizes:
+                    if f".{version}." in name:
+                        sizes[version] += parameter.numel() * parameter.element_size()
+            return sizes
+
+        return self._owner.call(ModelLock.BRIEF, count)
 
     def load_adapter(self, version: str, path: Path, *, provisional_round: int | None = None) -> None:
         """Load a LoRA adapter folder as `version` (no-op if already loaded). With
         `provisional_round`, the adapter is round `provisional_round`'s, staged but not yet
         registered: `confirm` it once registered, `unload_adapter` it if the round fails."""
+        if version == BASE_VERSION or version in self.view.adapters:
+            return  # a look at the snapshot spares a turn in the queue; the owner checks again
+        self._owner.call(ModelLock.SWAP, self._load, version, Path(path), provisional_round)
+
+    def _load(self, version: str, path: Path, provisional_round: int | None = None) -> None:
+        """(Model thread.) Load `version`'s adapter unless it is loaded already."""
         if version == BASE_VERSION or version in self._adapters:
             return
         from peft import PeftModel
 
-        path = Path(path)
-        def load():
-            if not hasattr(self.model, "peft_config"):
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
-            else:
-                self.model.load_adapter(str(path), adapter_name=version)
-            self.model.eval()
-
-        with self._lock.hold(ModelLock.SWAP):
-            on_model_thread(load)
-            self._adapters[version] = path
-            self._loads += 1
-            self._load_ids[version] = self._loads
-            self._last_used[version] = time.monotonic()
-            if provisional_round is not None:
-                self._provisional[version] = provisional_round
+        if not hasattr(self.model, "peft_config"):
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
+        else:
+            self.model.load_adapter(str(path), adapter_name=version)
+        self.model.eval()
+        self._adapters[version] = path
+        self._loads += 1
+        self._load_ids[version] = self._loads
+        if provisional_round is not None:
+            self._provisional[version] = provisional_round
+        self.touch(version)
+        self._publish()
         logger.info("loaded adapter %s from %s%s", version, path,
                     f" (staged by round {provisional_round})" if provisional_round is not None else "")
 
     def confirm(self, version: str, path: Path) -> None:
         """A provisional adapter was registered (its staging folder renamed to `path`)."""
-        if self._provisional.pop(version, None) is not None:
-            self._adapters[version] = Path(path)
+        def confirm():
+            if self._provisional.pop(version, None) is not None:
+                self._adapters[version] = Path(path)
+                self._publish()
+
+        self._owner.call(ModelLock.SWAP, confirm)
 
     def touch(self, version: str) -> None:
         """Note that `version` is in use (a request named it): `idle_seconds` starts again."""
-        self._last_used[version] = time.monotonic()
+        with self._use_lock:
+            self._last_used[version] = time.monotonic()
 
     def idle_seconds(self, version: str) -> float:
         """Seconds since `version` was loaded, named by a request or decoded."""
-        return time.monotonic() - self._last_used.get(version, float("-inf"))
+        with self._use_lock:
+            return time.monotonic() - self._last_used.get(version, float("-inf"))
 
     def unload_adapter(self, version: str, *, idle_for: float | None = None) -> bool:
         """Drop `version`'s adapter and its merged copy: a staged adapter whose round failed
         (its name may be reserved again by the next round), or a retired version nobody uses.
-        With `idle_for`, only if unused for that many seconds (checked under the model lock,
-        so no decoding step is using it). Answers in flight on it fail. Returns whether it
-        was unloaded."""
-        if version == BASE_VERSION or version not in self._adapters:
+        With `idle_for`, only if unused for that many seconds (checked by the owner, so no
+        decoding step is using it). Answers in flight on it fail. Returns whether it was
+        unloaded; refuses (ValueError) to unload the live version."""
+        if version == BASE_VERSION or version not in self.view.adapters:
             return False
-        with self._lock.hold(ModelLock.SWAP):
+
+        def unload() -> bool:
+            if version not in self._adapters:
+                return False
             if version == self._live:
                 raise ValueError(f"{version} is live: promote another version before unloading it")
             if idle_for is not None and self.idle_seconds(version) < idle_for:
                 return False
-            on_model_thread(self.model.delete_adapter, version)
+            self.model.delete_adapter(version)
             del self._adapters[version]
             self._load_ids.pop(version, None)
             self._provisional.pop(version, None)
             self._unmergeable.discard(version)
-            self._last_used.pop(version, None)
-            with self._merge_guard:
-                self._merged.pop(version, None)
-        logger.info("unloaded adapter %s", version)
-        return True
+            self._merged.pop(version, None)
+            with self._use_lock:
+                self._last_used.pop(version, None)
+            self._publish()
+            return True
+
+        unloaded = self._owner.call(ModelLock.SWAP, unload)
+        if unloaded:
+            logger.info("unloaded adapter %s", version)
+        return unloaded
 
     def set_live(self, version: str, path: Path | None = None) -> None:
-        """Make `version` the default for new generations (loading it first if needed)."""
-        if version != BASE_VERSION and version not in self._adapters:
-            if path is None:
-                raise KeyError(f"version {version} is not loaded and no adapter path was given")
-            self.load_adapter(version, path)
-        self._live = version
+        """Make `version` the default for new generations, loading it from `path` first if it is
+        not loaded (one step of the owner: nothing can unload it in between)."""
+        def set_live():
+            if version != BASE_VERSION and version not in self._adapters:
+                if path is None:
+                    raise KeyError(f"version {version} is not loaded and no adapter path was given")
+                self._load(version, Path(path))
+            self._live = version
+            self._publish()
 
-    def merged_versions(self) -> list[str]:
-        return list(self._merged)
-
-    def adapter_sizes(self) -> dict[str, int]:
-        """Bytes of each loaded adapter's own weights, by version."""
-        sizes = dict.fromkeys(self._adapters, 0)
-        for name, parameter in self.model.named_parameters():
-            for version in sizes:
-                if f".{version}." in name:
-                    sizes[version] += parameter.numel() * parameter.element_size()
-        return sizes
-
-    def merged_sizes(self) -> dict[str, int]:
-        """Bytes each merged serving copy holds of its own (weights not shared with the base)."""
-        with self._merge_guard:
-            return {version: size for version, (_, size) in self._merged.items()}
+        self._owner.call(ModelLock.SWAP, set_live)
 
     def merge(self, version: str) -> bool:
         """Make a serving copy of the base with `version`'s adapter merged into the weights it
@@ -330,22 +298,23 @@ class PolicyServer:
         copy shares every weight the adapter leaves alone (an adapter on the top 8 layers costs
         57 MB in bf16, one on all layers 212 MB).
 
-        The merge goes `MERGE_CHUNK` layers at a time under the model lock at `ModelLock.BRIEF`
-        priority, between two chat decoding steps, so it neither fights the answers for the two cores nor
-        throws away a prefetch batch. Returns False when the copy does not fit in
-        `MERGED_BUDGET_MIB` beside the live version's, or when the adapter is not plain LoRA on
-        linear layers (it is then served unmerged).
+        The merge goes `MERGE_CHUNK` layers at a time, each chunk a brief turn of the owner
+        (`ModelLock.BRIEF`), slipped between two chat decoding steps, so it never pauses chat
+        for long and never throws away a prefetch batch. Returns False when the copy does not
+        fit in `MERGED_BUDGET_MIB` beside the live version's, or when the adapter is not plain
+        LoRA on linear layers (it is then served unmerged).
         """
         from peft.tuners.lora import Linear as LoraLinear
 
-        if version == BASE_VERSION or version in self._merged:
+        if version == BASE_VERSION or version in self.view.merged:
             return True
-        if version in self._unmergeable:
-            return False
         start = time.perf_counter()
-        with self._lock.hold(ModelLock.BRIEF):
-            self._check_version(version)
-            load_id = self._load_ids.get(version)
+
+        def plan():
+            if version in self._merged:
+                return None
+            if version in self._unmergeable or version not in self._adapters:
+                return False  # not plain LoRA, or not loaded (unloaded meanwhile)
             layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and version in m.lora_A]
             plain = all(version not in m.lora_variant and not m.fan_in_fan_out for m in layers)
             embedding = self._plain.get_input_embeddings().weight
@@ -354,12 +323,18 @@ class PolicyServer:
                 self._unmergeable.add(version)
                 logger.info("%s is not plain LoRA on linear layers: served unmerged", version)
                 return False
-        size = sum(m.get_base_layer().weight.nbytes for m in layers)
-        if not self._merge_room(size, evict=False):
-            return False
+            size = sum(m.get_base_layer().weight.nbytes for m in layers)
+            return (layers, self._load_ids.get(version), size) if self._merge_room(size, evict=False) else False
+
+        planned = self._owner.call(ModelLock.BRIEF, plan)
+        if not planned:
+            return planned is None  # None: merged meanwhile
+        layers, load_id, size = planned
         merged_weights: dict[int, torch.nn.Parameter] = {}
 
-        def merge_chunk(modules):
+        def merge_chunk(modules) -> bool:
+            if self._load_ids.get(version) != load_id:
+                return False  # unloaded meanwhile
             with torch.no_grad():
                 for module in modules:  # W + scaling * B @ A, in the weights' own dtype
                     weight = module.get_base_layer().weight
@@ -367,26 +342,30 @@ class PolicyServer:
                     lora_b = module.lora_B[version].weight.to(weight.dtype)
                     merged = torch.addmm(weight, lora_b, lora_a, alpha=module.scaling[version])
                     merged_weights[id(weight)] = torch.nn.Parameter(merged, requires_grad=False)
+            return True
 
         for chunk in range(0, len(layers), MERGE_CHUNK):
-            with self._lock.hold(ModelLock.BRIEF):
-                if self._load_ids.get(version) != load_id:
-                    return False  # unloaded meanwhile
-                on_model_thread(merge_chunk, layers[chunk:chunk + MERGE_CHUNK])
+            if not self._owner.call(ModelLock.BRIEF, merge_chunk, layers[chunk:chunk + MERGE_CHUNK]):
+                return False
         memo = {id(t): t for t in (*self._plain.parameters(), *self._plain.buffers())}
         memo.update(merged_weights)
         model = copy.deepcopy(self._plain, memo)  # the module tree; tensors shared unless merged
-        with self._merge_guard:
+
+        def commit() -> bool:
             if self._load_ids.get(version) == load_id and self._merge_room(size, evict=True):
                 self._merged[version] = (model, size)
+                self._publish()
+            return version in self._merged
+
+        done = self._owner.call(ModelLock.BRIEF, commit)
         logger.info("merged %s into a serving copy (%d MB) in %.2f s", version, size // 2**20,
                     time.perf_counter() - start)
-        return version in self._merged
+        return done
 
     def _merge_room(self, size: int, evict: bool) -> bool:
-        """Whether a merged copy of `size` bytes fits in the budget beside the copies of the
-        live version and of staged (provisional) versions, the next to go live; with `evict`,
-        make the room by dropping the oldest other copies."""
+        """(Model thread.) Whether a merged copy of `size` bytes fits in the budget beside the
+        copies of the live version and of staged (provisional) versions, the next to go live;
+        with `evict`, make the room by dropping the oldest other copies."""
         kept = [v for v in self._merged if v == self._live or v in self._provisional]
         if sum(self._merged[v][1] for v in kept) + size > self.merged_budget_bytes:
             return False
@@ -419,9 +398,6 @@ class PolicyServer:
             attention[i * n:(i + 1) * n, width - len(ids):] = 1
         return {"input_ids": input_ids, "attention_mask": attention}
 
-    def _model_lock(self, interactive: bool):
-        return self._lock.hold(ModelLock.INTERACTIVE if interactive else ModelLock.BACKGROUND)
-
     def interactive_waiting(self) -> bool:
         """Whether a chat/arena request or an adapter load is queued for the model."""
         return self._lock.urgent_waiting()
@@ -446,6 +422,7 @@ class PolicyServer:
         return kwargs
 
     def _check_version(self, version: str) -> None:
+        """(Model thread.)"""
         if version != BASE_VERSION and version not in self._adapters:
             raise KeyError(f"version {version} is not loaded")
 
@@ -474,20 +451,16 @@ class PolicyServer:
         if not prompts:
             return []
         sampling = sampling or SamplingParams()
-        with self._model_lock(interactive):
-            version = version or self._live
-            self._check_version(version)
-            inputs = self._encode(prompts, n)
-            if seed is not None:
-                torch.manual_seed(seed)
-            start = time.perf_counter()
-            kwargs = self._generate_kwargs(sampling)
-            if preemptible:
-                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(self.interactive_waiting)])
-            out = on_model_thread(self._run_generate, version, inputs, kwargs)
-            seconds = time.perf_counter() - start
-            if preemptible and self.interactive_waiting():
-                raise Preempted()
+        inputs = self._encode(prompts, n)
+        kwargs = self._generate_kwargs(sampling)
+        if preemptible:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(self.interactive_waiting)])
+        start = time.perf_counter()
+        priority = ModelLock.INTERACTIVE if interactive else ModelLock.BACKGROUND
+        out, version = self._owner.call(priority, self._run_generate, version, inputs, kwargs, seed)
+        seconds = time.perf_counter() - start
+        if preemptible and self.interactive_waiting():
+            raise Preempted()
         prompt_len = inputs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         ended = (out[:, prompt_len:] == self.tokenizer.eos_token_id).any(dim=1).tolist()
@@ -495,9 +468,13 @@ class PolicyServer:
                    for t, e in zip(texts, ended)]
         return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _run_generate(self, version: str, inputs: dict, kwargs: dict) -> torch.Tensor:
+    def _run_generate(self, version: str | None, inputs: dict, kwargs: dict, seed: int | None):
+        """(Model thread.) The generated ids and the version that produced them (None: live)."""
+        version = version or self._live
+        if seed is not None:
+            torch.manual_seed(seed)
         with torch.inference_mode():
-            return self._model_for(version).generate(**inputs, **kwargs)
+            return self._model_for(version).generate(**inputs, **kwargs), version
 
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, version: str | None = None):
         """Yield (text so far, version) while one answer is generated; an interactive request.
@@ -538,10 +515,10 @@ class PolicyServer:
             request.cancelled.set()
 
     def _model_for(self, version: str) -> torch.nn.Module:
-        """The module that runs `version` (the caller holds the lock): the plain base, the
-        version's merged copy, or the PEFT model with its adapter active."""
+        """(Model thread.) The module that runs `version`: the plain base, the version's merged
+        copy, or the PEFT model with its adapter active."""
         self._check_version(version)
-        self._last_used[version] = time.monotonic()
+        self.touch(version)
         if version == BASE_VERSION:
             return self._plain
         merged = self._merged.get(version)

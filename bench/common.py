@@ -135,7 +135,7 @@ def make_adapter(base_path, out_dir, seed: int = 0, scale: float = 0.02, like_dp
     benchmarks that measure serving, not quality. By default r16 on every linear layer of all
     layers (the largest adapter a round makes: KTO, PPO); `like_dpo_round`: shaped as a DPO or
     SFT round's at its defaults (the top 8 layers). Made on the serving model thread: torch work
-    on any other thread of a process that serves would slow its serving (app.serving.on_model_thread)."""
+    on any other thread of a process that serves would slow its serving (app.model_thread.on_model_thread)."""
     from app.serving import on_model_thread
 
     return on_model_thread(_make_adapter, base_path, out_dir, seed, scale, like_dpo_round)

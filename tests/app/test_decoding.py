@@ -245,11 +245,20 @@ def test_a_merged_version_answers_as_its_adapter_does(fresh_server):
     assert alone(server, PROMPTS[1]) != unmerged  # the base is untouched by the merge
 
 
+def drop_merged_copies(server):
+    """Forget every merged copy, as the server's owner (the model thread) would."""
+    def drop():
+        server._merged.clear()
+        server._publish()
+
+    server._owner.call(ModelLock.SWAP, drop)
+
+
 def test_merged_copies_stay_within_their_budget_and_keep_the_live_one(fresh_server):
     server = fresh_server
     assert server.merge("v1")
     (_, size), = server._merged.values()
-    server._merged.clear()
+    drop_merged_copies(server)
     server.merged_budget_bytes = size  # room for one copy
     assert server.merge("v1")
     assert server.merge("v2") and server.merged_versions() == ["v2"]  # v1 was not live: evicted
@@ -258,7 +267,7 @@ def test_merged_copies_stay_within_their_budget_and_keep_the_live_one(fresh_serv
     server.set_live("v1")
     assert server.merge("v1") and server.merged_versions() == ["v1"]
     server.merged_budget_bytes = 0
-    server._merged.clear()
+    drop_merged_copies(server)
     assert not server.merge("v1")
 
 
@@ -334,7 +343,7 @@ def test_a_staged_versions_merged_copy_is_not_evicted_for_a_candidates(fresh_ser
     server = fresh_server
     assert server.merge("v1")
     (_, size), = server._merged.values()
-    server._merged.clear()
+    drop_merged_copies(server)
     server.merged_budget_bytes = size  # room for one copy
     server.load_adapter("v3", save_tiny_adapter(tiny_model_dir, tmp_path / "v3"), provisional_round=3)
     assert server.merge("v3")

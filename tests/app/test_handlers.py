@@ -1,5 +1,6 @@
 """Handlers called directly, on a real store and the tiny model."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def test_answers_generated_across_a_promotion_are_not_stored(ctx, server, tmp_pa
 
     def generate_then_promote(*args, **kwargs):
         out = original(*args, **kwargs)
-        server._live = "v-new"  # what set_live does, mid-generation from the prefetcher's view
+        server.view = dataclasses.replace(server.view, live="v-new")  # what set_live publishes, mid-generation
         return out
 
     server.generate_many = generate_then_promote
@@ -294,6 +295,6 @@ def test_answers_generated_across_a_promotion_are_not_stored(ctx, server, tmp_pa
         assert filler.fill_once(ctx.db())
     finally:
         server.generate_many = original
-        server._live = "base"
+        server.view = dataclasses.replace(server.view, live="base")
     assert filler.discarded == 1
     assert ctx.db().execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()[0] == "pending"

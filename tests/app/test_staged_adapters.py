@@ -166,17 +166,18 @@ def test_a_merge_overtaken_by_an_unload_does_not_land(staged, tiny_model_dir, tm
     server = staged[0].server
     server.load_adapter("v7", save_tiny_adapter(tiny_model_dir, tmp_path / "v7"), provisional_round=1)
     monkeypatch.setattr(serving, "MERGE_CHUNK", 1)
-    real = serving.on_model_thread
+    real = server._owner.call
     unloading = []
 
-    def on_model_thread(fn, *args, **kwargs):
+    def call(priority, fn, *args, **kwargs):
         if getattr(fn, "__name__", "") == "merge_chunk" and not unloading:
+            # between two chunks of the merge, someone unloads the version (and wins its turn)
             unloading.append(threading.Thread(target=server.unload_adapter, args=("v7",)))
             unloading[0].start()
-            wait_until(lambda: len(server._lock._queue) == 1, timeout=10, message="the unload queued")
-        return real(fn, *args, **kwargs)
+            unloading[0].join(10)
+        return real(priority, fn, *args, **kwargs)
 
-    monkeypatch.setattr(serving, "on_model_thread", on_model_thread)
+    monkeypatch.setattr(server._owner, "call", call)
     assert server.merge("v7") is False
     unloading[0].join(10)
     assert "v7" not in server.versions() and server.merged_versions() == []
