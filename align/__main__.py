@@ -8,6 +8,8 @@
   versions / rounds       list model versions / recent rounds
   promote V / rollback    make a version live / make the live version's parent live again
   compare A [B]           reward-model-judged win rate of policy version A over B (default: base)
+  export V --out DIR      a version as a folder for use without rankloop: its adapter, or with
+                          --merged full weights that plain transformers loads; a model card with lineage
   cancel ROUND            cancel a queued or running round
 """
 
@@ -96,6 +98,8 @@ def cmd_round(args) -> int:
     if state.is_main_process:
         from annotations.gate import verdict_line
 
+        from align.evaluate import figure_lines
+
         gate = result["gate"]
         print(f"round {round_id} succeeded: registered {result['version']}")
         for line in figure_lines(result["metrics"]):
@@ -104,31 +108,6 @@ def cmd_round(args) -> int:
         if not gate["promoted"]:
             print(f"promote it by hand with: python -m align promote {result['version']}")
     return 0
-
-
-FIGURES = (
-    ("heldout_accuracy_interval", "held-out accuracy", "accuracy"),
-    ("heldout_implicit_accuracy_interval", "held-out implicit accuracy", "accuracy"),
-    ("kl_to_base_interval", "KL to the base (nats/answer)", "mean"),
-    ("gate_comparison", "win rate over its parent", "win_rate"),
-)
-
-
-def figure_lines(metrics: dict) -> list[str]:
-    """The evaluation figures with their intervals and n, one line each."""
-    from annotations.intervals import describe
-
-    lines = []
-    for key, label, value in FIGURES:
-        figure = metrics.get(key)
-        if isinstance(figure, dict) and figure.get("n"):
-            text = describe(figure, value, digits=3)
-            if key == "kl_to_base_interval":
-                text = f"{figure['mean']:.4f} ± {figure['se']:.4f} (SE), n={figure['n']}"
-            if key == "gate_comparison":
-                text += f", judged by {figure['judge']}"
-            lines.append(f"{label:30} {text}")
-    return lines
 
 
 def cmd_config(args) -> int:
@@ -228,6 +207,22 @@ def cmd_compare(args) -> int:
     if args.json:
         print(json.dumps({**result, "version_a": args.version_a, "version_b": args.version_b,
                           "judge": judge["version"]}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from annotations import open_db
+
+    from align.export import export_version
+
+    result = export_version(
+        open_db(db_path(args)), args.version, Path(args.out),
+        base_path=Path(args.base) if args.base else None, default_base=base_path(args), merged=args.merged,
+        force=args.force, base_model_id=args.base_model_id, license=args.license,
+    )
+    shape = "full weights (merged)" if result["merged"] else "adapter"
+    print(f"exported {result['version']} ({result['kind']}, {shape}) to {result['out']}; "
+          f"lineage {' <- '.join(result['lineage'])}, base {result['base_path']}")
     return 0
 
 
@@ -337,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the counts as JSON")
     p.add_argument("--base", default=None, help=base_help)
     p.set_defaults(func=cmd_compare)
+
+    p = commands.add_parser("export", help="write a version to a folder usable without rankloop, with a model card")
+    p.add_argument("version")
+    p.add_argument("--out", required=True, help="folder to create (written beside it first, renamed at the end)")
+    p.add_argument("--merged", action="store_true",
+                   help="full weights, base and adapter merged (AutoModelForCausalLM / "
+                        "AutoModelForSequenceClassification load it); default: the PEFT adapter as is")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--base", default=None,
+                   help="base model folder (default: the one the version's round recorded, else "
+                        "$RANKLOOP_HOME/models/SmolLM2-135M-Instruct)")
+    p.add_argument("--base-model-id", default=None,
+                   help="the base's Hugging Face Hub id for the card's base_model (the bundled SmolLM2 is known)")
+    p.add_argument("--license", default=None, help="license id for the card's front matter, e.g. apache-2.0")
+    p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("versions", help="list model versions with their lineage and key metrics")
     p.add_argument("--kind", default=None, choices=("policy", "reward"))

@@ -10,6 +10,7 @@
 - `win_rate`: answers of two versions to the same prompts, judged by a reward model, with the
   interval of the win rate (the promotion gate decides on its lower bound).
 - `sample_answers`: a few greedy answers side by side, for people to read.
+- `figure_lines`: the stored figures of a round or version as text, each with its interval and n.
 
 Policies are PeftModels holding adapters named by version (`align.models.load_policy`);
 'base' means the adapter disabled. Everything runs in batches without gradients.
@@ -372,3 +373,36 @@ def sample_answers(
          "answers": {v: answers[v][i][:max_chars] for v in versions}}
         for i, messages in enumerate(prompts)
     ]
+
+
+# ---------------------------------------------------------------- figures as text
+
+
+FIGURES = (
+    ("heldout_accuracy_interval", "held-out accuracy", "accuracy"),
+    ("heldout_implicit_accuracy_interval", "held-out implicit accuracy", "accuracy"),
+    ("kl_to_base_interval", "KL to the base (nats/answer)", "mean"),
+    ("gate_comparison", "win rate over its parent", "win_rate"),
+)
+
+
+def figures(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value with its interval and n) of each evaluation figure in stored `metrics`."""
+    from annotations.intervals import describe
+
+    out = []
+    for key, label, value in FIGURES:
+        figure = metrics.get(key)
+        if isinstance(figure, dict) and figure.get("n"):
+            text = describe(figure, value, digits=3)
+            if key == "kl_to_base_interval":
+                text = f"{figure['mean']:.4f} ± {figure['se']:.4f} (SE), n={figure['n']}"
+            if key == "gate_comparison":
+                text += f", judged by {figure['judge']}"
+            out.append((label, text))
+    return out
+
+
+def figure_lines(metrics: dict) -> list[str]:
+    """The evaluation figures with their intervals and n, one line each."""
+    return [f"{label:30} {text}" for label, text in figures(metrics)]

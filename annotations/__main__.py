@@ -17,7 +17,7 @@ from pathlib import Path
 
 from annotations.db import BUSY_TIMEOUT_S, backup_db, check_db, default_db_path, open_db
 from annotations.errors import AnnotationsError
-from annotations.formats import FORMATS, STYLES, export_pairs, import_file
+from annotations.formats import FORMATS, STYLES, export_dataset, export_pairs, import_file
 from annotations.quality import WEIGHT_BY, agreement_report, format_report
 from annotations.store import ROLES, add_user, count_rows
 
@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop pairs from annotators whose gold accuracy is below this (no gold seen: kept)")
     p.add_argument("--weight-by", choices=WEIGHT_BY, default=None,
                    help="weight column (with --with-meta): stored weight times item agreement or annotator accuracy")
+
+    p = commands.add_parser("export-dataset",
+                            help="preference pairs as a Hugging Face datasets folder with a dataset card, "
+                                 "ready for your own push_to_hub")
+    p.add_argument("--out", required=True, help="folder to create (datasets.load_from_disk reads it)")
+    p.add_argument("--license", default="other", help="license id for the card's front matter (default: other)")
+    p.add_argument("--split", choices=("train", "heldout"), default=None, help="only this split (default: all)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="drop judged pairs whose item agreement is below this")
+    p.add_argument("--min-annotator-accuracy", type=float, default=None,
+                   help="drop pairs from annotators whose gold accuracy is below this (no gold seen: kept)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
 
     p = commands.add_parser("add-user", help="create an account")
     p.add_argument("name")
@@ -110,6 +122,13 @@ def main(argv=None) -> int:
                 weight_by=args.weight_by,
             )
             print(f"exported {n} pairs to {args.out}")
+        elif args.command == "export-dataset":
+            summary = export_dataset(
+                db, args.out, license=args.license, split=args.split, min_agreement=args.min_agreement,
+                min_annotator_accuracy=args.min_annotator_accuracy, force=args.force,
+            )
+            sources = ", ".join(f"{source} {count}" for source, count in summary["sources"].items())
+            print(f"exported {summary['pairs']} pairs ({sources}) with a dataset card to {args.out}")
         elif args.command == "add-user":
             password = args.password or os.environ.get("RANKLOOP_PASSWORD")
             if not password:

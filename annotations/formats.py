@@ -532,3 +532,144 @@ def export_pairs(
         )
     write_rows(rows, out)
     return len(rows)
+
+
+# ---------------------------------------------------------------- a dataset for the Hub
+
+DATASET_NAME = "rankloop preference pairs"
+
+
+def dataset_rows(db, *, split: str | None = None, min_agreement: float | None = None,
+                 min_annotator_accuracy: float | None = None) -> list[dict]:
+    """Pairs as TRL conversational rows with their id, split, source, stored weight and item
+    agreement (the share of the item's judgements that order the two answers this way; None
+    where there is no judged unit: imported pairs, pairs with a written answer)."""
+    from annotations.quality import pair_quality
+
+    quality = pair_quality(db)
+    rows = pair_rows(db, split=split, with_meta=True, min_agreement=min_agreement,
+                     min_annotator_accuracy=min_annotator_accuracy)
+    for row in rows:
+        row["agreement"] = quality[row["id"]].agreement if row["id"] in quality else None
+    return rows
+
+
+def export_dataset(
+    db,
+    out,
+    *,
+    license: str = "other",
+    split: str | None = None,
+    min_agreement: float | None = None,
+    min_annotator_accuracy: float | None = None,
+    force: bool = False,
+) -> dict:
+    """The store's preference pairs as a Hugging Face `datasets` folder (`Dataset.save_to_disk`,
+    rows as `dataset_rows`) with a dataset card, README.md, whose front matter carries `license`.
+    The folder is written whole or not at all; a non-empty `out` is refused unless `force`.
+    Returns the card's figures (`dataset_summary`). No rows is an error."""
+    from annotations.output_folder import check_target, write_folder
+    from annotations.quality import agreement_report
+
+    check_target(out, force)
+    if not str(license or "").strip():
+        raise InvalidInput("license is empty: give an SPDX-style id such as cc-by-4.0, or 'other'")
+    rows = dataset_rows(db, split=split, min_agreement=min_agreement, min_annotator_accuracy=min_annotator_accuracy)
+    if not rows:
+        raise InvalidInput("there are no pairs to export" + (f" in the {split} split" if split else ""))
+    summary = dataset_summary(rows, agreement_report(db))
+    from datasets import Dataset  # only here: importing the store must stay light
+
+    with write_folder(out, force) as staging:
+        Dataset.from_list(rows).save_to_disk(str(staging))
+        (staging / "README.md").write_text(dataset_card(summary, license.strip()), encoding="utf-8")
+    return summary
+
+
+def dataset_summary(rows: list[dict], report: dict) -> dict:
+    """The figures a dataset card shows: counts by source and split, weights, and agreement
+    (per exported pair, and the store's agreement report over all judgements)."""
+    from collections import Counter
+
+    known = [row["agreement"] for row in rows if row["agreement"] is not None]
+    return {
+        "pairs": len(rows),
+        "sources": dict(sorted(Counter(row["source"] for row in rows).items())),
+        "splits": dict(sorted(Counter(row["split"] for row in rows).items())),
+        "zero_weight": sum(1 for row in rows if row["weight"] == 0),
+        "agreement_known": len(known),
+        "mean_agreement": sum(known) / len(known) if known else None,
+        "full_agreement": sum(1 for value in known if value == 1.0),
+        "judgements": report["judgements"],
+        "shared_units": report["shared_units"],
+        "pairwise_agreement": report["pairwise_agreement"],
+        "alpha": report["alpha"],
+    }
+
+
+def size_category(n: int) -> str:
+    """The Hub's size_categories bucket of `n` rows."""
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return label
+    return "10M<n<100M"
+
+
+def dataset_card(summary: dict, license: str) -> str:
+    """README.md of an exported dataset: Hub front matter, the columns, and the figures."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    def show(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    data = DatasetCardData(
+        license=license, pretty_name=DATASET_NAME, size_categories=[size_category(summary["pairs"])],
+        task_categories=["text-generation"], tags=["rankloop", "preference", "dpo", "rlhf", "human-feedback"],
+    )
+    n, known = summary["pairs"], summary["agreement_known"]
+    lines = [
+        f"# {DATASET_NAME}",
+        "",
+        f"{n} preference pairs collected with rankloop: people compared model answers to the same prompt,",
+        "and each judgement's ranking became chosen/rejected pairs. The rows are in TRL's conversational",
+        "preference format, which `DPOTrainer` and `RewardTrainer` take as is.",
+        "",
+        "| column | meaning |",
+        "|---|---|",
+        "| `prompt` | the conversation so far: a list of `{role, content}` messages ending with the user's |",
+        "| `chosen`, `rejected` | the preferred and the other answer, each one assistant message |",
+        "| `id` | the pair's id in the store it came from |",
+        "| `split` | `train`, or `heldout` (about 10% of prompts, by a hash of their text, never trained on) |",
+        "| `source` | `judgement` (an annotator's ranking), `arena` (a blind vote between two versions) or `import` |",
+        "| `weight` | the loss weight rankloop gives the pair: source weight × item agreement × annotator trust |",
+        "| `agreement` | share of the item's judgements that order these two answers this way (empty: not measured) |",
+        "",
+        "## Counts",
+        "",
+        "| source | pairs |",
+        "|---|---|",
+        *[f"| {source} | {count} |" for source, count in summary["sources"].items()],
+        f"| **all** | **{n}** |",
+        "",
+        "Splits: " + ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
+        + f". Pairs of weight 0 (kept out of training by rankloop): {summary['zero_weight']}.",
+        "",
+        "## Agreement",
+        "",
+        f"- item agreement measured for {known} of {n} pairs (imported pairs and written answers have none)"
+        + (f"; mean {show(summary['mean_agreement'])}, {summary['full_agreement']} with full agreement" if known
+           else ""),
+        f"- over all {summary['judgements']} judgements in the store, {summary['shared_units']} answer pairs were "
+        f"judged by two or more annotators: pairwise agreement {show(summary['pairwise_agreement'])}, "
+        f"Krippendorff's alpha (nominal) {show(summary['alpha'])}",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from datasets import load_from_disk",
+        "",
+        'pairs = load_from_disk("THIS_FOLDER")',
+        "```",
+    ]
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))

@@ -361,6 +361,19 @@ def find_version(db, version: str) -> dict | None:
     return _version_dict(row) if row else None
 
 
+def version_lineage(db, version: str) -> list[dict]:
+    """`version` and its ancestors, newest first, each version's row with the round that made it
+    under "round" (None for the base and for a version registered without a round). NotFound if
+    `version` is not registered."""
+    chain, name = [], version
+    while name is not None and name not in {row["version"] for row in chain}:
+        row = get_version(db, name)
+        row["round"] = get_round(db, row["round_id"]) if row["round_id"] is not None else None
+        chain.append(row)
+        name = row["parent"]
+    return chain
+
+
 def newest_candidates(db, limit: int, kind: str = "policy") -> list[dict]:
     """The `limit` most recently registered candidates of `kind`, newest first."""
     return [_version_dict(r) for r in db.execute(

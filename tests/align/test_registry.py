@@ -37,6 +37,7 @@ from annotations.registry import (
     snapshot_hash,
     step_metrics,
     update_round,
+    version_lineage,
 )
 from annotations.store import add_prompt, add_user, queue_items, submit_judgement
 from tests.align.stores import import_pairs
@@ -175,6 +176,18 @@ def test_register_version_is_a_candidate_with_metrics(db):
     row = register_version(db, "v1", "policy", "base", "dpo", None, "/x/v1", {"kl_to_base": 0.1})
     assert (row["state"], row["parent"], row["metrics"]) == ("candidate", "base", {"kl_to_base": 0.1})
     assert get_live_version(db)["version"] == "base"
+
+
+def test_version_lineage_walks_parents_to_the_base_with_their_rounds(db):
+    round_id = create_round(db, "dpo", {"beta": 0.2})
+    register_version(db, "v1", "policy", "base", "dpo", None, "/x/v1")
+    register_version(db, "v2", "policy", "v1", "dpo", round_id, "/x/v2")
+    chain = version_lineage(db, "v2")
+    assert [(row["version"], row["parent"]) for row in chain] == [("v2", "v1"), ("v1", "base"), ("base", None)]
+    assert chain[0]["round"]["id"] == round_id and chain[0]["round"]["config"] == {"beta": 0.2}
+    assert chain[1]["round"] is None and chain[2]["round"] is None
+    with pytest.raises(NotFound, match="no version 'v9'"):
+        version_lineage(db, "v9")
 
 
 def test_register_version_refuses_duplicate_and_foreign_parent(db):
