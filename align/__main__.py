@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from annotations.registry import METHODS
+from annotations.model_versions import METHODS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,7 +77,9 @@ def round_values(args) -> dict:
 
 
 def cmd_round(args) -> int:
-    from align.rounds import broadcast_from_main, normalize_round_config, process_state, run_round
+    from align.processes import broadcast_from_main, process_state
+    from align.round_config import normalize_round_config
+    from align.rounds import run_round
 
     state = process_state()
     if not state.is_main_process:
@@ -87,7 +89,7 @@ def cmd_round(args) -> int:
     round_id = None
     if state.is_main_process:
         from annotations import open_db
-        from annotations.registry import create_round
+        from annotations.round_records import create_round
 
         db = open_db(db_path(args))
         round_id = create_round(db, args.method, values)
@@ -113,7 +115,7 @@ def cmd_round(args) -> int:
 def cmd_config(args) -> int:
     import dataclasses
 
-    from align.rounds import RoundConfig, method_configs
+    from align.round_config import RoundConfig, method_configs
 
     for title, cls in ((f"{args.method} keys", method_configs()[args.method]), ("round keys", RoundConfig)):
         print(f"{title}:")
@@ -135,7 +137,7 @@ def cmd_worker(args) -> int:
 
 def cmd_cancel(args) -> int:
     from annotations import open_db
-    from annotations.registry import cancel_round
+    from annotations.round_records import cancel_round
 
     previous = cancel_round(open_db(db_path(args)), args.round_id)
     more = " (its worker stops at the next training step)" if previous == "running" else ""
@@ -148,7 +150,7 @@ def cmd_cancel(args) -> int:
 
 def cmd_promote(args) -> int:
     from annotations import open_db
-    from annotations.registry import promote
+    from annotations.model_versions import promote
 
     result = promote(open_db(db_path(args)), args.version)
     retired = f"; {result['retired']} retired" if result["retired"] else ""
@@ -158,7 +160,7 @@ def cmd_promote(args) -> int:
 
 def cmd_rollback(args) -> int:
     from annotations import open_db
-    from annotations.registry import rollback
+    from annotations.model_versions import rollback
 
     result = rollback(open_db(db_path(args)), args.kind)
     print(f"{result['live']} is live again; {result['retired']} retired")
@@ -166,10 +168,9 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import math
-
     from annotations import open_db
-    from annotations.registry import get_live_version, get_version, select_prompts
+    from annotations.model_versions import get_live_version, get_version
+    from annotations.training_data import select_prompts
 
     from align import evaluate
     from align.models import BASE_VERSION, ModelError, load_policy, load_tokenizer
@@ -243,7 +244,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def cmd_versions(args) -> int:
     from annotations import open_db
-    from annotations.registry import list_versions
+    from annotations.model_versions import list_versions
 
     versions = list_versions(open_db(db_path(args)), args.kind)
     if args.json:
@@ -262,7 +263,7 @@ def cmd_versions(args) -> int:
 
 def cmd_rounds(args) -> int:
     from annotations import open_db
-    from annotations.registry import list_rounds
+    from annotations.round_records import list_rounds
 
     rounds = list_rounds(open_db(db_path(args)), limit=args.limit)
     header = ["round", "method", "status", "progress", "version", "parent", "pairs", "data", "error"]
@@ -373,7 +374,7 @@ def main(argv=None) -> int:
 
     known = (AnnotationsError, ConfigError, ModelError)
     try:
-        from align.rounds import RoundError
+        from align.round_stages import RoundError
 
         known = (*known, RoundError)
     except ImportError:  # pragma: no cover - torch missing: only the store commands work

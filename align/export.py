@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from annotations.output_folder import check_target, write_folder
-from annotations.registry import version_lineage
+from annotations.round_records import version_lineage
 
 from align.models import BASE_VERSION, DEFAULT_GGUF_NAME, READY_MARKER, ModelError
 

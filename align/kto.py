@@ -5,7 +5,7 @@ undesirable (False). Its loss compares the answer's implicit reward
 beta * (log π - log π_ref) with a reference point, an estimate of KL(π || π_ref) taken from
 answers paired with other prompts of the same batch; hence a batch needs at least two
 examples. Rows come from `annotations.answer_labels.kto_examples`: one label per answer, from
-thumbs, rankings and pairs (see `align.rounds`). The reference is as in DPO: the base with the adapter
+thumbs, rankings and pairs (see `align.round_plan`). The reference is as in DPO: the base with the adapter
 disabled, or a frozen copy of the parent adapter when a round continues from one.
 
 Each answer's "weight" is a per-example loss weight: a batch's loss is the weighted mean

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from annotations.registry import BASE_VERSION  # the base model itself, with no adapter
+from annotations.model_versions import BASE_VERSION
 
 logger = logging.getLogger(__name__)
 

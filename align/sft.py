@@ -3,7 +3,7 @@
 The usual pipeline (InstructGPT, Zephyr, TRL's examples) teaches the policy to write like the
 answers people want before asking it to prefer them: an SFT round, then a DPO (or KTO, PPO)
 round with the SFT version as its parent, which continues from its adapter and takes it as
-the reference. The answers come from the store (`align.rounds`, `sft_data`): those written
+the reference. The answers come from the store (`align.round_plan`, `sft_data`): those written
 by annotators in the editor ('written', the default), or the chosen answer of every pair
 ('chosen', for imported data such as the HH transcripts).
 

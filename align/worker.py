@@ -41,9 +41,10 @@ def run_worker(
     parent_pid: stop, as on SIGTERM, once this process (the app that started the worker) is gone.
     """
     from annotations import open_db
-    from annotations.registry import claim_next_round, get_round
+    from annotations.round_records import claim_next_round, get_round
 
-    from align.rounds import recover_interrupted, run_round
+    from align.recovery import recover_interrupted
+    from align.rounds import run_round
 
     stop = stop_event or threading.Event()
     if handle_signals:
@@ -83,7 +84,7 @@ def run_worker(
 
 def _ensure_finished(db, round_id: int, get_round) -> None:
     """A round this worker ran must not stay 'running' (run_round marks it; this is the net)."""
-    from annotations.registry import finish_round
+    from annotations.round_records import finish_round
 
     try:
         row = get_round(db, round_id)

@@ -22,7 +22,7 @@ gets at most one label per round:
 
 `sources` picks the signals: 'ratings' (explicit thumbs only), 'pairs' (judgements and
 underived pairs), or 'both'. Snapshot edges (`*_until`) and "since" edges bound each signal by
-its row id, as for pairs (`annotations.registry`).
+its row id, as for pairs (`annotations.training_data`).
 """
 
 from __future__ import annotations

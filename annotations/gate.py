@@ -3,7 +3,7 @@ better than the live one, and every verdict says how sure it is.
 
 A policy candidate is compared with the version it descends from (which must still be live)
 on paired answers to a fresh, seeded random sample of held-out prompts that its round records
-(`align.rounds`): both versions answer each prompt with the same sampling seed and a reward
+(`align.round_eval`): both versions answer each prompt with the same sampling seed and a reward
 model judges each pair; ties count half. The candidate passes when the one-sided lower bound
 of that win rate at the gate's confidence (95% by default) is above 0.5 — an exact
 (Clopper–Pearson) bound, so a candidate no better than the live one is promoted at most 5% of
@@ -45,7 +45,7 @@ GATE_DEFAULTS = {
     "min_human_votes": 30,
     "gate_items": 60,
 }
-# Held-out prompts a round compares the candidate and its parent on (align.rounds): the
+# Held-out prompts a round compares the candidate and its parent on (align.round_eval): the
 # smallest sample at which the exact one-sided 95% test promotes an equal candidate at most
 # 3.5% of the time (binomial discreteness) and a candidate with a true win rate of 0.65 at
 # least 85% of the time (tests/annotations/test_gate.py simulates both).
@@ -141,7 +141,7 @@ def human_record(db, version: str, opponent: str) -> tuple[int, int, int]:
 
 def check_gate(db, version: str, settings: dict | None = None) -> dict:
     """Whether candidate `version` may be promoted automatically, and why (not)."""
-    from annotations.registry import get_live_version, get_version
+    from annotations.model_versions import get_live_version, get_version
 
     settings = check_settings(settings) if settings is not None else gate_settings(db)
     row = get_version(db, version)
@@ -213,7 +213,7 @@ def apply_gate(db, version: str) -> dict:
     """Promote `version` if automatic promotion is on and the gate passes; with human votes
     required, queue its candidate-vs-live pairs for annotators first. Returns the check with
     `promoted` (and `gate_items` queued) set."""
-    from annotations.registry import promote
+    from annotations.model_versions import promote
 
     result = check_gate(db, version)
     result["promoted"], result["gate_items"] = False, 0
@@ -271,7 +271,7 @@ def after_gate_vote(db, item_id: int) -> dict | None:
     if row is None or row[0] is None:
         return None
     version = json.loads(row[0])[0]
-    from annotations.registry import get_version
+    from annotations.model_versions import get_version
 
     if get_version(db, version)["state"] != "candidate":
         return None

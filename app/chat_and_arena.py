@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 
-from annotations import arena, chat_replies, registry, store
+from annotations import arena, chat_replies, model_versions, store
 from annotations.errors import InvalidInput, PermissionDenied
 from app.handlers import AppContext, _annotator
 from app.serving import BASE_VERSION, SamplingParams, ensure_loaded
@@ -28,11 +28,11 @@ def message_text(content) -> str:
 
 def policy_versions(ctx: AppContext, user: dict | None = None) -> list[str]:
     """Versions this person may chat with or battle: "live" first, then those an admin made
-    available (`annotations.registry.available_versions`; an admin sees every non-retired one)."""
+    available (`annotations.model_versions.available_versions`; an admin sees every non-retired one)."""
     db = ctx.db()
     if user is not None and user["role"] == "admin":
-        return [LIVE, *registry.chat_versions(db)]
-    return [LIVE, *registry.available_versions(db)]
+        return [LIVE, *model_versions.chat_versions(db)]
+    return [LIVE, *model_versions.available_versions(db)]
 
 
 def _resolve(ctx: AppContext, version: str | None, user: dict | None = None) -> str:
@@ -40,7 +40,7 @@ def _resolve(ctx: AppContext, version: str | None, user: dict | None = None) -> 
     another would make the server load it, pausing everyone's answers)."""
     if not version or version == LIVE:
         return ctx.server.live_version
-    if user is not None and user["role"] != "admin" and version not in registry.available_versions(ctx.db()):
+    if user is not None and user["role"] != "admin" and version not in model_versions.available_versions(ctx.db()):
         raise PermissionDenied(f"version {version} is not available for chat or the arena: ask an admin to make it "
                                "available")
     return ensure_loaded(ctx.server, ctx.db(), version)
@@ -139,7 +139,7 @@ def new_conversation() -> str:
 def default_opponents(ctx: AppContext) -> tuple[str, str]:
     """Live version against its parent (or the base, if the live version has none)."""
     live = ctx.server.live_version
-    row = registry.find_version(ctx.db(), live)
+    row = model_versions.find_version(ctx.db(), live)
     parent = (row or {}).get("parent") or BASE_VERSION
     if parent == live:
         raise InvalidInput("the live version is the base and has no parent yet: pick two versions to compare")

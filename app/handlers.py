@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annotations import registry, store
+from annotations import model_versions, store
 from annotations.db import connect as connect_db
 from app.prefetch import DEFAULT_ANSWER_INSTRUCTION
 from annotations.errors import InvalidInput, NotFound, PermissionDenied
@@ -347,7 +347,7 @@ def queue_prompt(ctx: AppContext, user: dict | None, text: str, *, versions=(), 
     prompt_id, _ = store.add_prompt(ctx.db(), text, source=f"admin:{user['name']}")
     versions = [v for v in versions or [] if v]
     for v in versions:
-        row = registry.find_version(ctx.db(), v)
+        row = model_versions.find_version(ctx.db(), v)
         if row is None or row["kind"] != "policy":
             raise NotFound(f"no policy version {v!r}")
     (item_id,) = store.queue_items(
@@ -430,13 +430,13 @@ def available_versions(ctx: AppContext, user: dict | None) -> dict:
     """{"available": what annotators may pick in chat and the arena, "extra": those listed by an
     admin beyond the live version, its parent and the candidates}."""
     _admin(user)
-    return {"available": registry.available_versions(ctx.db()),
-            "extra": store.get_setting(ctx.db(), registry.AVAILABLE_SETTING, []) or []}
+    return {"available": model_versions.available_versions(ctx.db()),
+            "extra": store.get_setting(ctx.db(), model_versions.AVAILABLE_SETTING, []) or []}
 
 
 def save_available_versions(ctx: AppContext, user: dict | None, names) -> str:
     _admin(user)
-    available = registry.set_available_versions(ctx.db(), list(names or []))
+    available = model_versions.set_available_versions(ctx.db(), list(names or []))
     return "Annotators may now pick: " + ", ".join(available) + "."
 
 

@@ -59,12 +59,12 @@ class ErrorLog:
 
 def health_report(ctx) -> dict:
     """Every part's state and the errors, with `status` 'ok' or 'degraded' and the reasons."""
-    from annotations import registry, store
+    from annotations import model_versions, round_records, store
 
     db = ctx.db()
     problems = []
     worker = ctx.worker
-    running = registry.list_rounds(db, limit=1, status="running")
+    running = round_records.list_rounds(db, limit=1, status="running")
     worker_state = {
         "managed_by_app": worker is not None,
         "alive": bool(worker and worker.process and worker.process.poll() is None),
@@ -84,7 +84,7 @@ def health_report(ctx) -> dict:
     if prefetcher is not None and not prefetch_state["running"]:
         problems.append("the prefetcher has stopped")
     server = ctx.server
-    in_store = registry.get_live_version(db, "policy")
+    in_store = model_versions.get_live_version(db, "policy")
     live_in_store = in_store["version"] if in_store else None
     serving = {
         "live_served": server.live_version if server else None, "live_in_store": live_in_store,

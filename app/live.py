@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 
-from annotations import registry, store
+from annotations import model_versions, round_records, store
 from app.serving import BASE_VERSION, configure_threads, ensure_loaded
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class LiveWatcher:
         db = self.ctx.db()
         server = self.ctx.server
         staged = self._sync_staged(db)
-        live = (registry.get_live_version(db, "policy") or {}).get("version") or BASE_VERSION
+        live = (model_versions.get_live_version(db, "policy") or {}).get("version") or BASE_VERSION
         if live != server.live_version and not self._load_live(db, live):
             live = server.live_version  # the previous version keeps serving; the Health tab says why
         if live != server.live_version:
@@ -93,7 +93,7 @@ class LiveWatcher:
             if self._errors() is not None:
                 self._errors().clear("live")
             previous = server.live_version
-            row = registry.find_version(db, live)
+            row = model_versions.find_version(db, live)
             # with its path, the owner loads it again in the same step if it was unloaded meanwhile
             server.set_live(live, Path(row["path"]) if row and row["path"] else None)
             self.swaps += 1
@@ -104,7 +104,7 @@ class LiveWatcher:
         self._preload(db, staged)
         self._unload_retired(db)
         self._merge_next(db, staged)
-        training = registry.any_round_running(db)
+        training = round_records.any_round_running(db)
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
         if self._threads != threads:
             configure_threads(threads)  # on the model thread: torch's thread count is per thread
@@ -136,14 +136,14 @@ class LiveWatcher:
         """Settle the provisional adapters: confirm those their round registered, unload those
         whose round ended without registering them. Returns the running rounds' staged
         adapters ({version: (round id, folder)})."""
-        from annotations.registry import staged_adapters
+        from annotations.round_records import staged_adapters
 
         server = self.ctx.server
         staged = staged_adapters(db)
         for version, round_id in server.provisional_versions().items():
             if staged.get(version, (None,))[0] == round_id:
                 continue
-            row = registry.find_version(db, version)
+            row = model_versions.find_version(db, version)
             if row is not None and row["round_id"] == round_id:
                 server.confirm(version, Path(row["path"]))
             else:
@@ -168,9 +168,9 @@ class LiveWatcher:
                 self._stage_failed.add((version, round_id))
                 logger.info("cannot preload %s from round %d's staging folder: %s", version, round_id, e)
             return
-        live = registry.get_live_version(db, "policy")
-        parent = registry.find_version(db, live["parent"]) if live and live["parent"] else None
-        wanted = sorted([*registry.newest_candidates(db, PRELOAD_CANDIDATES), *([parent] if parent else [])],
+        live = model_versions.get_live_version(db, "policy")
+        parent = model_versions.find_version(db, live["parent"]) if live and live["parent"] else None
+        wanted = sorted([*model_versions.newest_candidates(db, PRELOAD_CANDIDATES), *([parent] if parent else [])],
                         key=lambda v: v["created_at"], reverse=True)
         for version, path in ((v["version"], v["path"]) for v in wanted if v["path"]):
             if version in server.versions() or version in self._unloadable:
@@ -192,8 +192,8 @@ class LiveWatcher:
         loaded = set(server.versions()) - {BASE_VERSION, server.live_version} - set(server.provisional_versions())
         if not loaded:
             return
-        parent = (registry.find_version(db, server.live_version) or {}).get("parent")
-        retired = {v["version"] for v in registry.list_versions(db, "policy") if v["state"] == "retired"}
+        parent = (model_versions.find_version(db, server.live_version) or {}).get("parent")
+        retired = {v["version"] for v in model_versions.list_versions(db, "policy") if v["state"] == "retired"}
         for version in sorted(loaded & retired - {parent}):
             # a look without the lock first: taking it (at SWAP) would pause the chat batch for nothing
             if server.idle_seconds(version) >= RETIRED_IDLE_S and server.unload_adapter(version,
@@ -211,7 +211,7 @@ class LiveWatcher:
             return
         server = self.ctx.server
         wanted = [server.live_version, *staged] + [v["version"] for v in
-                                                   registry.newest_candidates(db, PRELOAD_CANDIDATES)]
+                                                   model_versions.newest_candidates(db, PRELOAD_CANDIDATES)]
         for version in wanted:
             if version == BASE_VERSION or version in self._merge_tried or version in server.merged_versions() \
                     or version not in server.versions():

@@ -11,18 +11,18 @@ import json
 
 import yaml
 
-from annotations import gate, registry, store
+from annotations import gate, model_versions, round_records, store
 from annotations.errors import InvalidInput
 from app.handlers import AppContext, _admin
 
 require_admin = _admin
 
-METHODS = tuple(registry.METHODS)  # the one list of training methods
+METHODS = tuple(model_versions.METHODS)  # the one list of training methods
 
 
 def method_defaults(method: str) -> dict:
     """Every config key of a round of `method` with its default (round keys first)."""
-    from align.rounds import RoundConfig, method_configs
+    from align.round_config import RoundConfig, method_configs
 
     if method not in METHODS:
         raise InvalidInput(f"method {method!r} is unknown: use one of {', '.join(METHODS)}")
@@ -52,7 +52,7 @@ def queue_round(ctx: AppContext, user: dict | None, method: str, overrides: str 
                 data: str | None = None) -> int:
     """Validate the round's config and queue it for the worker; returns the round id."""
     from align.config import ConfigError
-    from align.rounds import parse_round_config
+    from align.round_config import parse_round_config
 
     user = _admin(user)
     values = parse_overrides(overrides)
@@ -62,13 +62,13 @@ def queue_round(ctx: AppContext, user: dict | None, method: str, overrides: str 
         parse_round_config(method, values)
     except (ConfigError, ValueError, TypeError) as e:
         raise InvalidInput(str(e)) from None
-    return registry.create_round(ctx.db(), method, values, created_by=user["id"])
+    return round_records.create_round(ctx.db(), method, values, created_by=user["id"])
 
 
 def rounds_table(ctx: AppContext, user: dict | None, limit: int = 20) -> list[list]:
     _admin(user)
     rows = []
-    for r in registry.list_rounds(ctx.db(), limit=limit):
+    for r in round_records.list_rounds(ctx.db(), limit=limit):
         rows.append([r["id"], r["method"], r["status"], f"{100 * (r['progress'] or 0):.0f}%", r["version"] or "",
                      r["n_pairs"] or "", headline(r["metrics"]), r["created_at"]])
     return rows
@@ -79,11 +79,11 @@ def round_detail(ctx: AppContext, user: dict | None, round_id: int | None) -> di
     newest if `round_id` is empty)."""
     _admin(user)
     db = ctx.db()
-    round_id = round_id or registry.latest_round_id(db)
+    round_id = round_id or round_records.latest_round_id(db)
     if round_id is None:
         return {"round": None, "curves": []}
-    r = registry.get_round(db, int(round_id))
-    curves = [{"step": m["step"], "metric": m["key"], "value": m["value"]} for m in registry.step_metrics(db, r["id"])]
+    r = round_records.get_round(db, int(round_id))
+    curves = [{"step": m["step"], "metric": m["key"], "value": m["value"]} for m in round_records.step_metrics(db, r["id"])]
     return {"round": r, "curves": curves}
 
 
@@ -91,7 +91,7 @@ def cancel_round(ctx: AppContext, user: dict | None, round_id: int | None) -> st
     _admin(user)
     if not round_id:
         raise InvalidInput("pick a round to cancel")
-    previous = registry.cancel_round(ctx.db(), int(round_id))
+    previous = round_records.cancel_round(ctx.db(), int(round_id))
     return f"Round {int(round_id)} cancelled" + (" (the worker stops at its next step)" if previous == "running" else "")
 
 
@@ -99,8 +99,8 @@ def versions_table(ctx: AppContext, user: dict | None) -> list[list]:
     _admin(user)
     rows = []
     db = ctx.db()
-    for v in registry.list_versions(db):
-        r = registry.get_round(db, v["round_id"]) if v["round_id"] else None
+    for v in model_versions.list_versions(db):
+        r = round_records.get_round(db, v["round_id"]) if v["round_id"] else None
         rows.append([v["version"], v["kind"], v["state"], v["parent"] or "", v["method"], v["round_id"] or "",
                      (r["data_hash"] or "")[:12] if r else "", r["n_pairs"] if r else "", headline(v["metrics"]),
                      json.dumps(r["config"], sort_keys=True)[:200] if r else "", v["created_at"]])
@@ -114,7 +114,7 @@ def check_gate(ctx: AppContext, user: dict | None, version: str) -> dict:
 
 def promote(ctx: AppContext, user: dict | None, version: str) -> str:
     _admin(user)
-    result = registry.promote(ctx.db(), (version or "").strip())
+    result = model_versions.promote(ctx.db(), (version or "").strip())
     if ctx.live is not None:
         ctx.live.check()  # hot-load now rather than at the next poll
     return f"{result['live']} is live" + (f"; {result['retired']} retired" if result["retired"] else "")
@@ -122,7 +122,7 @@ def promote(ctx: AppContext, user: dict | None, version: str) -> str:
 
 def rollback(ctx: AppContext, user: dict | None, kind: str = "policy") -> str:
     _admin(user)
-    result = registry.rollback(ctx.db(), kind)
+    result = model_versions.rollback(ctx.db(), kind)
     if ctx.live is not None:
         ctx.live.check()
     return f"rolled back: {result['live']} is live again; {result['retired']} retired"
@@ -163,7 +163,7 @@ def dashboard(ctx: AppContext, user: dict | None) -> dict:
     _admin(user)
     db = ctx.db()
     rounds = []
-    for r in reversed(registry.list_rounds(db, limit=200, status="succeeded")):
+    for r in reversed(round_records.list_rounds(db, limit=200, status="succeeded")):
         m = r["metrics"]
         rounds.append({"round": r["id"], "method": r["method"], "version": r["version"], "pairs": r["n_pairs"] or 0,
                        "figures": headline(m),

@@ -540,7 +540,7 @@ def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
         if version:
             server.touch(version)  # the watcher does not unload a version someone just asked for
         return version or server.live_version
-    from annotations.registry import find_version
+    from annotations.model_versions import find_version
 
     row = find_version(db, version)
     if row is None or row["kind"] != "policy" or not row["path"]:

@@ -30,15 +30,15 @@ def _pairs(quick: bool) -> tuple[list[dict], list[dict]]:
     The unseen rows are the store's held-out split (103 pairs) topped up with training-split
     pairs beyond the ones trained on, so that accuracies compare with a standard error near
     0.025 rather than 0.05."""
-    from annotations import open_db, registry
+    from annotations import open_db, training_data
     from annotations.formats import import_file
     from align.training import preference_rows
 
     home = Path(tempfile.mkdtemp(prefix="rankloop-dpo-bench-"))
     db = open_db(home / "rankloop.db")
     import_file(db, REPO.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz", "hh")
-    train = preference_rows(registry.select_pairs(db, None, "train"))
-    heldout = preference_rows(registry.select_pairs(db, None, "heldout"))
+    train = preference_rows(training_data.select_pairs(db, None, "train"))
+    heldout = preference_rows(training_data.select_pairs(db, None, "heldout"))
     n_train, n_eval = (16, 32) if quick else (64, 400)
     unseen = (heldout + train[n_train:])[:n_eval]
     return train[:n_train], unseen

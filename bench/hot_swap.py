@@ -43,7 +43,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     import torch
 
     from align.models import VersionDir
-    from annotations import registry, store
+    from annotations import model_versions, round_records, store
     from app import chat_and_arena as chat
     from app.server import create_app, shutdown
     from app.serving import PolicyServer, SamplingParams
@@ -62,7 +62,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     cold = [f"g{i}" for i in range(rounds)]  # not loaded before: registered and promoted at once
     adapters.update({v: make_adapter(base_path, versions.path(v), seed=20 + i) for i, v in enumerate(cold)})
     for version in warm:
-        registry.register_version(db, version, "policy", "base", "dpo", None, str(adapters[version]), {})
+        model_versions.register_version(db, version, "policy", "base", "dpo", None, str(adapters[version]), {})
     store.add_user(db, "bench", "annotator", "bench-password")
     user = store.get_user(db, "bench")
     sampling = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": ANSWER_TOKENS}
@@ -89,7 +89,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         complete answer from it (a client mid-answer at the promotion asks again only when that
         answer is complete)."""
         promoted_at = time.perf_counter()
-        registry.promote(db, version)
+        model_versions.promote(db, version)
         deadline = time.monotonic() + 60
         while ctx.server.live_version != version and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -128,20 +128,20 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         time.sleep(0.5 + 0.37 * i)  # promotions land at different points of the answers in flight
     for i, folder in enumerate(staged):
         # A DPO round up to its evaluation: claimed, its name reserved, its adapter staged.
-        round_id = registry.create_round(db, "dpo")
-        registry.claim_round(db, round_id, os.getpid())
-        version = registry.reserve_version(db, round_id)
+        round_id = round_records.create_round(db, "dpo")
+        round_records.claim_round(db, round_id, os.getpid())
+        version = round_records.reserve_version(db, round_id)
         staging = versions.staging(version)
         os.replace(folder, staging)
-        registry.stage_adapter(db, round_id, str(staging))
+        round_records.stage_adapter(db, round_id, str(staging))
         staged_ready.append(settle([version]))  # the app loads and merges it while the round evaluates
         final = versions.commit(staging, version)  # the round registers it, the gate promotes it
-        registry.register_version(db, version, "policy", ctx.server.live_version, "dpo", round_id, str(final), {})
-        registry.finish_round(db, round_id, "succeeded", version=version)
+        model_versions.register_version(db, version, "policy", ctx.server.live_version, "dpo", round_id, str(final), {})
+        round_records.finish_round(db, round_id, "succeeded", version=version)
         gate_swaps.append(promote(version))
         time.sleep(0.5 + 0.37 * i)
     for i, version in enumerate(cold):
-        registry.register_version(db, version, "policy", "v1", "dpo", None, str(adapters[version]), {})
+        model_versions.register_version(db, version, "policy", "v1", "dpo", None, str(adapters[version]), {})
         cold_swaps.append(promote(version))
         settle([version])
         time.sleep(0.5 + 0.37 * i)

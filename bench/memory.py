@@ -27,7 +27,7 @@ def PEAK():
 APP_SCRIPT = PEAK + """
 import json, os, sys
 from pathlib import Path
-from annotations import registry, store
+from annotations import model_versions, store
 from app import chat_and_arena as chat
 from app.server import create_app, shutdown
 home, base, adapters = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -35,9 +35,9 @@ ctx, demo, _, _ = create_app(home, base, threads=2, prefetch=0, demo_prompts=Fal
 db = ctx.db()
 parent = "base"
 for name, path in adapters.items():
-    registry.register_version(db, name, "policy", parent, "dpo", None, path, {})
+    model_versions.register_version(db, name, "policy", parent, "dpo", None, path, {})
     parent = name
-registry.promote(db, "v2")
+model_versions.promote(db, "v2")
 ctx.live.check()
 import time
 deadline = time.monotonic() + 120

@@ -29,7 +29,7 @@ FRESH_PAIRS = 200
 
 
 def run(base_path: Path, quick: bool = False) -> list[Result]:
-    from annotations import open_db, registry
+    from annotations import model_versions, open_db, round_records, training_data
     from annotations.formats import import_file
     from app.handlers import AppContext
     from app.live import LiveWatcher
@@ -49,8 +49,8 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
             break
     (home / "pairs.jsonl").write_text("\n".join(subset) + "\n")
     import_file(db, home / "pairs.jsonl", "hh")
-    pairs = registry.select_pairs(db, None, "train")
-    heldout = registry.select_pairs(db, None, "heldout")
+    pairs = training_data.select_pairs(db, None, "train")
+    heldout = training_data.select_pairs(db, None, "heldout")
     db.close()
 
     # The app's side, running before the round as it would: a server and its live watcher.
@@ -83,11 +83,11 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         ctx.live.stop()
         raise RuntimeError("the round failed:\n" + "\n".join(line for _, line in log[-40:]))
     db = open_db(db_path)
-    version = registry.list_versions(db, "policy")[-1]["version"]
-    auto = (registry.get_live_version(db) or {}).get("version") == version
+    version = model_versions.list_versions(db, "policy")[-1]["version"]
+    auto = (model_versions.get_live_version(db) or {}).get("version") == version
     if not auto:
-        registry.promote(db, version)
-    rounds = registry.list_rounds(db, limit=1)
+        model_versions.promote(db, version)
+    rounds = round_records.list_rounds(db, limit=1)
     db.close()
 
     swap_start = time.perf_counter()  # the round has registered and the gate promoted by now

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from annotations.model_versions import list_versions
 from annotations.quality import WEIGHT_SOURCES
 from app import handlers
 from app.pages.common import endpoint, guard
@@ -105,7 +106,7 @@ def build(ctx, current_user, annotate_view):
             user = current_user(request)
             values = handlers.project_settings(ctx, user)
             sampling = values["sampling"]
-            versions = [v["version"] for v in handlers.registry.list_versions(ctx.db(), "policy")]
+            versions = [v["version"] for v in list_versions(ctx.db(), "policy")]
             weights = handlers.weighting(ctx, user)
             extra = handlers.available_versions(ctx, user)["extra"]
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],

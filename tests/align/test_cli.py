@@ -11,7 +11,8 @@ import pytest
 
 from align.__main__ import main
 from annotations import open_db
-from annotations.registry import get_live_version, get_round, list_versions
+from annotations.model_versions import get_live_version, list_versions
+from annotations.round_records import get_round
 from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
 from tests.conftest import REPO
 

@@ -8,7 +8,7 @@ from align.config import ConfigError, config_from_dict, field_help, load_config_
 from align.dpo import DPORoundConfig
 from align.kto import KTORoundConfig
 from align.reward import RewardConfig
-from align.rounds import RoundConfig, parse_round_config
+from align.round_config import RoundConfig, parse_round_config
 
 
 def test_parse_round_config_splits_round_and_method_keys():

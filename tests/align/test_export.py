@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from align.__main__ import main
-from annotations import open_db, registry
+from annotations import model_versions, open_db, round_records, training_data
 from annotations.intervals import accuracy
 from tests.align.stores import import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
 
@@ -68,17 +68,17 @@ def save_reward_adapter(base_dir, out_dir, seed):
 def record_round(db, home, base_dir, method, parent, metrics, save, seed):
     """A round as `align.rounds.run_round` records one: claimed, version reserved, data
     snapshot stored, folder in place, version registered, round succeeded."""
-    round_id = registry.create_round(db, method, {"max_steps": 2, "parent": parent or "base"})
-    registry.claim_round(db, round_id, os.getpid())
-    version = registry.reserve_version(db, round_id)
-    pairs = registry.select_pairs(db, None, "train")
-    registry.set_round_data(db, round_id, data_hash=registry.snapshot_hash(pairs), n_pairs=len(pairs),
+    round_id = round_records.create_round(db, method, {"max_steps": 2, "parent": parent or "base"})
+    round_records.claim_round(db, round_id, os.getpid())
+    version = round_records.reserve_version(db, round_id)
+    pairs = training_data.select_pairs(db, None, "train")
+    round_records.set_round_data(db, round_id, data_hash=training_data.snapshot_hash(pairs), n_pairs=len(pairs),
                             parent_version=parent, code_version="test", base_path=str(base_dir),
-                            data_until_pair_id=registry.pair_watermark(db))
+                            data_until_pair_id=training_data.pair_watermark(db))
     path = save(base_dir, home / "versions" / version, seed)
-    kind = registry.method_kind(method)
-    registry.register_version(db, version, kind, parent, method, round_id, str(path), metrics)
-    registry.finish_round(db, round_id, "succeeded", version=version, metrics=metrics)
+    kind = model_versions.method_kind(method)
+    model_versions.register_version(db, version, kind, parent, method, round_id, str(path), metrics)
+    round_records.finish_round(db, round_id, "succeeded", version=version, metrics=metrics)
     return version
 
 
@@ -194,7 +194,7 @@ def test_card_names_base_parent_chain_rounds_and_data(store, tiny_model_dir, tmp
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
     assert {"rankloop", "dpo"} <= set(card.data.tags)
     db = open_db(store)
-    first, second = registry.get_round(db, 1), registry.get_round(db, 2)
+    first, second = round_records.get_round(db, 1), round_records.get_round(db, 2)
     text = card.text
     assert f"Base model: `{tiny_model_dir.resolve()}` ([{HUB_ID}]" in text
     # The chain newest first: v2 (round 2, DPO on 24 + 6 pairs) <- v1 (round 1, SFT on 24) <- base.
@@ -211,7 +211,7 @@ def test_card_names_base_parent_chain_rounds_and_data(store, tiny_model_dir, tmp
     interval = accuracy(3, 4)
     assert (f"held-out implicit accuracy: 0.750 [{interval['low']:.3f}, {interval['high']:.3f}], n=4"
             in text)
-    assert f"It was registered {registry.get_version(db, 'v2')['created_at']}." in text
+    assert f"It was registered {model_versions.get_version(db, 'v2')['created_at']}." in text
 
 
 def test_reward_version_exports_as_a_sequence_classifier_with_equal_scores(store, tiny_model_dir, tmp_path):
@@ -281,7 +281,7 @@ def test_failed_merge_leaves_no_folder_behind(store, tiny_model_dir, tmp_path):
     shutil.copytree(store.parent / "versions" / "v1", broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     db = open_db(tmp_path / "rankloop.db")
-    registry.register_version(db, "v7", "policy", "base", "dpo", None, str(broken))
+    model_versions.register_version(db, "v7", "policy", "base", "dpo", None, str(broken))
     out = tmp_path / "exports" / "v7"
     with pytest.raises(SafetensorError, match="header"):  # half way: the merge reads the adapter's weights
         export_version(db, "v7", out, base_path=tiny_model_dir, merged=True)

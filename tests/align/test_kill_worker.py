@@ -1,7 +1,7 @@
 """A training worker killed outright (SIGKILL) at each step of a round leaves nothing half done.
 
 For every step the worker runs as its own process (`python -m align worker --once`), stops at
-the step through a test hook (tests/align/pausing_worker.py, at `align.rounds.checkpoint`) and
+the step through a test hook (tests/align/pausing_worker.py, at `align.round_stages.checkpoint`) and
 is killed there. After the next worker start's recovery the live versions are unchanged, no
 version is registered or left in versions/, the round is failed with a reason, and running the
 same round again succeeds.
@@ -19,15 +19,12 @@ import time
 import pytest
 
 from annotations import open_db
-from annotations.registry import (
-    create_round,
-    get_live_version,
-    get_round,
-    list_versions,
-    promote,
-)
+from annotations.model_versions import get_live_version, list_versions, promote
+from annotations.round_records import create_round, get_round
 from annotations.store import set_setting
-from align.rounds import CHECKPOINT_HOOKS, STAGES, checkpoint, recover_interrupted, run_round
+from align.recovery import recover_interrupted
+from align.round_stages import CHECKPOINT_HOOKS, STAGES, checkpoint
+from align.rounds import run_round
 from align.worker import run_worker
 from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
 from tests.app.conftest import wait_until

@@ -11,23 +11,21 @@ import pytest
 from safetensors.torch import load_file
 
 from annotations import open_db
-from annotations.registry import (
+from annotations.model_versions import get_live_version, get_version, list_versions, promote
+from annotations.round_records import (
     cancel_round,
     claim_next_round,
     create_round,
-    get_live_version,
     get_round,
-    get_version,
-    list_versions,
-    promote,
     reserve_version,
-    select_pairs,
-    select_prompts,
-    snapshot_hash,
     step_metrics,
 )
+from annotations.training_data import select_pairs, select_prompts, snapshot_hash
 from align.models import load_policy
-from align.rounds import RoundError, RoundReporter, recover_interrupted, run_round
+from align.recovery import recover_interrupted
+from align.round_progress import RoundReporter
+from align.round_stages import RoundError
+from align.rounds import run_round
 from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
 
 
@@ -101,7 +99,7 @@ def test_a_policy_rounds_adapter_is_staged_for_the_app_while_it_evaluates(store,
     import align.rounds as rounds
 
     _, home, db = store
-    seen, evaluate = [], rounds._evaluate
+    seen, evaluate = [], rounds.evaluate_round
 
     def look_then_evaluate(db_, plan, *args):
         staged = get_round(db_, plan["round_id"])["staged_path"]
@@ -110,7 +108,7 @@ def test_a_policy_rounds_adapter_is_staged_for_the_app_while_it_evaluates(store,
             raise RuntimeError("evaluation broke")
         return evaluate(db_, plan, *args)
 
-    monkeypatch.setattr(rounds, "_evaluate", look_then_evaluate)
+    monkeypatch.setattr(rounds, "evaluate_round", look_then_evaluate)
     run(store, tiny_model_dir, "rm")
     run(store, tiny_model_dir, "dpo")
     assert seen[0] == ("reward", None, None)  # reward models are not served: nothing to stage
@@ -125,7 +123,7 @@ def test_a_policy_rounds_adapter_is_staged_for_the_app_while_it_evaluates(store,
 
 
 def test_round_failing_mid_training_leaves_no_trace(store, tiny_model_dir, monkeypatch):
-    from align import rounds
+    from align import round_stages
 
     _, home, db = store
     run(store, tiny_model_dir, "dpo")
@@ -135,7 +133,7 @@ def test_round_failing_mid_training_leaves_no_trace(store, tiny_model_dir, monke
         if stage == "train":
             raise RuntimeError("injected failure after 1 training steps")
 
-    monkeypatch.setattr(rounds, "CHECKPOINT_HOOKS", [fail_at_first_step])
+    monkeypatch.setattr(round_stages, "CHECKPOINT_HOOKS", [fail_at_first_step])
     with pytest.raises(RuntimeError, match="injected failure after 1 training steps"):
         run(store, tiny_model_dir, "dpo")
     failed = get_round(db, 2)

@@ -10,7 +10,8 @@ import sys
 import time
 
 from annotations import open_db
-from annotations.registry import claim_next_round, create_round, get_round, list_versions
+from annotations.model_versions import list_versions
+from annotations.round_records import claim_next_round, create_round, get_round
 from align.worker import run_worker
 from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
 from tests.conftest import REPO

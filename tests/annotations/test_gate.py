@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from annotations import arena, registry, store
+from annotations import arena, model_versions, store
 from annotations.errors import InvalidInput
 from annotations.gate import (
     DEFAULT_GATE_PROMPTS,
@@ -106,7 +106,7 @@ def comparison(wins, ties=0, losses=None, n=DEFAULT_GATE_PROMPTS, judge="rm1", o
 
 
 def add_candidate(db, version="v1", parent="base", metrics=None, method="dpo"):
-    return registry.register_version(db, version, "policy", parent, method, None, None, metrics or {})
+    return model_versions.register_version(db, version, "policy", parent, method, None, None, metrics or {})
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def user_id(db):
 def test_gate_promotes_a_clear_winner_over_the_live_parent(db):
     add_candidate(db, metrics=comparison(62))
     result = apply_gate(db, "v1")
-    assert result["promoted"] and registry.get_live_version(db)["version"] == "v1"
+    assert result["promoted"] and model_versions.get_live_version(db)["version"] == "v1"
     assert result["reward_model"]["lower_bound"] > 0.5 and result["reward_model"]["n"] == 88
     assert verdict_line(result) == "promoted v1: it is live now"
 
@@ -128,7 +128,7 @@ def test_gate_keeps_a_candidate_whose_interval_does_not_clear(db):
     add_candidate(db, metrics=comparison(50))  # 0.57 looks better, but could be noise
     result = apply_gate(db, "v1")
     assert not result["promoted"] and "lower bound" in result["reasons"][0]
-    assert registry.get_live_version(db)["version"] == "base"
+    assert model_versions.get_live_version(db)["version"] == "base"
     assert verdict_line(result).startswith("kept v1 a candidate: reward model rm1: win rate 0.57")
 
 
@@ -152,7 +152,7 @@ def test_gate_refuses_a_policy_judged_by_the_reward_model_it_optimised(db):
 def test_gate_refuses_when_the_parent_is_no_longer_live(db):
     add_candidate(db, "v1", metrics=comparison(80))
     add_candidate(db, "v2", parent="base", metrics=comparison(80))
-    registry.promote(db, "v1")
+    model_versions.promote(db, "v1")
     result = check_gate(db, "v2")
     assert not result["passed"] and "no longer live" in result["reasons"][0]
 
@@ -161,7 +161,7 @@ def test_gate_passes_but_waits_when_automatic_promotion_is_off(db):
     add_candidate(db, metrics=comparison(80))
     save_gate_settings(db, {"auto_promote": False})
     result = apply_gate(db, "v1")
-    assert result["passed"] and not result["promoted"] and registry.get_live_version(db)["version"] == "base"
+    assert result["passed"] and not result["promoted"] and model_versions.get_live_version(db)["version"] == "base"
     assert "automatic promotion is off" in verdict_line(result)
 
 
@@ -189,13 +189,13 @@ def test_reward_model_gate_needs_accuracy_clearly_above_chance_and_not_worse_tha
                                              "low": 0, "high": 1, "too_few": False}}
         return {**out, "versus_live": versus} if versus else out
 
-    registry.register_version(db, "rm1", "reward", None, "rm", None, None, metrics(130, 200))
+    model_versions.register_version(db, "rm1", "reward", None, "rm", None, None, metrics(130, 200))
     assert apply_gate(db, "rm1")["promoted"]
-    registry.register_version(db, "rm2", "reward", None, "rm", None, None, metrics(
+    model_versions.register_version(db, "rm2", "reward", None, "rm", None, None, metrics(
         128, 200, {"live": "rm1", "n": 200, "only_candidate_right": 10, "only_live_right": 12}))
     result = apply_gate(db, "rm2")
     assert not result["promoted"] and "fewer right than the live reward model rm1" in result["reasons"][0]
-    registry.register_version(db, "rm3", "reward", None, "rm", None, None, metrics(108, 200))  # 0.54: noise
+    model_versions.register_version(db, "rm3", "reward", None, "rm", None, None, metrics(108, 200))  # 0.54: noise
     assert "does not clear chance" in check_gate(db, "rm3")["reasons"][0]
 
 
@@ -229,7 +229,7 @@ def test_required_human_votes_queue_gate_pairs_and_promote_when_people_clearly_p
     assert not result["promoted"] and result["gate_items"] == 20 and "human votes" in result["reasons"][0]
     answer_gate_items(db)
     judge_gate_items(db, user_id, prefer="v1")
-    assert registry.get_live_version(db)["version"] == "v1"  # promoted by the vote that cleared the interval
+    assert model_versions.get_live_version(db)["version"] == "v1"  # promoted by the vote that cleared the interval
     board = {row["version"]: row for row in arena.leaderboard(db)}
     assert board["v1"]["battles"] >= 10  # the gate's votes count in the arena leaderboard
 
@@ -242,12 +242,12 @@ def test_required_human_votes_keep_a_candidate_people_do_not_prefer(db, user_id)
     apply_gate(db, "v1")
     answer_gate_items(db)
     assert judge_gate_items(db, user_id, prefer="base") == 20
-    assert registry.get_live_version(db)["version"] == "base"
+    assert model_versions.get_live_version(db)["version"] == "base"
     assert "human votes" in check_gate(db, "v1")["reasons"][0]
 
 
 def test_available_versions_are_live_parent_candidates_and_the_admins_list(db):
     add_candidate(db, "v1", metrics=comparison(80))
-    assert registry.available_versions(db) == ["base", "v1"]
+    assert model_versions.available_versions(db) == ["base", "v1"]
     with pytest.raises(InvalidInput, match="no policy version"):
-        registry.set_available_versions(db, ["v9"])
+        model_versions.set_available_versions(db, ["v9"])

@@ -444,10 +444,10 @@ def test_cli_quality_prints_report_table(hand_store, tmp_path):
 
 def test_select_pairs_drops_pairs_below_the_agreement_bar(db, users):
     # Two annotators disagree on one item: each pair agrees with half the judgements.
-    from annotations import registry
+    from annotations import training_data
 
     item, (a, b) = ready_item(db, "q?", overlap=2)
     submit_judgement(db, users["ann"], item, [[a], [b]], shown_order=[a, b])
     submit_judgement(db, users["bob"], item, [[b], [a]], shown_order=[a, b])
-    assert len(registry.select_pairs(db, split=None)) == 2
-    assert registry.select_pairs(db, split=None, min_agreement=0.6) == []
+    assert len(training_data.select_pairs(db, split=None)) == 2
+    assert training_data.select_pairs(db, split=None, min_agreement=0.6) == []

@@ -113,17 +113,17 @@ def test_a_rated_chat_reply_becomes_kto_training_data(ctx):
 
 
 def test_an_annotator_may_chat_only_with_versions_an_admin_made_available(ctx):
-    from annotations import registry
+    from annotations import model_versions
 
     db = ctx.db()
-    registry.register_version(db, "v1", "policy", "base", "dpo", None, "/nowhere/v1", {})
-    registry.promote(db, "v1")
-    registry.register_version(db, "v2", "policy", "v1", "dpo", None, "/nowhere/v2", {})
-    registry.promote(db, "v2")  # v1 is the live version's parent; base is retired and not its parent
-    assert registry.available_versions(db) == ["v2", "v1"]
+    model_versions.register_version(db, "v1", "policy", "base", "dpo", None, "/nowhere/v1", {})
+    model_versions.promote(db, "v1")
+    model_versions.register_version(db, "v2", "policy", "v1", "dpo", None, "/nowhere/v2", {})
+    model_versions.promote(db, "v2")  # v1 is the live version's parent; base is retired and not its parent
+    assert model_versions.available_versions(db) == ["v2", "v1"]
     with pytest.raises(PermissionDenied, match="not available"):
         list(chat.chat_stream(ctx, user(ctx), "hi", conversation="c", version="base", sampling=SAMPLING))
     assert "base" not in chat.policy_versions(ctx, user(ctx))
-    registry.set_available_versions(db, ["base"])
-    assert registry.available_versions(db) == ["v2", "v1", "base"]
+    model_versions.set_available_versions(db, ["base"])
+    assert model_versions.available_versions(db) == ["v2", "v1", "base"]
     assert "base" in chat.policy_versions(ctx, user(ctx))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from annotations import registry, store
+from annotations import model_versions, store
 from tests.app.conftest import ANNOTATORS, start_app, wait_until
 from tests.app.test_hot_swap import save_tiny_adapter
 from tests.conftest import browser_login
@@ -19,7 +19,7 @@ def app(tmp_path_factory, tiny_model_dir):
     home = tmp_path_factory.mktemp("fidelity-home")
     running = start_app(home, tiny_model_dir, prompts=6)
     path = save_tiny_adapter(tiny_model_dir, home / "versions" / "v1")
-    registry.register_version(running.ctx.db(), "v1", "policy", "base", "dpo", None, str(path), {})
+    model_versions.register_version(running.ctx.db(), "v1", "policy", "base", "dpo", None, str(path), {})
     yield running
     running.close()
 
@@ -79,7 +79,7 @@ def test_an_item_open_through_a_promotion_is_still_stored_when_submitted(app, br
     # the lease runs out while the page stays open (a long think), then a promotion retires old items
     with db.conn:
         db.execute("UPDATE leases SET expires_at = 0 WHERE item_id = ?", [item_id])
-    registry.promote(db, "v1")
+    model_versions.promote(db, "v1")
     app.ctx.live.check()  # what the admin's Promote does: hot-load now
     assert app.ctx.server.live_version == "v1"
     assert db.execute("SELECT status FROM items WHERE id = ?", [item_id]).fetchone()[0] == "retired"

@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from annotations import registry, store
+from annotations import model_versions, store
 from app import prefetch
 from app.health import ErrorLog, format_report, health_report
 from app.prefetch import MAX_ITEM_TRIES, Prefetcher
@@ -33,7 +33,7 @@ def test_an_error_is_counted_not_repeated():
 def test_an_item_whose_adapter_cannot_load_is_parked_and_never_blocks_the_queue(empty_ctx, monkeypatch):
     monkeypatch.setattr(prefetch, "RETRY_SECONDS", 0.0)
     db = empty_ctx.db()
-    registry.register_version(db, "broken", "policy", "base", "dpo", None, "/nowhere/broken", {})
+    model_versions.register_version(db, "broken", "policy", "base", "dpo", None, "/nowhere/broken", {})
     (stuck,) = store.queue_items(db, [store.add_prompt(db, "Contrast me")[0]], versions=["broken"])
     plain = store.queue_items(db, [store.add_prompt(db, f"Plain {i}?")[0] for i in range(2)])
     errors = ErrorLog()
@@ -54,8 +54,8 @@ def test_a_live_version_that_cannot_load_is_reported_and_the_previous_one_keeps_
 
     empty_ctx.errors = ErrorLog()
     db = empty_ctx.db()
-    registry.register_version(db, "v1", "policy", "base", "dpo", None, "/nowhere/v1", {})
-    registry.promote(db, "v1")
+    model_versions.register_version(db, "v1", "policy", "base", "dpo", None, "/nowhere/v1", {})
+    model_versions.promote(db, "v1")
     watcher = LiveWatcher(empty_ctx)
     for _ in range(3):
         watcher.check()  # retried at most every LIVE_RETRY_S: one error, counted once
@@ -100,7 +100,7 @@ def test_health_from_the_command_line(running_app):
 def test_a_broken_adapter_shows_on_the_health_tab_and_the_queue_keeps_moving(running_app, browser, monkeypatch):
     monkeypatch.setattr(prefetch, "RETRY_SECONDS", 0.0)
     db = running_app.db()
-    registry.register_version(db, "v-broken", "policy", "base", "dpo", None, "/nowhere/v-broken", {})
+    model_versions.register_version(db, "v-broken", "policy", "base", "dpo", None, "/nowhere/v-broken", {})
     (stuck,) = store.queue_items(db, [store.add_prompt(db, "Answer me with the broken version")[0]],
                                  versions=["v-broken"])
     fresh = store.queue_items(db, [store.add_prompt(db, "A plain question after the broken one")[0]])

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from annotations import registry
+from annotations import model_versions
 from annotations.db import connect
 from annotations.errors import InvalidInput
 from app.live import LiveWatcher
@@ -28,7 +28,7 @@ def stressed(empty_ctx, tiny_model_dir, tmp_path):
     paths = {}
     for i, version in enumerate(VERSIONS):
         paths[version] = save_tiny_adapter(tiny_model_dir, tmp_path / version)
-        registry.register_version(db, version, "policy", VERSIONS[i - 1] if i else "base", "dpo", None,
+        model_versions.register_version(db, version, "policy", VERSIONS[i - 1] if i else "base", "dpo", None,
                                   str(paths[version]), {})
     return empty_ctx, LiveWatcher(empty_ctx, poll_seconds=3600), paths
 
@@ -56,10 +56,10 @@ def test_eight_threads_of_random_operations_leave_the_server_consistent(stressed
                 elif op == "unload":
                     server.unload_adapter(version)
                 elif op == "promote":
-                    registry.promote(db, version)
+                    model_versions.promote(db, version)
                     watcher.check()
                 elif op == "rollback":
-                    registry.rollback(db)
+                    model_versions.rollback(db)
                     watcher.check()
                 elif op == "merge":
                     server.merge(version)
@@ -87,9 +87,9 @@ def test_eight_threads_of_random_operations_leave_the_server_consistent(stressed
 
     watcher.check()  # a last look at the store, as the watcher's next poll takes it
     db = ctx.db()
-    live = registry.get_live_version(db, "policy")["version"]
+    live = model_versions.get_live_version(db, "policy")["version"]
     assert server.live_version == live  # the version served is the one the store names
-    registered = {v["version"] for v in registry.list_versions(db, "policy")}
+    registered = {v["version"] for v in model_versions.list_versions(db, "policy")}
     loaded = set(server.versions()) - {"base"}
     assert loaded <= registered  # every loaded adapter is registered
     peft = set(getattr(server.model, "peft_config", {}))

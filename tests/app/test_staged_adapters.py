@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from annotations import open_db, registry, store
+from annotations import model_versions, open_db, round_records, store
 from annotations.errors import PermissionDenied
 from app import chat_and_arena as chat
 from app import handlers
@@ -31,12 +31,12 @@ def staged(tmp_path, tiny_model_dir):
     db = ctx.db()
 
     def stage(seed=0):
-        round_id = registry.create_round(db, "dpo")
-        registry.claim_round(db, round_id, os.getpid())
-        version = registry.reserve_version(db, round_id)
+        round_id = round_records.create_round(db, "dpo")
+        round_records.claim_round(db, round_id, os.getpid())
+        version = round_records.reserve_version(db, round_id)
         torch.manual_seed(seed)
         folder = save_tiny_adapter(tiny_model_dir, tmp_path / "versions" / f".{version}.tmp-{seed}")
-        registry.stage_adapter(db, round_id, str(folder))
+        round_records.stage_adapter(db, round_id, str(folder))
         return round_id, version, folder
 
     yield ctx, watcher, stage
@@ -48,8 +48,8 @@ def register(ctx, round_id, version, folder):
     final = folder.parent / version
     os.replace(folder, final)
     db = ctx.db()
-    registry.register_version(db, version, "policy", "base", "dpo", round_id, str(final), {})
-    registry.finish_round(db, round_id, "succeeded", version=version)
+    model_versions.register_version(db, version, "policy", "base", "dpo", round_id, str(final), {})
+    round_records.finish_round(db, round_id, "succeeded", version=version)
     return final
 
 
@@ -75,7 +75,7 @@ def test_a_staged_adapter_is_loaded_and_merged_before_registration_and_goes_live
     assert version not in chat.policy_versions(ctx)
 
     final = register(ctx, round_id, version, folder)
-    registry.promote(ctx.db(), version)
+    model_versions.promote(ctx.db(), version)
     loads = server._loads
     watcher.check()
     assert server.live_version == version and server._loads == loads  # a pointer change, nothing loaded
@@ -91,7 +91,7 @@ def test_a_failed_rounds_staged_adapter_is_unloaded_and_its_name_can_serve_the_n
     first_round, version, _ = stage(seed=1)
     watcher.check()
     wait_until(lambda: version in server.merged_versions(), timeout=30, message="the staged adapter merged")
-    registry.finish_round(ctx.db(), first_round, "failed", error="evaluation failed")
+    round_records.finish_round(ctx.db(), first_round, "failed", error="evaluation failed")
     assert ctx.db().execute("SELECT staged_path FROM rounds WHERE id = ?", [first_round]).fetchone()[0] is None
     watcher.check()
     assert version not in server.versions() and version not in server.merged_versions()
@@ -121,7 +121,7 @@ def test_a_staged_folder_gone_before_the_app_reads_it_is_loaded_from_the_registr
     assert version not in server.versions() and watcher.last_error is None
     with ctx.db().conn:
         ctx.db().execute("UPDATE rounds SET status = 'succeeded', staged_path = NULL WHERE id = ?", [round_id])
-    registry.promote(ctx.db(), version)
+    model_versions.promote(ctx.db(), version)
     watcher.check()
     assert server.live_version == version and server._adapters[version] == final
 
@@ -191,13 +191,13 @@ def test_retired_versions_nobody_uses_are_unloaded_but_the_live_versions_parent_
     server, db = ctx.server, ctx.db()
     for version, parent in (("v1", "base"), ("v2", "v1"), ("v3", "base")):
         path = save_tiny_adapter(tiny_model_dir, tmp_path / version)
-        registry.register_version(db, version, "policy", parent, "dpo", None, str(path), {})
+        model_versions.register_version(db, version, "policy", parent, "dpo", None, str(path), {})
         server.load_adapter(version, path)
-    registry.promote(db, "v1")
+    model_versions.promote(db, "v1")
     watcher.check()
-    registry.promote(db, "v2")  # v1 retires, but it is v2's parent
+    model_versions.promote(db, "v2")  # v1 retires, but it is v2's parent
     watcher.check()
-    registry.promote(db, "v3")  # v2 retires and is nobody's parent; v1 is not v3's parent either
+    model_versions.promote(db, "v3")  # v2 retires and is nobody's parent; v1 is not v3's parent either
     watcher.check()
     assert set(server.versions()) == {"base", "v1", "v2", "v3"}  # used less than a minute ago
     monkeypatch.setattr(live, "RETIRED_IDLE_S", 1.0)
@@ -209,7 +209,7 @@ def test_retired_versions_nobody_uses_are_unloaded_but_the_live_versions_parent_
     wait_until(lambda: server.idle_seconds("v2") > 1.0, timeout=5, message="v2 idle")
     watcher.check()
     assert set(server.versions()) == {"base", "v3"}
-    registry.rollback(db)  # v3's parent is the base
+    model_versions.rollback(db)  # v3's parent is the base
     watcher.check()
     assert server.live_version == "base"
 

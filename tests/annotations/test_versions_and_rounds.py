@@ -1,4 +1,5 @@
-"""Rounds and versions in the store (annotations.registry): no model involved."""
+"""Rounds, versions and training-data snapshots in the store (annotations.round_records,
+annotations.model_versions, annotations.training_data): no model involved."""
 
 from __future__ import annotations
 
@@ -13,32 +14,31 @@ import pytest
 from annotations import InvalidInput, NotFound, open_db
 from annotations.db import connect
 from annotations.migrations import migrations
-from annotations.registry import (
+from annotations.model_versions import (
+    get_live_version,
+    get_version,
+    list_versions,
+    next_version_name,
+    promote,
+    register_version,
+    rollback,
+)
+from annotations.round_records import (
     LOG_TAIL_LINES,
     cancel_round,
     claim_next_round,
     create_round,
     fail_stale_rounds,
     finish_round,
-    get_live_version,
     get_round,
-    get_version,
-    list_versions,
-    next_version_name,
-    pair_watermark,
-    promote,
     record_step_metrics,
-    register_version,
     reserve_version,
-    rollback,
-    select_pairs,
-    select_prompts,
     set_round_data,
-    snapshot_hash,
     step_metrics,
     update_round,
     version_lineage,
 )
+from annotations.training_data import pair_watermark, select_pairs, select_prompts, snapshot_hash
 from annotations.store import add_prompt, add_user, queue_items, submit_judgement
 from tests.align.stores import import_pairs
 from tests.conftest import REPO
@@ -302,9 +302,9 @@ def test_round_watermark_migration_keeps_rounds_on_previous_schema(tmp_path):
     assert migrations.pending(db) == []
 
 
-def test_registry_imports_no_torch_transformers_or_gradio_in_fresh_process():
+def test_the_store_of_rounds_and_versions_imports_no_torch_transformers_or_gradio_in_fresh_process():
     script = (
-        "import json, sys\nimport annotations.registry\n"
+        "import json, sys\nimport annotations.model_versions, annotations.round_records, annotations.training_data\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'gradio'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
