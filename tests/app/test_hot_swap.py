@@ -128,8 +128,13 @@ def test_a_chat_request_queued_behind_a_promotion_is_answered_by_the_new_version
         ctx, user, "hello", conversation="c1", sampling={"max_new_tokens": 4}))[-1]))
     thread.start()
     wait_until(lambda: len(server._lock._queue) == 1, timeout=10, message="the chat request queued")
-    server.set_live("v9")
+    # the promotion is a request to the model's owner too: it queues, ahead of the chat (a swap
+    # goes first), and runs when the generation in flight lets go of the model
+    promotion = threading.Thread(target=server.set_live, args=("v9",))
+    promotion.start()
+    wait_until(lambda: len(server._lock._queue) == 2, timeout=10, message="the promotion queued")
     server._lock.release()
+    promotion.join(30)
     thread.join(30)
     _, version, reply_id = outcome[0]
     assert version == "v9"
