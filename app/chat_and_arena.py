@@ -136,14 +136,32 @@ def new_conversation() -> str:
 # ---------------------------------------------------------------- arena
 
 
+ARENA_WAITS = (
+    "**The arena compares two versions of the model, blind.** Both answer the same prompt, you vote, and "
+    "only then see which was which; your votes rank the versions on the leaderboard and become preference "
+    "data. So far there is only one version to talk to: the arena opens when a training round registers a "
+    "second one (or an admin makes one available).")
+
+
+def arena_notice(ctx: AppContext, user: dict | None) -> str | None:
+    """None when this person can fight a battle; else what the arena is for and what it waits for."""
+    _annotator(user)
+    return None if len({v for v in policy_versions(ctx, user) if v != LIVE}) >= 2 else ARENA_WAITS
+
+
 def default_opponents(ctx: AppContext) -> tuple[str, str]:
-    """Live version against its parent (or the base, if the live version has none)."""
+    """The live version against its parent; a live version without one (the base) meets the
+    newest candidate."""
+    db = ctx.db()
     live = ctx.server.live_version
-    row = model_versions.find_version(ctx.db(), live)
+    row = model_versions.find_version(db, live)
     parent = (row or {}).get("parent") or BASE_VERSION
-    if parent == live:
-        raise InvalidInput("the live version is the base and has no parent yet: pick two versions to compare")
-    return live, parent
+    if parent != live:
+        return live, parent
+    others = [v for v in model_versions.available_versions(db) if v != live]
+    if not others:
+        raise InvalidInput("there is only one version so far: the arena opens when a round registers a second")
+    return live, others[0]
 
 
 def random_prompt(ctx: AppContext, user: dict | None) -> str:

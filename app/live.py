@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 from annotations import model_versions, round_records, store
-from app.serving import BASE_VERSION, configure_threads, ensure_loaded
+from app.serving import BASE_VERSION, ensure_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class LiveWatcher:
         training = round_records.any_round_running(db)
         threads = max(1, self.serve_threads - WORKER_THREADS) if training else self.serve_threads
         if self._threads != threads:
-            configure_threads(threads)  # on the model thread: torch's thread count is per thread
+            server.configure_threads(threads)  # on the model thread: torch's thread count is per thread
             self._threads = threads
             logger.info("serving threads: %d (%s)", threads, "a round is training" if training else "idle worker")
 

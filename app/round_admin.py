@@ -112,6 +112,33 @@ def check_gate(ctx: AppContext, user: dict | None, version: str) -> dict:
     return gate.check_gate(ctx.db(), (version or "").strip())
 
 
+def promotion_question(ctx: AppContext, user: dict | None, version: str) -> str:
+    """What promoting `version` would do, asked before the page does it (InvalidInput if it cannot)."""
+    _admin(user)
+    db, name = ctx.db(), (version or "").strip()
+    if not name:
+        raise InvalidInput("pick a version to promote")
+    row = model_versions.find_version(db, name)
+    if row is None:
+        raise InvalidInput(f"there is no version {name!r}")
+    if row["state"] == "live":
+        raise InvalidInput(f"{name} is already the live {row['kind']} version")
+    live = model_versions.get_live_version(db, row["kind"])
+    return (f"Make **{name}** the live {row['kind']} version? "
+            + (f"**{live['version']}** retires. " if live else "")
+            + ("Every new answer, item and chat reply comes from it at once." if row["kind"] == "policy"
+               else "Rounds and suggestions use it from now on."))
+
+
+def rollback_question(ctx: AppContext, user: dict | None, kind: str = "policy") -> str:
+    """What a rollback would do, asked before the page does it (InvalidInput if it cannot)."""
+    _admin(user)
+    live = model_versions.get_live_version(ctx.db(), kind)
+    if live is None or not live["parent"]:
+        raise InvalidInput(f"the live {kind} version has no parent to roll back to")
+    return f"Roll back? **{live['version']}** retires and its parent **{live['parent']}** is live again."
+
+
 def promote(ctx: AppContext, user: dict | None, version: str) -> str:
     _admin(user)
     result = model_versions.promote(ctx.db(), (version or "").strip())

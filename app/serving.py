@@ -290,6 +290,16 @@ class PolicyServer:
 
         self._owner.call(ModelLock.SWAP, set_live)
 
+    def configure_threads(self, n: int) -> int:
+        """Set torch's intra-op threads for serving (serving and training share 2 cores): a turn
+        of the owner at swap priority, so a prefetch batch in flight stops for it at its next
+        step instead of holding it up for the whole batch. Returns the count in force."""
+        def set_threads():
+            torch.set_num_threads(n)
+            return torch.get_num_threads()
+
+        return self._owner.call(ModelLock.SWAP, set_threads)
+
     def merge(self, version: str) -> bool:
         """Make a serving copy of the base with `version`'s adapter merged into the weights it
         adapts, so that generations of that version alone run at the base model's speed: PEFT's
@@ -555,8 +565,9 @@ def ensure_loaded(server: PolicyServer, db, version: str | None) -> str:
 
 
 def configure_threads(n: int | None) -> int:
-    """Set torch's intra-op threads for serving, on the model thread (serving and training
-    share 2 cores). Returns the count in force there."""
+    """Set torch's intra-op threads on the model thread, before anything serves (at start-up;
+    a running server's count changes through `PolicyServer.configure_threads`). Returns the
+    count in force there."""
     if n:
         on_model_thread(torch.set_num_threads, n)
     return on_model_thread(torch.get_num_threads)

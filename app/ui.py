@@ -40,6 +40,11 @@ SHORTCUTS_JS = """
       if (visible(ranking)) { event.preventDefault(); ranking.click(); }
       return;
     }
+    if (typing && event.key === "Enter" && !event.shiftKey && target.closest("#ranking")) {
+      // Enter submits the ranking; the field is left, so the next item's keys are keys again
+      setTimeout(() => target.blur(), 0);
+      return;
+    }
     if (typing || event.ctrlKey || event.metaKey || event.altKey) return;
     const key = event.key.toLowerCase();
     if (key === "g") { const p = document.querySelector("#guidelines-panel button, #guidelines-panel .label-wrap");
@@ -75,7 +80,7 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 annotate = annotate_page.build(ctx, current_user)
             with gr.Tab("Chat", id="chat"):
                 chat_tab = chat_page.build_chat(ctx, current_user)
-            with gr.Tab("Arena", id="arena"):
+            with gr.Tab("Arena", id="arena") as arena_tab_shown:
                 arena_tab = chat_page.build_arena(ctx, current_user)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 load_admin, admin_outputs = admin_page.build(ctx, current_user, annotate["view"])
@@ -94,11 +99,13 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                                 else [gr.update() for _ in (*admin_outputs, *training_outputs, *health_outputs)])
                 versions = gr.update(choices=chat_versions(ctx, user))
                 return [f"Logged in as **{user['name']}** ({user['role']})", gr.Tabs(selected=shown), *page,
-                        guidelines, versions, versions, versions, gr.update(visible=is_admin), *admin_values]
+                        guidelines, versions, versions, versions, *arena_tab["state"](user),
+                        gr.update(visible=is_admin), *admin_values]
             return guard(run)
 
         demo.load(on_load, [start_tab], [who, tabs, *annotate["outputs"], annotate["guidelines"], chat_tab["version"],
-                                         arena_tab["version_a"], arena_tab["version_b"], admin_tab, *admin_outputs,
+                                         arena_tab["version_a"], arena_tab["version_b"], *arena_tab["state_outputs"],
+                                         admin_tab, *admin_outputs,
                                          *training_outputs, *health_outputs],
                   js=READ_TAB_JS, api_visibility="private")
         def on_annotate_shown(clicked, request: gr.Request):
@@ -108,6 +115,16 @@ def build_ui(ctx: handlers.AppContext) -> gr.Blocks:
                 return [gr.update() for _ in annotate["outputs"]]
             return annotate["load"](request)
 
+        def on_arena_shown(request: gr.Request):
+            # a round may have registered a second version since the page opened
+            def run():
+                user = handlers.whoami(current_user(request))
+                versions = gr.update(choices=chat_versions(ctx, user))
+                return [versions, versions, *arena_tab["state"](user)]
+            return guard(run)
+
+        arena_tab_shown.select(on_arena_shown, None, [arena_tab["version_a"], arena_tab["version_b"],
+                                                      *arena_tab["state_outputs"]], api_visibility="private")
         annotate_tab.select(on_annotate_shown, [start_tab], annotate["outputs"],
                             js="() => [window.rankloopClickedTab || '']", api_visibility="private")
     return demo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import handlers
-from app.pages.common import endpoint, guard, prompt_for_chatbot
+from app.pages.common import guard, prompt_for_chatbot, shown_inline, wire
 
 MAX_ANSWERS = len(handlers.LETTERS)
 
@@ -30,6 +30,10 @@ def answer_label(answer: dict | None, letter: str) -> str:
     return f"Answer {letter}"
 
 
+EMPTY_POLL_S = 3  # while nobody has an item, the page asks this often whether one is ready
+READ_TAB_JS = "() => [localStorage.getItem('rankloop-tab') || 'annotate']"
+
+
 def build(ctx, current_user):
     """Create the annotate tab's components and events inside the current Blocks."""
     view = gr.State(None)
@@ -37,12 +41,16 @@ def build(ctx, current_user):
     with gr.Accordion("Guidelines", open=False, elem_id="guidelines-panel"):
         guidelines = gr.Markdown(elem_id="guidelines")
     # Shown as written (escaped, no markdown), like the answers: see prompt_for_chatbot.
-    prompt = gr.Chatbot(label="Prompt", height=240, elem_id="prompt", render_markdown=False)
+    # opens at the start of the prompt (a long one would otherwise open scrolled to its end)
+    prompt = gr.Chatbot(label="Prompt", height=240, elem_id="prompt", render_markdown=False, autoscroll=False)
     answers = []
-    with gr.Row():
+    # wide cards, two to a row (side by side for a pair, 2 x 2 for four), stacked in a narrow
+    # window; each grows with its answer and opens at its start
+    with gr.Row(equal_height=True, elem_id="answers"):
         for i, letter in enumerate(handlers.LETTERS):
-            answers.append(gr.Textbox(label=f"Answer {letter}", lines=8, max_lines=24, interactive=False,
-                                      visible=i < 2, elem_id=f"answer-{letter.lower()}", min_width=220))
+            answers.append(gr.Textbox(label=f"Answer {letter}", lines=8, max_lines=60, interactive=False,
+                                      visible=i < 2, elem_id=f"answer-{letter.lower()}", min_width=440,
+                                      autoscroll=False))
     with gr.Row(visible=True, elem_id="pairwise-controls") as pairwise_row:
         choose_a = gr.Button("A is better (1)", elem_id="choose-a", variant="primary")
         choose_b = gr.Button("B is better (2)", elem_id="choose-b", variant="primary")
@@ -53,6 +61,8 @@ def build(ctx, current_user):
                              placeholder="e.g. B > A = C > D", elem_id="ranking", scale=4)
         submit_ranking = gr.Button("Submit ranking", elem_id="submit-ranking", variant="primary", scale=1)
         all_bad = gr.Button("All bad (0)", elem_id="all-bad", variant="stop", scale=1)
+    # a refusal (an unreadable ranking, an item gone) is written here, beside the controls
+    message = gr.Markdown(visible=False, elem_id="annotate-message")
     with gr.Row():
         thumbs_up = gr.CheckboxGroup(choices=["A", "B"], label="Thumbs up (u)", elem_id="thumbs-up")
         thumbs_down = gr.CheckboxGroup(choices=["A", "B"], label="Thumbs down (d)", elem_id="thumbs-down")
@@ -68,6 +78,11 @@ def build(ctx, current_user):
         flag_button = gr.Button("Flag (f)", elem_id="flag", variant="stop")
         next_button = gr.Button("Next item (n)", elem_id="next-item")
     gr.Markdown(SHORTCUTS_HELP)
+    # while the queue is dry the page asks by itself, and deals the next item once one is ready
+    empty_poll = gr.Timer(EMPTY_POLL_S, active=False)
+    shown_tab = gr.Textbox(visible=False, elem_id="annotate-shown-tab")
+    actions = [choose_a, choose_b, choose_tie, choose_bad, submit_ranking, all_bad, copy_best, skip_button,
+               flag_button]
 
     def render(view_value, progress, note=""):
         shown = view_value["answers"] if view_value else []
@@ -77,14 +92,14 @@ def build(ctx, current_user):
             head = (f"**Item {view_value['item_id']}** ({view_value['mode']}, {k} answers) · "
                     f"your judgements: {progress['done']} (today {progress['today']}) · ready: {progress['ready']}")
         else:
-            head = (f"No item is ready for you yet ({progress['pending']} being generated). "
-                    "Press **Next item** in a few seconds.")
+            head = (f"**No item is waiting for you.** {progress['pending']} being generated; the next one "
+                    f"appears here by itself as soon as it is ready.")
         pairwise = bool(view_value) and k == 2 and view_value["mode"] == "pairwise"
         return [
             view_value,
             head + (f"\n\n{note}" if note else ""),
             prompt_for_chatbot(view_value["messages"] if view_value else []),
-            *[gr.update(value=shown[i]["text"] if i < k else "", visible=i < max(k, 2),
+            *[gr.update(value=shown[i]["text"] if i < k else "", visible=i < k or (not view_value and i < 2),
                         label=answer_label(shown[i] if i < k else None, handlers.LETTERS[i]))
               for i in range(MAX_ANSWERS)],
             gr.update(visible=pairwise or not view_value),
@@ -94,15 +109,26 @@ def build(ctx, current_user):
             gr.update(choices=letters, value=[]),
             gr.update(choices=letters, value=[]),
             gr.update(choices=letters, value=[]),
+            *[gr.update(interactive=bool(view_value)) for _ in actions],
+            gr.Timer(active=not view_value),
         ]
 
     outputs = [view, header, prompt, *answers, pairwise_row, ranking_row, ranking, edited,
-               thumbs_up, thumbs_down, flag_letters]
+               thumbs_up, thumbs_down, flag_letters, *actions, empty_poll]
 
     def load(request: gr.Request):
         def run():
             user = current_user(request)
             return render(handlers.next_item(ctx, user), handlers.annotator_progress(ctx, user))
+        return guard(run)
+
+    def poll(tab, request: gr.Request):
+        def run():
+            user = current_user(request)
+            progress = handlers.annotator_progress(ctx, user)
+            if tab != "annotate" or not progress["ready"]:
+                return [gr.skip() for _ in outputs]
+            return render(handlers.next_item(ctx, user), progress)
         return guard(run)
 
     def after_submit(user, result):
@@ -157,14 +183,18 @@ def build(ctx, current_user):
             return handlers.best_answer_text(view_value, ranking_text)
         return guard(run)
 
+    # a refusal is written beside the controls and leaves the page as it was (common.wire)
     extra = [edited, thumbs_up, thumbs_down]
+    shown = {"progress_on": [header]}
     for button, choice in ((choose_a, "A"), (choose_b, "B"), (choose_tie, "tie"), (choose_bad, "both_bad")):
-        button.click(make_pairwise(choice), [view, *extra], outputs, api_name=endpoint(f"submit_{choice}", "annotator"))
-    submit_ranking.click(submit_ranked, [view, ranking, *extra], outputs, api_name=endpoint("submit_ranking", "annotator"))
-    ranking.submit(submit_ranked, [view, ranking, *extra], outputs, api_visibility="undocumented")
-    all_bad.click(submit_all_bad, [view, *extra], outputs, api_name=endpoint("submit_all_bad", "annotator"))
-    skip_button.click(do_skip, [view, skip_reason], outputs, api_name=endpoint("skip", "annotator"))
-    flag_button.click(do_flag, [view, flag_letters, skip_reason], None, api_name=endpoint("flag", "annotator"))
-    copy_best.click(do_copy_best, [view, ranking], [edited], api_name=endpoint("copy_best", "annotator"))
-    next_button.click(load, None, outputs, api_name=endpoint("next_item", "annotator"))
+        wire(button.click, make_pairwise(choice), [view, *extra], outputs, message, f"submit_{choice}", **shown)
+    wire(submit_ranking.click, submit_ranked, [view, ranking, *extra], outputs, message, "submit_ranking", **shown)
+    wire(ranking.submit, submit_ranked, [view, ranking, *extra], outputs, message, **shown)
+    wire(all_bad.click, submit_all_bad, [view, *extra], outputs, message, "submit_all_bad", **shown)
+    wire(skip_button.click, do_skip, [view, skip_reason], outputs, message, "skip", **shown)
+    wire(flag_button.click, do_flag, [view, flag_letters, skip_reason], [], message, "flag")
+    wire(copy_best.click, do_copy_best, [view, ranking], [edited], message, "copy_best")
+    wire(next_button.click, load, None, outputs, message, "next_item", **shown)
+    empty_poll.tick(shown_inline(poll, len(outputs)), [shown_tab], [*outputs, message], js=READ_TAB_JS,
+                    api_visibility="private", show_progress="hidden")
     return {"load": load, "outputs": outputs, "guidelines": guidelines, "view": view}

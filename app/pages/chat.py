@@ -7,7 +7,7 @@ import gradio as gr
 from annotations.arena import PROVISIONAL_BATTLES
 from annotations.errors import AnnotationsError
 from app import chat_and_arena
-from app.pages.common import endpoint, guard, visible_error
+from app.pages.common import endpoint, guard, visible_error, wire
 
 
 def _decoding_controls():
@@ -93,6 +93,7 @@ def build_arena(ctx, current_user):
     battle = gr.State(None)
     gr.Markdown("Two versions answer the same prompt; you see them blind, vote, and then learn which was which. "
                 "By default the live version meets its parent.")
+    notice = gr.Markdown(visible=False, elem_id="arena-notice")  # the empty state of a fresh install
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt", scale=4)
         random_prompt = gr.Button("Random held-out prompt", elem_id="arena-random", scale=1)
@@ -100,12 +101,13 @@ def build_arena(ctx, current_user):
         version_a = gr.Dropdown([chat_and_arena.LIVE], value=chat_and_arena.LIVE, label="Version 1 (live: live vs parent)")
         version_b = gr.Dropdown([chat_and_arena.LIVE], value=chat_and_arena.LIVE, label="Version 2")
         fight = gr.Button("Battle", variant="primary", elem_id="arena-battle")
+    message = gr.Markdown(visible=False, elem_id="arena-message")
     decoding = _decoding_controls()
     with gr.Row():
         answer_a = gr.Textbox(label="Answer A", lines=10, interactive=False, elem_id="arena-a")
         answer_b = gr.Textbox(label="Answer B", lines=10, interactive=False, elem_id="arena-b")
     with gr.Row():
-        votes = {w: gr.Button(label, elem_id=f"arena-vote-{w.lower()}") for w, label in
+        votes = {w: gr.Button(label, elem_id=f"arena-vote-{w.lower()}", interactive=False) for w, label in
                  (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"), ("both_bad", "Both bad"))}
     reveal = gr.Markdown(elem_id="arena-reveal")
     gr.Markdown("### Leaderboard (Bradley–Terry, Elo scale, 95% interval)\nA version with fewer than "
@@ -115,6 +117,12 @@ def build_arena(ctx, current_user):
                          interactive=False, elem_id="arena-leaderboard")
     parents = gr.Dataframe(headers=["version", "parent", "votes", "win rate", "95% interval", "note"],
                            interactive=False, label="Human win rate over parent")
+    vote_buttons = list(votes.values())
+
+    def arena_state(user):
+        """[notice, battle button]: the empty state while there is nothing to compare."""
+        waits = chat_and_arena.arena_notice(ctx, user)
+        return [gr.update(value=waits or "", visible=bool(waits)), gr.update(interactive=not waits)]
 
     def do_random(request: gr.Request):
         return guard(lambda: chat_and_arena.random_prompt(ctx, current_user(request)))
@@ -122,7 +130,8 @@ def build_arena(ctx, current_user):
     def do_battle(text, a, b, t, p, r, m, request: gr.Request):
         def run():
             result = chat_and_arena.start_battle(ctx, current_user(request), text, a, b, _sampling(t, p, r, m))
-            return result["battle_id"], result["answers"][0], result["answers"][1], "Vote to reveal the versions."
+            return (result["battle_id"], result["answers"][0], result["answers"][1], "Vote to reveal the versions.",
+                    *[gr.update(interactive=True) for _ in vote_buttons])
         return guard(run)
 
     def make_vote(winner):
@@ -130,7 +139,8 @@ def build_arena(ctx, current_user):
             def run():
                 result = chat_and_arena.vote(ctx, current_user(request), battle_id, winner)
                 return (f"You voted **{winner}**. A was **{result['version_a']}**, B was **{result['version_b']}**."
-                        + (" Stored as a preference pair." if result["pair_id"] else ""))
+                        + (" Stored as a preference pair." if result["pair_id"] else ""),
+                        *[gr.update(interactive=False) for _ in vote_buttons])  # one vote per battle
             return guard(run)
         do_vote.__name__ = f"vote_{winner}"
         return do_vote
@@ -145,10 +155,12 @@ def build_arena(ctx, current_user):
             return board_rows, parent_rows
         return guard(run)
 
-    random_prompt.click(do_random, None, prompt, api_name=endpoint("arena_random_prompt", "annotator"))
-    fight.click(do_battle, [prompt, version_a, version_b, *decoding], [battle, answer_a, answer_b, reveal],
-                api_name=endpoint("arena_battle", "annotator"))
+    # refusals are written beside the controls, and the page stays as it was (common.wire)
+    wire(random_prompt.click, do_random, None, [prompt], message, "arena_random_prompt")
+    wire(fight.click, do_battle, [prompt, version_a, version_b, *decoding],
+         [battle, answer_a, answer_b, reveal, *vote_buttons], message, "arena_battle", progress_on=[reveal])
     for winner, button in votes.items():
-        button.click(make_vote(winner), [battle], reveal, api_name=endpoint(f"arena_vote_{winner}", "annotator"))
-    refresh.click(do_refresh, None, [board, parents], api_name=endpoint("arena_leaderboard", "annotator"))
-    return {"version_a": version_a, "version_b": version_b, "leaderboard": (do_refresh, [board, parents])}
+        wire(button.click, make_vote(winner), [battle], [reveal, *vote_buttons], message, f"arena_vote_{winner}")
+    wire(refresh.click, do_refresh, None, [board, parents], message, "arena_leaderboard")
+    return {"version_a": version_a, "version_b": version_b, "leaderboard": (do_refresh, [board, parents]),
+            "state": arena_state, "state_outputs": [notice, fight]}

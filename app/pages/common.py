@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 
@@ -28,6 +29,42 @@ def guard(fn):
         raise visible_error(f"Permission denied: {e}") from None
     except (AnnotationsError, ValueError, KeyError) as e:
         raise visible_error(str(e).strip("'\"")) from None
+
+
+MESSAGE_PREFIX = "⚠ "
+
+
+def shown_inline(fn, n_outputs: int):
+    """The page's own copy of an event handler with `n_outputs` outputs, plus one: the page's
+    message box, beside the controls. A refusal is written there and every other field stays as
+    it was (a raised gr.Error would mark every output "Error" and cover the page); success clears
+    it. The API keeps the raising handler, so a client still gets an error."""
+    @functools.wraps(fn)  # Gradio reads the signature (and gr.Request) through it
+    def on_page(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except gr.Error as e:
+            message = gr.update(value=MESSAGE_PREFIX + html.escape(str(e.message), quote=False), visible=True)
+            return message if n_outputs == 0 else [*(gr.skip() for _ in range(n_outputs)), message]
+        cleared = gr.update(value="", visible=False)
+        if n_outputs == 0:
+            return cleared
+        return [*(result if n_outputs > 1 else [result]), cleared]
+
+    return on_page
+
+
+def wire(trigger, fn, inputs, outputs, message, api_name: str | None = None, role: str = "annotator",
+         progress_on=None) -> None:
+    """Wire `fn` twice: to the page's `trigger` (refusals written in `message`: shown_inline),
+    and, if `api_name`, to the API, where a refusal is an error response. The API's copy hangs
+    on a hidden trigger, so a click never runs both."""
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    if api_name:  # first: Gradio names an event after its function, and the API copy must get the name
+        hidden = gr.Button(visible=False, elem_id=f"api-{api_name.replace('_', '-')}")
+        hidden.click(fn, inputs, outputs, api_name=endpoint(api_name, role))
+    trigger(shown_inline(fn, len(outputs)), inputs, [*outputs, message], api_visibility="private",
+            show_progress="minimal" if progress_on else "hidden", show_progress_on=progress_on)
 
 
 def prompt_for_chatbot(messages):

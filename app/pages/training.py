@@ -7,7 +7,7 @@ import gradio as gr
 import pandas as pd
 
 from app import round_admin
-from app.pages.common import endpoint, guard
+from app.pages.common import endpoint, guard, wire
 
 ROUND_HEADERS = ["id", "method", "status", "progress", "version", "pairs", "held-out", "created"]
 VERSION_HEADERS = ["version", "kind", "state", "parent", "method", "round", "data", "pairs", "metrics", "config",
@@ -59,10 +59,18 @@ def build(ctx, current_user):
     with gr.Tab("Versions"):
         versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, elem_id="versions-table")
         with gr.Row():
-            version = gr.Textbox(label="Version", elem_id="version-name")
+            # picked from the registered versions (a name typed through the API is checked on the server)
+            version = gr.Dropdown([], label="Version", elem_id="version-name", allow_custom_value=True)
             gate_check = gr.Button("Check the gate", elem_id="version-gate")
-            promote = gr.Button("Promote", variant="primary", elem_id="version-promote")
-            rollback = gr.Button("Roll back the live policy to its parent", elem_id="version-rollback")
+            promote = gr.Button("Promote…", variant="primary", elem_id="version-promote")
+            rollback = gr.Button("Roll back the live policy to its parent…", elem_id="version-rollback")
+        with gr.Group(visible=False, elem_id="version-confirm") as confirm_box:
+            confirm_text = gr.Markdown(elem_id="version-confirm-text")
+            with gr.Row():
+                confirm = gr.Button("Yes, do it", variant="primary", elem_id="version-confirm-yes")
+                dismiss = gr.Button("Cancel", elem_id="version-confirm-no")
+        pending = gr.State(None)  # ("promote", name) or ("rollback", None): what the confirmation is for
+        version_message = gr.Markdown(visible=False, elem_id="version-message")
         version_status = gr.Markdown(elem_id="version-status")
         gr.Markdown(GATE_HELP)
         with gr.Row():
@@ -124,7 +132,7 @@ def build(ctx, current_user):
         def run():
             user = current_user(request)
             gate = round_admin.gate_settings(ctx, user)
-            return (round_admin.versions_table(ctx, user), *[gate[key] for key in GATE_FIELDS])
+            return (round_admin.versions_table(ctx, user), *version_choices(user), *[gate[key] for key in GATE_FIELDS])
         return guard(run)
 
     def do_promote(name, request: gr.Request):
@@ -132,6 +140,30 @@ def build(ctx, current_user):
             user = current_user(request)
             return round_admin.promote(ctx, user, name), round_admin.versions_table(ctx, user)
         return guard(run)
+
+    def ask_promote(name, request: gr.Request):
+        def run():
+            question = round_admin.promotion_question(ctx, current_user(request), name)
+            return gr.update(visible=True), question, ("promote", (name or "").strip())
+        return guard(run)
+
+    def ask_rollback(request: gr.Request):
+        def run():
+            return gr.update(visible=True), round_admin.rollback_question(ctx, current_user(request)), ("rollback", None)
+        return guard(run)
+
+    def do_confirmed(what, request: gr.Request):
+        def run():
+            if not what:
+                raise round_admin.InvalidInput("nothing to confirm: press Promote or Roll back first")
+            action, name = what
+            status, table = do_promote(name, request) if action == "promote" else do_rollback(request)
+            return gr.update(visible=False), None, status, table, *version_choices(current_user(request))
+        return guard(run)
+
+    def version_choices(user):
+        names = [row[0] for row in round_admin.versions_table(ctx, user)]
+        return [gr.update(choices=names)]
 
     def do_check_gate(name, request: gr.Request):
         def run():
@@ -179,9 +211,16 @@ def build(ctx, current_user):
     timer.tick(do_refresh, round_id, refresh_outputs, api_name=endpoint("round_status", "admin"))
     round_id.submit(do_refresh, round_id, refresh_outputs, api_visibility="private")
     cancel.click(do_cancel, round_id, start_status, api_name=endpoint("cancel_round", "admin"))
-    promote.click(do_promote, version, [version_status, versions], api_name=endpoint("promote", "admin"))
-    gate_check.click(do_check_gate, version, version_status, api_name=endpoint("check_gate", "admin"))
-    rollback.click(do_rollback, None, [version_status, versions], api_name=endpoint("rollback", "admin"))
+    # on the page, Promote and Roll back ask first (what goes live, what retires); the API acts at once
+    wire(promote.click, ask_promote, version, [confirm_box, confirm_text, pending], version_message)
+    wire(rollback.click, ask_rollback, None, [confirm_box, confirm_text, pending], version_message)
+    wire(confirm.click, do_confirmed, pending, [confirm_box, pending, version_status, versions, version],
+         version_message)
+    dismiss.click(lambda: (gr.update(visible=False), None), None, [confirm_box, pending], api_visibility="private")
+    api_promote, api_rollback = gr.Button(visible=False), gr.Button(visible=False)
+    api_promote.click(do_promote, version, [version_status, versions], api_name=endpoint("promote", "admin"))
+    api_rollback.click(do_rollback, None, [version_status, versions], api_name=endpoint("rollback", "admin"))
+    wire(gate_check.click, do_check_gate, version, version_status, version_message, "check_gate", role="admin")
     gate_inputs = [auto, confidence, min_prompts, human, human_share, min_human, gate_items]
     save_gate.click(do_save_gate, gate_inputs, gate_status, api_name=endpoint("save_gate", "admin"))
     dashboard_refresh.click(do_dashboard, None, [summary, round_table, across, throughput],
@@ -191,7 +230,7 @@ def build(ctx, current_user):
         """Values the training tabs show when an admin opens the page (and the timer starts)."""
         return [round_admin.method_defaults("dpo"), *do_versions(request), gr.Timer(active=True)]
 
-    return on_admin_load, [defaults, versions, *gate_inputs, timer]
+    return on_admin_load, [defaults, versions, version, *gate_inputs, timer]
 
 
 def gate_verdict(result: dict) -> str:

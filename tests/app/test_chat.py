@@ -127,3 +127,13 @@ def test_an_annotator_may_chat_only_with_versions_an_admin_made_available(ctx):
     model_versions.set_available_versions(db, ["base"])
     assert model_versions.available_versions(db) == ["v2", "v1", "base"]
     assert "base" in chat.policy_versions(ctx, user(ctx))
+
+
+def test_the_arena_says_what_it_is_for_until_there_is_a_second_version_and_then_meets_the_newest(ctx):
+    from annotations import model_versions
+
+    assert chat.arena_notice(ctx, user(ctx)) == chat.ARENA_WAITS
+    model_versions.register_version(ctx.db(), "v1", "policy", "base", "dpo", None, "/nowhere/v1", {})
+    model_versions.register_version(ctx.db(), "v2", "policy", "base", "dpo", None, "/nowhere/v2", {})
+    assert chat.arena_notice(ctx, user(ctx)) is None
+    assert chat.default_opponents(ctx) == ("base", "v2")  # the base has no parent: the newest candidate

@@ -203,6 +203,41 @@ def test_background_generation_gives_way_to_an_interactive_request(server):
     assert reply and outcome["result"] == "preempted"
 
 
+def test_changing_the_thread_count_stops_a_prefetch_batch_instead_of_waiting_for_it(server):
+    """The live watcher changes the thread count when a round starts or ends; an admin's
+    promotion waits on it. It is a turn of the model's owner at swap priority: a preemptible
+    batch gives way at its next step (before, it waited for the whole batch, minutes on the
+    real model)."""
+    import threading
+    import time
+
+    import torch
+
+    from app.serving import Preempted
+
+    outcome = {}
+
+    def background():
+        try:
+            server.generate([{"role": "user", "content": "a long one"}], n=2,
+                            sampling=SamplingParams(max_new_tokens=1024, temperature=1.0), preemptible=True)
+            outcome["result"] = "finished"
+        except Preempted:
+            outcome["result"] = "preempted"
+
+    threads = torch.get_num_threads()
+    thread = threading.Thread(target=background)
+    thread.start()
+    while not server._lock.locked():
+        pass
+    started = time.monotonic()
+    assert server.configure_threads(1) == 1
+    waited = time.monotonic() - started
+    thread.join()
+    server.configure_threads(threads)
+    assert outcome["result"] == "preempted" and waited < 5
+
+
 # ---------------------------------------------------------------- paths a web user can influence
 
 
