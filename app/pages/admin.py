@@ -8,7 +8,7 @@ import gradio as gr
 from annotations.model_versions import list_versions
 from annotations.quality import WEIGHT_SOURCES
 from app import handlers
-from app.pages.common import endpoint, guard
+from app.pages.common import guard, wire
 
 SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens")
 
@@ -34,6 +34,7 @@ def build(ctx, current_user, annotate_view):
                                             elem_id="setting-exclude-truncated", scale=1)
         save_settings = gr.Button("Save settings", elem_id="save-settings")
         settings_status = gr.Markdown(elem_id="settings-status")
+        settings_message = gr.Markdown(visible=False, elem_id="settings-message")
 
         gr.Markdown("### Training weights\nEach pair's loss weight is its source's weight, times its item's agreement "
                     "among annotators and its annotator's trust from gold items (when ticked). A weight of 0 keeps "
@@ -46,10 +47,12 @@ def build(ctx, current_user, annotate_view):
                               for source in WEIGHT_SOURCES}
             save_weights = gr.Button("Save weights", elem_id="save-weights")
         weights_status = gr.Markdown(elem_id="weights-status")
+        weights_message = gr.Markdown(visible=False, elem_id="weights-message")
 
         gr.Markdown("### Guidelines shown to annotators (markdown)")
         guidelines_text = gr.Textbox(lines=8, label="Guidelines", elem_id="guidelines-editor")
         save_guidelines = gr.Button("Save guidelines")
+        guidelines_message = gr.Markdown(visible=False, elem_id="guidelines-message")
 
         gr.Markdown("### Import")
         with gr.Row():
@@ -57,6 +60,7 @@ def build(ctx, current_user, annotate_view):
             import_format = gr.Radio(["prompts", "trl", "hh"], value="prompts", label="Format")
             import_button = gr.Button("Import", elem_id="import")
         import_status = gr.Textbox(label="Import report", lines=4, interactive=False)
+        import_message = gr.Markdown(visible=False, elem_id="import-message")
 
         gr.Markdown("### Export preference pairs (TRL format)")
         with gr.Row():
@@ -67,6 +71,7 @@ def build(ctx, current_user, annotate_view):
             min_accuracy = gr.Number(label="Min. annotator gold accuracy (0-1, blank: all)", value=None)
             export_button = gr.Button("Export", elem_id="export")
         export_file = gr.File(label="Download", interactive=False)
+        export_message = gr.Markdown(visible=False, elem_id="export-message")
 
         gr.Markdown("### Queue a prompt (optionally answered by specific versions, for contrast)")
         with gr.Row():
@@ -74,6 +79,7 @@ def build(ctx, current_user, annotate_view):
             queue_versions = gr.Dropdown([], multiselect=True, label="Versions (empty: live)", allow_custom_value=True)
             queue_button = gr.Button("Queue")
         queue_status = gr.Markdown()
+        queue_message = gr.Markdown(visible=False, elem_id="queue-message")
 
         gr.Markdown("### Versions annotators may pick in chat and the arena\nAlways: the live version, its parent "
                     "and the candidates. Add older ones here (each one an annotator picks is loaded into memory).")
@@ -82,16 +88,19 @@ def build(ctx, current_user, annotate_view):
                                          scale=3)
             save_available = gr.Button("Save", elem_id="save-available")
         available_status = gr.Markdown(elem_id="available-status")
+        available_message = gr.Markdown(visible=False, elem_id="available-message")
 
         gr.Markdown("### Gold item: make the item on your annotate tab gold, with this ranking as its answer")
         with gr.Row():
             gold_ranking = gr.Textbox(label="Known ranking, e.g. A > B", scale=3)
             gold_button = gr.Button("Mark gold")
         gold_status = gr.Markdown()
+        gold_message = gr.Markdown(visible=False, elem_id="gold-message")
 
         gr.Markdown("### Annotation quality")
         quality_button = gr.Button("Compute agreement and gold accuracy", elem_id="quality")
         quality = gr.Code(label="Quality report", language=None, elem_id="quality-report")
+        quality_message = gr.Markdown(visible=False, elem_id="quality-message")
 
         gr.Markdown("### Accounts")
         with gr.Row():
@@ -99,6 +108,7 @@ def build(ctx, current_user, annotate_view):
             new_role = gr.Radio(["annotator", "admin"], value="annotator", label="Role")
             new_password = gr.Textbox(label="Password (8+ characters)", type="password")
             add_button = gr.Button("Add account")
+        accounts_message = gr.Markdown(visible=False, elem_id="accounts-message")
         accounts = gr.Dataframe(headers=["name", "role", "judgements", "created"], interactive=False)
 
     def load_settings(request: gr.Request):
@@ -182,17 +192,25 @@ def build(ctx, current_user, annotate_view):
 
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens,
                       exclude_truncated, answer_instruction]
-    save_settings.click(do_save_settings, setting_inputs, settings_status, api_name=endpoint("save_settings", "admin"))
+    # a refusal is written under the control that caused it; the page stays as it was (common.wire)
+    wire(save_settings.click, do_save_settings, setting_inputs, settings_status, settings_message, "save_settings",
+         role="admin")
     weight_inputs = [weight_agreement, weight_trust, *source_weights.values()]
-    save_weights.click(do_save_weights, weight_inputs, weights_status, api_name=endpoint("save_weights", "admin"))
-    save_guidelines.click(do_save_guidelines, guidelines_text, None, api_name=endpoint("save_guidelines", "admin"))
-    import_button.click(do_import, [upload, import_format], import_status, api_name=endpoint("import_file", "admin"))
-    export_button.click(do_export, [export_split, export_format, min_agreement, min_accuracy], export_file, api_name=endpoint("export_pairs", "admin"))
-    queue_button.click(do_queue, [queue_text, queue_versions], queue_status, api_name=endpoint("queue_prompt", "admin"))
-    save_available.click(do_save_available, extra_versions, available_status,
-                         api_name=endpoint("save_available_versions", "admin"))
-    gold_button.click(do_gold, [annotate_view, gold_ranking], gold_status, api_name=endpoint("mark_gold", "admin"))
-    add_button.click(do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
-                     api_name=endpoint("add_account", "admin"))
-    quality_button.click(do_quality, None, quality, api_name=endpoint("quality_report", "admin"))
+    wire(save_weights.click, do_save_weights, weight_inputs, weights_status, weights_message, "save_weights",
+         role="admin")
+    wire(save_guidelines.click, do_save_guidelines, guidelines_text, [], guidelines_message, "save_guidelines",
+         role="admin")
+    wire(import_button.click, do_import, [upload, import_format], import_status, import_message, "import_file",
+         role="admin")
+    wire(export_button.click, do_export, [export_split, export_format, min_agreement, min_accuracy], export_file,
+         export_message, "export_pairs", role="admin")
+    wire(queue_button.click, do_queue, [queue_text, queue_versions], queue_status, queue_message, "queue_prompt",
+         role="admin")
+    wire(save_available.click, do_save_available, extra_versions, available_status, available_message,
+         "save_available_versions", role="admin")
+    wire(gold_button.click, do_gold, [annotate_view, gold_ranking], gold_status, gold_message, "mark_gold",
+         role="admin")
+    wire(add_button.click, do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
+         accounts_message, "add_account", role="admin")
+    wire(quality_button.click, do_quality, None, quality, quality_message, "quality_report", role="admin")
     return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts, *weight_inputs, extra_versions]

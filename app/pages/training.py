@@ -42,6 +42,7 @@ def build(ctx, current_user):
         overrides = gr.Code(label="Overrides (YAML)", language="yaml", value="", elem_id="round-overrides")
         defaults = gr.JSON(label="Config keys and defaults", elem_id="round-defaults")
         start = gr.Button("Queue round", variant="primary", elem_id="round-start")
+        start_message = gr.Markdown(visible=False, elem_id="round-start-message")  # a bad key or value, named
         start_status = gr.Markdown(elem_id="round-start-status")
 
         gr.Markdown("### Rounds")
@@ -205,8 +206,8 @@ def build(ctx, current_user):
         return guard(run)
 
     method.change(show_defaults, method, defaults, api_visibility="private")
-    start.click(do_start, [method, data, overrides], [start_status, rounds, round_id],
-                api_name=endpoint("queue_round", "admin"))
+    wire(start.click, do_start, [method, data, overrides], [start_status, rounds, round_id], start_message,
+         "queue_round", role="admin")
     refresh_outputs = [rounds, progress, curves, log_tail, metrics]
     timer.tick(do_refresh, round_id, refresh_outputs, api_name=endpoint("round_status", "admin"))
     round_id.submit(do_refresh, round_id, refresh_outputs, api_visibility="private")

@@ -238,3 +238,30 @@ def test_a_long_prompt_opens_at_its_start_and_four_answers_sit_two_to_a_row(tmp_
         page.close()
     finally:
         app.close()
+
+
+def test_the_round_form_refuses_a_bad_value_beside_the_form_and_queues_nothing(running_app, browser):
+    from tests.app.conftest import ADMIN
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    browser_login(page, running_app.url, *ADMIN)
+    page.wait_for_function("(document.querySelector('#who') || {innerText: ''}).innerText.includes('Logged in')",
+                           timeout=30_000)
+    page.get_by_role("tab", name="Admin").click()
+    page.get_by_role("tab", name="Training").click()
+    page.locator("#round-overrides .cm-content").click()
+    page.keyboard.type("beta: lots\nlearning_rat: 0.1")
+    page.locator("#round-start").click()
+    message = page.locator("#round-start-message")
+    message.wait_for(state="visible", timeout=20_000)
+    text = message.inner_text()
+    assert "learning_rat" in text and "valid keys" in text  # the unknown key named, with the valid ones
+    assert page.locator("#round-start-status .error, #rounds-table .error").count() == 0
+    page.locator("#round-overrides .cm-content").click()
+    page.keyboard.press("Control+a")
+    page.keyboard.type("beta: lots")
+    page.locator("#round-start").click()
+    wait_until(lambda: "beta" in message.inner_text() and "learning_rat" not in message.inner_text(), timeout=20,
+               message="the bad value named")
+    page.close()
+    assert running_app.db().execute("SELECT count(*) FROM rounds").fetchone()[0] == 0
