@@ -11,15 +11,16 @@ from annotations.store import MAX_ANSWER_CHARS, add_prompt, canonical_messages, 
 
 
 def add_reply(db, user_id: int, conversation: str, messages, reply: str, version: str, *,
-              sampling: dict | None = None, seconds: float | None = None) -> int:
-    """Store one assistant reply to `messages` (the conversation so far, ending with the user)."""
+              sampling: dict | None = None, seconds: float | None = None, api_key_id: int | None = None) -> int:
+    """Store one assistant reply to `messages` (the conversation so far, ending with the user);
+    `api_key_id`: the key that asked for it through the OpenAI-compatible API."""
     messages = canonical_messages(messages)
     with write_transaction(db):
         cursor = db.execute(
-            "INSERT INTO chat_replies (user_id, conversation, messages, reply, policy_version, sampling, gen_seconds)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO chat_replies (user_id, conversation, messages, reply, policy_version, sampling, gen_seconds,"
+            " api_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [user_id, conversation[:64], json.dumps(messages, ensure_ascii=False), reply[:MAX_ANSWER_CHARS], version,
-             json.dumps(sampling or {}), seconds],
+             json.dumps(sampling or {}), seconds, api_key_id],
         )
         return cursor.lastrowid
 

@@ -299,3 +299,23 @@ def m010_item_views_and_truncation(db):
         # why the prefetcher gave up on an item (retired with this reason; shown on the Health tab)
         "ALTER TABLE items ADD COLUMN park_reason TEXT",
     )
+
+
+@migrations()
+def m011_api_keys(db):
+    """Per-user keys for the OpenAI-compatible API (only a key's sha256 is kept), and which key
+    asked for each chat reply that came through the API."""
+    _sql(
+        db,
+        f"""CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            label TEXT NOT NULL DEFAULT '',
+            key_hash TEXT NOT NULL UNIQUE,     -- sha256 hex of the key; the key itself is shown once
+            key_prefix TEXT NOT NULL,          -- its first characters, to tell keys apart in a list
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            last_used_at TEXT,
+            revoked_at TEXT
+        )""",
+        "ALTER TABLE chat_replies ADD COLUMN api_key_id INTEGER REFERENCES api_keys(id)",
+    )

@@ -1,4 +1,5 @@
-"""Launch the rankloop web app: `python -m app` (see --help)."""
+"""Launch the rankloop web app: `python -m app` (see --help); `python -m app health` and
+`python -m app api-key ...` (see their --help)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,58 @@ def health_command(argv) -> int:
     return 0 if report["status"] == "ok" else 1
 
 
+def api_key_command(argv) -> int:
+    """`python -m app api-key create NAME | list | revoke ID | limit [N]`: keys of the
+    OpenAI-compatible API (docs/scaling.md), made and revoked by the operator, in the store."""
+    from annotations import api_keys
+    from annotations.db import open_db
+    from annotations.errors import AnnotationsError
+
+    parser = argparse.ArgumentParser(prog="python -m app api-key", description=api_key_command.__doc__)
+    parser.add_argument("--home", default=os.environ.get("RANKLOOP_HOME", "data"),
+                        help="data folder holding the store (default: $RANKLOOP_HOME or ./data)")
+    commands = parser.add_subparsers(dest="action", required=True)
+    p = commands.add_parser("create", help="make a key for an account and print it (shown once)")
+    p.add_argument("name", help="the account the key acts as (its role applies)")
+    p.add_argument("--label", default="", help="what the key is for (shown in the list)")
+    commands.add_parser("list", help="every key: id, account, label, first characters, created, last used, revoked")
+    p = commands.add_parser("revoke", help="revoke a key for good")
+    p.add_argument("id", type=int)
+    p = commands.add_parser("limit", help="show, or set, the requests per minute each key may make")
+    p.add_argument("per_minute", type=int, nargs="?")
+    args = parser.parse_args(argv)
+    try:
+        db = open_db(Path(args.home).resolve() / "rankloop.db")
+        if args.action == "create":
+            key_id, key = api_keys.create_key(db, args.name, args.label)
+            print(f"API key {key_id} for {args.name} (shown once: keep it now):\n{key}")
+        elif args.action == "list":
+            rows = api_keys.list_keys(db)
+            for k in rows:
+                state = f"revoked {k['revoked_at']}" if k["revoked_at"] else f"last used {k['last_used_at'] or 'never'}"
+                print(f"{k['id']:>4}  {k['user']:<16} {k['prefix']}...  created {k['created_at']}  {state}"
+                      + (f"  ({k['label']})" if k["label"] else ""))
+            if not rows:
+                print("no API keys yet: `python -m app api-key create NAME` makes one")
+        elif args.action == "revoke":
+            print(f"revoked API key {args.id}" if api_keys.revoke_key(db, args.id)
+                  else f"API key {args.id} was revoked already")
+        elif args.per_minute is not None:
+            print(f"each API key may make {api_keys.set_rate_limit(db, args.per_minute)} requests per minute")
+        else:
+            print(f"each API key may make {api_keys.rate_limit(db)} requests per minute")
+    except AnnotationsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["health"]:
         return health_command(argv[1:])
+    if argv[:1] == ["api-key"]:
+        return api_key_command(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     home = Path(args.home).resolve()

@@ -17,7 +17,10 @@ Gradio's own app and resolves the request's user from Gradio's session cookie, t
 - `GET /health` answers an admin with the app's health report (`app.health`): 200 when all
   is well, 503 when something is degraded (for monitoring);
 - the client's address is kept for the request (`client_address()`), so login throttling can
-  count failures per address as well as per name (`app.auth`).
+  count failures per address as well as per name (`app.auth`);
+- requests under `/v1/` go to the OpenAI-compatible API (`app.openai_api`), which checks its
+  own API keys and ignores the session cookie; Gradio never sees them, and nothing else is
+  routed there.
 
 Pure ASGI (no BaseHTTPMiddleware), so streamed responses (server-sent events, chat) pass
 through untouched.
@@ -40,6 +43,7 @@ FILE_PREFIXES = ("/gradio_api/file=", "/file=")
 UPLOAD_PREFIXES = ("/gradio_api/upload", "/upload")
 ADMIN_ONLY_PREFIXES = ("/monitoring", "/gradio_api/monitoring")
 HEALTH_PATH = "/health"
+API_PREFIX = "/v1/"  # app.openai_api
 
 _client_address: contextvars.ContextVar[str | None] = contextvars.ContextVar("rankloop_client", default=None)
 
@@ -81,11 +85,12 @@ class Guard:
     """ASGI middleware around Gradio's app (see the module docstring). `role_of(name)` returns
     a user's role ('admin', 'annotator') or None."""
 
-    def __init__(self, app, role_of, owners: FileOwners, health=None):
+    def __init__(self, app, role_of, owners: FileOwners, health=None, api=None):
         self.app = app
         self.role_of = role_of
         self.owners = owners
         self.health = health  # () -> the app's health report (app.health), served at /health
+        self.api = api  # the ASGI app of the OpenAI-compatible API (app.openai_api), served under /v1/
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -93,6 +98,8 @@ class Guard:
         token = _client_address.set((scope.get("client") or ("unknown",))[0])
         try:
             path = scope.get("path", "")
+            if self.api is not None and path.startswith(API_PREFIX):  # its own keys, never the cookie
+                return await self.api(scope, receive, _with_csp(send))
             user = self._user(scope)
             refusal = self._refusal(path, user)
             if refusal:

@@ -86,8 +86,9 @@ LOGIN_NOTICE_HEAD = """<script>
 
 def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True,
            ctx=None):
-    """Start serving (queue, login, shortcuts) behind the HTTP guard (`app.guard`). With
-    block=False, returns once listening."""
+    """Start serving (queue, login, shortcuts) behind the HTTP guard (`app.guard`), with the
+    OpenAI-compatible API under /v1/ (`app.openai_api`) when given `ctx`. With block=False,
+    returns once listening."""
     from starlette.middleware import Middleware
 
     from annotations.formats import MAX_IMPORT_BYTES
@@ -95,6 +96,7 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
     from app.ui import SHORTCUTS_JS
 
     from app.health import health_report
+    from app.openai_api import build_api
 
     owners = ctx.file_owners if ctx is not None else FileOwners()
     connect = ctx.db if ctx is not None else auth._connect
@@ -110,5 +112,6 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
         quiet=not block, max_file_size=MAX_IMPORT_BYTES,  # uploads are for admins, and no larger than an import
         enable_monitoring=False,  # per-endpoint counts and timings are nobody's business but an admin's
         app_kwargs={"middleware": [Middleware(Guard, role_of=role_of, owners=owners,
-                                              health=(lambda: health_report(ctx)) if ctx is not None else None)]},
+                                              health=(lambda: health_report(ctx)) if ctx is not None else None,
+                                              api=build_api(ctx) if ctx is not None else None)]},
     )

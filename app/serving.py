@@ -492,7 +492,9 @@ class PolicyServer:
         The answer is decoded in the running chat batch (`app.decoding.ChatBatcher`): it starts
         at the next decoding step even while other answers are in flight. `version=None` means
         the live version when the request is admitted. Closing the generator (a browser tab
-        closed mid-answer) takes the answer out of the batch at the next step.
+        closed mid-answer) takes the answer out of the batch at the next step. A generator run
+        to its end returns (as its StopIteration value) how many tokens the answer took, its
+        end-of-turn token not counted: `sampling.max_new_tokens` of them means it was cut off.
         """
         from app.decoding import ChatRequest
 
@@ -521,6 +523,7 @@ class PolicyServer:
             final = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if final != text or not yielded:  # an empty answer still says which version gave it
                 yield final, version_used
+            return len(tokens)
         finally:
             request.cancelled.set()
 

@@ -77,3 +77,40 @@ def test_annotator_and_admin_pass_the_role_check_of_an_annotator_endpoint(runnin
 def test_anonymous_call_of_a_named_endpoint_is_refused(running_app, name):
     response = httpx.post(running_app.url + "gradio_api/call/" + name, json={"data": []})
     assert response.status_code == 401
+
+
+# ---------------------------------------------------------------- the OpenAI-compatible API (app/openai_api.py)
+
+from app.openai_api import ROUTES as API_ROUTES  # noqa: E402
+
+
+def api_request(app, route, key=None, **kwargs):
+    method, path = route.split(" ")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"messages": [{"role": "user", "content": "role test"}], "max_tokens": 2} if method == "POST" else None
+    return httpx.request(method, app.url + path.lstrip("/"), headers=headers, json=body, timeout=120, **kwargs)
+
+
+def test_every_openai_api_route_declares_its_role(running_app):
+    from app.openai_api import build_api
+
+    served = {f"{method} {route.path}" for route in build_api(running_app.ctx).routes
+              for method in route.methods - {"HEAD"}}
+    assert served == set(API_ROUTES)
+
+
+@pytest.mark.parametrize("route", sorted(API_ROUTES))
+@pytest.mark.parametrize("key", [None, "rk-not-a-key"], ids=["no key", "bad key"])
+def test_an_openai_api_call_without_a_valid_key_is_refused(running_app, route, key):
+    response = api_request(running_app, route, key)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("route", sorted(API_ROUTES))
+@pytest.mark.parametrize("user", [ANNOTATORS[1], ADMIN], ids=["annotator", "admin"])
+def test_annotator_and_admin_keys_pass_the_role_check_of_every_openai_api_route(running_app, route, user):
+    from annotations import api_keys
+
+    assert API_ROUTES[route] == "annotator"  # a route for admins only would need its own refusal test
+    _, key = api_keys.create_key(running_app.db(), user[0], "role test")
+    assert api_request(running_app, route, key).status_code == 200

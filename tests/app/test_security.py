@@ -1,5 +1,6 @@
 """The security findings, each probed against the running app over plain HTTP (issue 16):
-files in Gradio's cache, monitoring, forged chat history, uploads, remote images, logins."""
+files in Gradio's cache, monitoring, forged chat history, uploads, remote images, logins, and
+what the guard sends to the OpenAI-compatible API."""
 
 import contextlib
 import json
@@ -122,3 +123,23 @@ def test_a_locked_login_says_so_and_another_address_is_not_locked(app):
     assert locked.status_code == 429 and "try again in" in locked.json()["detail"]
     # the same name from another address is not locked (the running app only sees 127.0.0.1:
     # tests/app/test_auth.py checks the throttle per address on the authenticator itself)
+
+
+def test_the_openai_api_ignores_a_logged_in_session_cookie(app):
+    with session(app, ADMIN) as admin:
+        refused = admin.get("v1/models")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert admin.post("v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
+
+
+def test_the_guard_sends_only_v1_paths_to_the_openai_api(app):
+    from annotations import api_keys
+
+    _, key = api_keys.create_key(app.db(), ADMIN[0], "guard test")
+    with httpx.Client(base_url=app.url, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+        for path in ("v1/health", "v1/monitoring", "v1/gradio_api/upload", "v1/files", "v1/completions"):
+            response = client.get(path)
+            assert response.status_code in (404, 405) and "error" in response.json(), path
+        assert client.get("health").status_code == 403  # a key opens nothing outside /v1/
+        assert client.get("monitoring").status_code in (403, 404)
+        assert client.post("gradio_api/upload", files={"files": ("x.jsonl", b"{}")}).status_code == 403
