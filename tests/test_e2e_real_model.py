@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.app.conftest import wait_until
+from tests.app.conftest import answer_text, wait_until
 from tests.conftest import REPO, AppProcess, browser_login
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -27,9 +27,9 @@ def test_annotator_judges_one_item_in_a_real_browser(real_app, browser):
     url, home = real_app
     page = browser.new_page()
     browser_login(page, url, "carol", "carol-password-1")
-    page.wait_for_selector("#answer-a textarea", timeout=60_000)
+    page.wait_for_selector("#answer-a", timeout=60_000)
     # Candidates come from the prefetcher; "n" asks again until an item is ready.
-    wait_until(lambda: page.locator("#answer-a textarea").input_value() or page.keyboard.press("n"),
+    wait_until(lambda: answer_text(page, "a") or page.keyboard.press("n"),
                timeout=180, interval=2, message="an item with answers")
     page.keyboard.press("1")  # A is better
     page.wait_for_function("document.querySelector('#annotate-header').innerText.includes('Saved judgement')",

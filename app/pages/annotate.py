@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import handlers
-from app.pages.common import guard, prompt_for_chatbot, shown_inline, wire
+from app.pages.common import answer_html, guard, prompt_for_chatbot, shown_inline, wire
 
 MAX_ANSWERS = len(handlers.LETTERS)
 
@@ -46,11 +46,14 @@ def build(ctx, current_user):
     answers = []
     # wide cards, two to a row (side by side for a pair, 2 x 2 for four), stacked in a narrow
     # window; each grows with its answer and opens at its start
+    # (markdown rendered, nothing active: common.answer_html)
+    cards = []
     with gr.Row(equal_height=True, elem_id="answers"):
         for i, letter in enumerate(handlers.LETTERS):
-            answers.append(gr.Textbox(label=f"Answer {letter}", lines=8, max_lines=60, interactive=False,
-                                      visible=i < 2, elem_id=f"answer-{letter.lower()}", min_width=440,
-                                      autoscroll=False))
+            with gr.Column(min_width=440, visible=i < 2) as card:
+                answers.append(gr.HTML(label=f"Answer {letter}", show_label=True, container=True, padding=True,
+                                       elem_id=f"answer-{letter.lower()}", min_height=120, autoscroll=False))
+            cards.append(card)
     with gr.Row(visible=True, elem_id="pairwise-controls") as pairwise_row:
         choose_a = gr.Button("A is better (1)", elem_id="choose-a", variant="primary")
         choose_b = gr.Button("B is better (2)", elem_id="choose-b", variant="primary")
@@ -99,9 +102,10 @@ def build(ctx, current_user):
             view_value,
             head + (f"\n\n{note}" if note else ""),
             prompt_for_chatbot(view_value["messages"] if view_value else []),
-            *[gr.update(value=shown[i]["text"] if i < k else "", visible=i < k or (not view_value and i < 2),
+            *[gr.update(value=answer_html(shown[i]["text"]) if i < k else "",
                         label=answer_label(shown[i] if i < k else None, handlers.LETTERS[i]))
               for i in range(MAX_ANSWERS)],
+            *[gr.update(visible=i < k or (not view_value and i < 2)) for i in range(MAX_ANSWERS)],
             gr.update(visible=pairwise or not view_value),
             gr.update(visible=bool(view_value) and not pairwise),
             "",  # ranking
@@ -113,7 +117,7 @@ def build(ctx, current_user):
             gr.Timer(active=not view_value),
         ]
 
-    outputs = [view, header, prompt, *answers, pairwise_row, ranking_row, ranking, edited,
+    outputs = [view, header, prompt, *answers, *cards, pairwise_row, ranking_row, ranking, edited,
                thumbs_up, thumbs_down, flag_letters, *actions, empty_poll]
 
     def load(request: gr.Request):

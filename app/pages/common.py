@@ -67,6 +67,25 @@ def wire(trigger, fn, inputs, outputs, message, api_name: str | None = None, rol
             show_progress="minimal" if progress_on else "hidden", show_progress_on=progress_on)
 
 
+def _markdown():
+    from markdown_it import MarkdownIt
+
+    # html=False: a tag in the text is shown as text, never an element. No images (nothing remote
+    # is ever fetched from an answer), no links (nothing to click through to), so what renders is
+    # only paragraphs, emphasis, lists, headings, quotes, tables and code.
+    return MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]) \
+        .disable(["image", "link", "autolink"])
+
+
+_MARKDOWN = _markdown()
+
+
+def answer_html(text: str) -> str:
+    """A model answer as the annotate page shows it: its markdown rendered (lists, code blocks,
+    emphasis), everything else as inert text. See `_markdown` for what cannot render."""
+    return f'<div class="rankloop-answer">{_MARKDOWN.render(text or "")}</div>'
+
+
 def prompt_for_chatbot(messages):
     """Chat messages for a gr.Chatbot with `render_markdown=False`, shown exactly as written:
     HTML-escaped, so a tag in someone's prompt is text on the annotator's screen, never an

@@ -28,6 +28,12 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, message:
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def answer_text(page, letter: str) -> str:
+    """The text of answer `letter` ("a".."d") as the annotate page shows it ("" if none)."""
+    shown = page.locator(f"#answer-{letter} .rankloop-answer")
+    return shown.inner_text() if shown.count() else ""
+
+
 @dataclass
 class RunningApp:
     url: str

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from annotations import store
-from tests.app.conftest import ANNOTATORS, start_app, wait_until
+from tests.app.conftest import ANNOTATORS, answer_text, start_app, wait_until
 from tests.conftest import browser_login
 
 pytestmark = pytest.mark.browser
@@ -19,8 +19,8 @@ def ranking_app(tmp_path_factory, tiny_model_dir):
 
 
 def wait_for_answers(page):
-    page.wait_for_selector("#answer-d textarea", timeout=60_000)
-    wait_until(lambda: page.locator("#answer-a textarea").input_value() or page.keyboard.press("n"),
+    page.wait_for_selector("#answer-d", timeout=60_000)
+    wait_until(lambda: answer_text(page, "a") or page.keyboard.press("n"),
                timeout=60, interval=1, message="an item with answers")
 
 
@@ -30,14 +30,14 @@ def test_annotator_ranks_four_answers_and_rewrites_one_by_keyboard(ranking_app, 
     wait_for_answers(page)
     header = page.inner_text("#annotate-header")
     item_id = int(header.split("Item ")[1].split(" ")[0].strip("*"))
-    answer_c = page.locator("#answer-c textarea").input_value()
+    assert answer_text(page, "c")
 
     page.keyboard.press("r")
     page.keyboard.type("C > A = B > D")
     page.keyboard.press("Escape")
     page.keyboard.press("c")  # copy the best-ranked answer (C) into the editor
-    wait_until(lambda: page.locator("#edited textarea").input_value() == answer_c, timeout=20,
-               message="the best answer copied into the editor")
+    copied = wait_until(lambda: page.locator("#edited textarea").input_value(), timeout=20,
+                        message="the best answer copied into the editor")
     page.keyboard.press("e")
     page.keyboard.press("End")
     page.keyboard.type(" Rewritten by a human.")
@@ -52,7 +52,9 @@ def test_annotator_ranks_four_answers_and_rewrites_one_by_keyboard(ranking_app, 
     a, b, c, d = json.loads(shown_order)
     human = db.execute("SELECT id, text FROM candidates WHERE item_id = ? AND policy_version IS NULL",
                        [item_id]).fetchone()
-    assert human[1] == answer_c.strip() + " Rewritten by a human."
+    (stored_c,) = db.execute("SELECT text FROM candidates WHERE id = ?", [c]).fetchone()
+    assert copied == stored_c  # the answer as stored, not as rendered
+    assert human[1] == stored_c.strip() + " Rewritten by a human."
     assert json.loads(ranking) == [[human[0]], [c], [a, b], [d]]
     assert decision_ms > 0
     pairs = {tuple(r) for r in db.execute(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from annotations import model_versions, store
-from tests.app.conftest import ANNOTATORS, start_app, wait_until
+from tests.app.conftest import ANNOTATORS, answer_text, start_app, wait_until
 from tests.app.test_hot_swap import save_tiny_adapter
 from tests.conftest import browser_login
 
@@ -25,6 +25,8 @@ def app(tmp_path_factory, tiny_model_dir):
 
 
 def open_tab(page, name):
+    # after the page's own load, which opens the tab last used: a click before it would be undone
+    page.wait_for_function("document.querySelector('#who')?.innerText.includes('Logged in')", timeout=30_000)
     page.get_by_role("tab", name=name).click()
 
 
@@ -75,7 +77,7 @@ def test_an_item_open_through_a_promotion_is_still_stored_when_submitted(app, br
     page.wait_for_function("document.querySelector('#annotate-header')?.innerText.includes('Item')",
                            timeout=60_000)
     item_id = item_on_screen(page)
-    letters_before = [page.locator(f"#answer-{x} textarea").input_value() for x in "ab"]
+    letters_before = [answer_text(page, x) for x in "ab"]
     # the lease runs out while the page stays open (a long think), then a promotion retires old items
     with db.conn:
         db.execute("UPDATE leases SET expires_at = 0 WHERE item_id = ?", [item_id])
@@ -117,10 +119,10 @@ def test_an_item_is_dealt_only_when_the_annotate_tab_is_shown(app, browser):
                timeout=30, message="an item dealt when Annotate is shown")
     first = item_on_screen(page)
     served = db.execute("SELECT served_at, shown_order FROM item_views WHERE user_id = ?", [user]).fetchall()
-    answers = [page.locator(f"#answer-{x} textarea").input_value() for x in "ab"]
+    answers = [answer_text(page, x) for x in "ab"]
     page.reload()  # the same item, the same letters, the same served time
     assert item_on_screen(page) == first
-    wait_until(lambda: [page.locator(f"#answer-{x} textarea").input_value() for x in "ab"] == answers, timeout=30,
+    wait_until(lambda: [answer_text(page, x) for x in "ab"] == answers, timeout=30,
                message="the same answers under the same letters")
     assert db.execute("SELECT served_at, shown_order FROM item_views WHERE user_id = ?", [user]).fetchall() == served
     page.close()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from annotations import store
-from tests.app.conftest import ANNOTATORS, start_app, wait_until
+from tests.app.conftest import ANNOTATORS, answer_text, start_app, wait_until
 from tests.conftest import browser_login
 
 pytestmark = pytest.mark.browser
@@ -24,7 +24,7 @@ def ranking_app(tmp_path_factory, tiny_model_dir):
 def item_shown(page) -> int | None:
     """The id of the item on the page once its answers are there, else None."""
     header = page.inner_text("#annotate-header").replace("*", "")
-    if not header.startswith("Item ") or not page.locator("#answer-c textarea").input_value():
+    if not header.startswith("Item ") or not answer_text(page, "c"):
         return None
     return int(header.split("Item ")[1].split(" ")[0])
 
@@ -39,7 +39,7 @@ def test_an_unreadable_ranking_is_refused_beside_the_controls_and_the_page_stays
     page = browser.new_page()
     browser_login(page, ranking_app.url, *ANNOTATORS[1])
     item = next_shown(page)
-    answer_a = page.locator("#answer-a textarea").input_value()
+    answer_a = answer_text(page, "a")
 
     page.keyboard.press("r")
     page.keyboard.type("A > B")  # C is missing
@@ -48,7 +48,7 @@ def test_an_unreadable_ranking_is_refused_beside_the_controls_and_the_page_stays
     message.wait_for(state="visible", timeout=20_000)
     assert "C" in message.inner_text()
     # nothing else changed: the same item, its answers, no "Error" badge covering the fields
-    assert item_shown(page) == item and page.locator("#answer-a textarea").input_value() == answer_a
+    assert item_shown(page) == item and answer_text(page, "a") == answer_a
     assert page.locator("#answer-a .error, #prompt .error, #annotate-header .error").count() == 0
 
     started = time.monotonic()
@@ -122,7 +122,7 @@ def test_a_dry_queue_disables_the_actions_and_the_next_item_arrives_by_itself(tm
 def next_shown_pairwise(page, previous: int | None = None) -> int:
     def shown():
         header = page.inner_text("#annotate-header").replace("*", "")
-        if not header.startswith("Item ") or not page.locator("#answer-b textarea").input_value():
+        if not header.startswith("Item ") or not answer_text(page, "b"):
             return None
         item = int(header.split("Item ")[1].split(" ")[0])
         return item if item != previous else None
@@ -210,14 +210,16 @@ def test_promote_picks_a_version_from_a_list_and_asks_before_it_acts(tmp_path, t
         app.close()
 
 
-def test_a_long_prompt_opens_at_its_start_and_four_answers_sit_two_to_a_row(tmp_path, tiny_model_dir, browser):
+def test_a_long_prompt_opens_at_its_start_and_answers_are_rendered_cards_two_to_a_row(tmp_path, tiny_model_dir, browser):
     from annotations import open_db
 
     db = open_db(tmp_path / "rankloop.db")
     long_prompt = "The beginning of a long prompt. " + "More context follows here. " * 560  # 15,000+ characters
     (item,) = store.queue_items(db, [store.add_prompt(db, long_prompt)[0]], mode="ranking", k=4)
-    store.add_candidates(db, item, [{"text": f"Answer {n}\n" + "line\n" * (5 + 10 * n), "policy_version": "base"}
-                                    for n in range(4)])
+    markdown = ("**Steps**\n\n- one\n- two\n\n```\nprint('hi')\n```\n\n![a remote image](http://example.com/x.png) "
+                "[a link](http://example.com)")
+    store.add_candidates(db, item, [{"text": markdown if n == 0 else f"Answer {n}\n" + "line\n" * (5 + 10 * n),
+                                     "policy_version": "base"} for n in range(4)])
     db.close()
     app = start_app(tmp_path, tiny_model_dir, mode="ranking", k=4, prompts=1)
     try:
@@ -233,8 +235,12 @@ def test_a_long_prompt_opens_at_its_start_and_four_answers_sit_two_to_a_row(tmp_
         assert boxes["a"]["y"] == boxes["b"]["y"] and boxes["c"]["y"] == boxes["d"]["y"] > boxes["a"]["y"]
         assert boxes["a"]["height"] == boxes["b"]["height"]  # cards of a row are equally tall
         assert boxes["a"]["width"] > 440
-        for x in "abcd":  # each opens at its start
-            assert page.locator(f"#answer-{x} textarea").evaluate("e => e.scrollTop") == 0
+        # markdown renders (emphasis, a list, a code block); images and links stay text: nothing is fetched
+        cards = page.locator("#answers .rankloop-answer")
+        assert cards.locator("strong").count() == 1 and cards.locator("li").count() == 2
+        assert cards.locator("pre code").inner_text().strip() == "print('hi')"
+        assert cards.locator("img, a").count() == 0
+        assert "![a remote image](http://example.com/x.png)" in page.inner_text("#answers")
         page.close()
     finally:
         app.close()

@@ -1,13 +1,14 @@
 """Hostile text stays text: prompts, answers and chat messages full of HTML and JavaScript
 are shown in a real browser without running anything. On the annotate page, where one
-person's text reaches another, they are shown exactly as written: not a single element is
-added. (Chat and the admin-written guidelines render markdown through Gradio's sanitiser:
-nothing runs there either.)"""
+person's text reaches another, not a single element is added from their text: prompts are
+shown exactly as written, answers with their markdown rendered (paragraphs, lists, code) and
+every tag, link and image shown as text. (Chat and the admin-written guidelines render
+markdown through Gradio's sanitiser: nothing runs there either.)"""
 
 import pytest
 
 from annotations import open_db, store
-from tests.app.conftest import ANNOTATORS, start_app, wait_until
+from tests.app.conftest import ANNOTATORS, answer_text, start_app, wait_until
 from tests.conftest import browser_login
 
 pytestmark = pytest.mark.browser
@@ -33,7 +34,8 @@ ACTIVE = ("iframe, object, embed, [onerror], [onload], [ontoggle], [onfocus], "
           "a[href^='javascript'], [src^='javascript'], [data^='javascript']")
 # Any element at all that the payloads could have added, inside the annotate page's text.
 ADDED = "img, svg, math, iframe, object, details, input:not([type]), a, style, script"
-TEXT_AREAS = ("#prompt .message-content, #prompt [data-testid$='message'], #answer-a, #answer-b")
+TEXT_AREAS = ("#prompt .message-content, #prompt [data-testid$='message'], #answer-a .rankloop-answer, "
+              "#answer-b .rankloop-answer")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def added_elements(page) -> list[str]:
 
 
 def open_item(page, text_in_prompt: str):
-    page.wait_for_selector("#answer-a textarea", timeout=60_000)
+    page.wait_for_selector("#answer-a", timeout=60_000)
     wait_until(lambda: text_in_prompt in page.inner_text("#prompt") or page.keyboard.press("n"), timeout=60,
                interval=1, message="the hostile item")
 
@@ -79,8 +81,10 @@ def test_hostile_prompt_answers_and_guidelines_run_nothing_on_the_annotate_page(
     try:
         assert_nothing_ran(page)
         assert added_elements(page) == []
-        shown_answers = {page.locator(f"#answer-{x} textarea").input_value() for x in "ab"}
-        assert shown_answers == {f"Answer {n}: {HOSTILE}" for n in (1, 2)}  # shuffled, shown verbatim
+        # shuffled; every payload shown as text (markdown renders paragraphs, nothing else)
+        shown_answers = sorted(answer_text(page, x) for x in "ab")
+        assert [s.split(":")[0] for s in shown_answers] == ["Answer 1", "Answer 2"]
+        assert all(payload in shown for shown in shown_answers for payload in PAYLOADS), shown_answers
         shown = page.inner_text("#prompt")  # the tags are visible as text, not interpreted
         assert all(payload in shown for payload in PAYLOADS), shown
     finally:
@@ -111,7 +115,7 @@ def test_hostile_chat_runs_nothing_and_reaches_annotators_as_text(hostile_app, b
     page = browser.new_page()  # another annotator meets the conversation (up to its last user turn) as an item
     browser_login(page, hostile_app.url, *ANNOTATORS[0])
     hostile_app.ctx.wake_prefetcher()
-    page.wait_for_selector("#answer-a textarea", timeout=60_000)
+    page.wait_for_selector("#answer-a", timeout=60_000)
     try:
         wait_until(lambda: "Chat says" in page.inner_text("#prompt") or page.locator("#choose-a").click(),
                    timeout=120, interval=1, message="the chat conversation as an item")
