@@ -8,9 +8,19 @@ from pathlib import Path
 from align.models import BASE_VERSION
 from align.processes import process_state
 from align.round_config import RoundConfig
+from align.round_progress import TRAIN_PROGRESS_SHARE
 from align.round_stages import checkpoint
 
 GATE_GENERATION_BATCH = 16  # answers sampled together for the gate's comparison
+
+
+def evaluated(db, plan: dict, share: float, what: str) -> None:
+    """Move the round's progress bar through evaluation (training filled it to
+    TRAIN_PROGRESS_SHARE): `share` of the evaluation is done, `what` was measured."""
+    from annotations.round_records import update_round
+
+    update_round(db, plan["round_id"], progress=TRAIN_PROGRESS_SHARE + (1 - TRAIN_PROGRESS_SHARE) * share,
+                 log_line=f"evaluated: {what}")
 
 
 def evaluate_round(db, plan: dict, round_config: RoundConfig, method_config) -> dict:
@@ -42,6 +52,7 @@ def evaluate_round(db, plan: dict, round_config: RoundConfig, method_config) -> 
             metrics["heldout_accuracy"] = sum(correct) / len(correct)
             metrics["heldout_accuracy_interval"] = {**intervals.accuracy(sum(correct), len(correct)),
                                                     "correct": sum(correct)}
+            evaluated(db, plan, 0.5, f"held-out accuracy on {len(rows)} pairs")
             if plan["parent_path"]:
                 parent_rm, _ = load_reward_model(base, Path(plan["parent_path"]))
                 parent_rm.to(device)
@@ -52,6 +63,7 @@ def evaluate_round(db, plan: dict, round_config: RoundConfig, method_config) -> 
                     "live": plan["parent"], "n": len(rows),
                     "only_candidate_right": sum(c and not p for c, p in zip(correct, live_correct)),
                     "only_live_right": sum(p and not c for c, p in zip(correct, live_correct))}
+                evaluated(db, plan, 0.95, f"the live reward model's accuracy on the same {len(rows)} pairs")
         return metrics
 
     version, parent = plan["version"], plan["parent"] or BASE_VERSION
@@ -68,6 +80,7 @@ def evaluate_round(db, plan: dict, round_config: RoundConfig, method_config) -> 
         metrics["heldout_implicit_accuracy"] = correct / len(rows)
         metrics["heldout_implicit_accuracy_interval"] = {**intervals.accuracy(correct, len(rows)), "correct": correct}
         metrics["heldout_implicit_margin"] = (chosen - rejected).mean().item()
+        evaluated(db, plan, 0.2, f"implicit accuracy on {len(rows)} held-out pairs")
     prompts = [p["messages"] for p in select_prompts(db, "heldout", limit=round_config.eval_prompts)]
     if not prompts:
         prompts = [pair["messages"] for pair in pairs][: round_config.eval_prompts]
@@ -78,12 +91,15 @@ def evaluate_round(db, plan: dict, round_config: RoundConfig, method_config) -> 
         metrics["kl_to_base"] = kl["mean"]
         metrics["kl_to_base_interval"] = {k: kl[k] for k in ("mean", "se", "low", "high", "n", "too_few")}
         metrics["eval_prompts"] = len(prompts)
+        evaluated(db, plan, 0.4, f"KL to the base on {len(prompts)} prompts")
     if plan["reward_path"] and round_config.gate_prompts:
         metrics["gate_comparison"] = gate_comparison(db, plan, round_config, policy, tokenizer, device, max_length)
         metrics["win_rate_vs_parent"] = metrics["gate_comparison"]["win_rate"]
+        evaluated(db, plan, 0.9, f"the gate's comparison on {metrics['gate_comparison']['n']} prompts")
     if prompts and round_config.eval_samples:
         metrics["samples"] = evaluate.sample_answers(policy, tokenizer, prompts[: round_config.eval_samples],
                                                      [parent, version], tokens)
+        evaluated(db, plan, 0.97, f"{len(metrics['samples'])} side-by-side samples")
     return metrics
 
 

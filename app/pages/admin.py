@@ -7,7 +7,7 @@ import gradio as gr
 
 from annotations.model_versions import list_versions
 from annotations.quality import WEIGHT_SOURCES
-from app import handlers
+from app import api_key_admin, handlers
 from app.pages.common import guard, wire
 
 SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens")
@@ -111,6 +111,22 @@ def build(ctx, current_user, annotate_view):
         accounts_message = gr.Markdown(visible=False, elem_id="accounts-message")
         accounts = gr.Dataframe(headers=["name", "role", "judgements", "created"], interactive=False)
 
+        gr.Markdown("### API keys\nA key lets a program use the OpenAI-compatible API (`/v1/chat/completions`) as "
+                    "the account it belongs to, with that account's role (see docs/scaling.md in the "
+                    "repository). The key is shown once, when it is made.")
+        with gr.Row():
+            key_owner = gr.Textbox(label="Account", elem_id="api-key-owner")
+            key_label = gr.Textbox(label="Label (what it is for)", elem_id="api-key-label")
+            create_key = gr.Button("Make a key", elem_id="api-key-create")
+        new_key = gr.Textbox(label="The new key: copy it now, it is not shown again", interactive=False,
+                             visible=False, elem_id="api-key-new", buttons=["copy"])
+        with gr.Row():
+            revoke_id = gr.Number(label="Key id to revoke", precision=0, elem_id="api-key-revoke-id")
+            revoke_key = gr.Button("Revoke", variant="stop", elem_id="api-key-revoke")
+        keys_message = gr.Markdown(visible=False, elem_id="api-keys-message")
+        keys = gr.Dataframe(headers=["id", "account", "label", "starts with", "created", "last used", "revoked"],
+                            interactive=False, elem_id="api-keys")
+
     def load_settings(request: gr.Request):
         def run():
             user = current_user(request)
@@ -123,6 +139,7 @@ def build(ctx, current_user, annotate_view):
                     *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
                     values["answer_instruction"],
                     handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
+                    key_rows(user),
                     weights["agreement"], weights["annotator_accuracy"],
                     *[weights["sources"][source] for source in WEIGHT_SOURCES],
                     gr.update(choices=versions, value=extra))
@@ -187,6 +204,27 @@ def build(ctx, current_user, annotate_view):
             return handlers.list_accounts(ctx, user), "", ""
         return guard(run)
 
+    def key_rows(user):
+        return [[k["id"], k["user"], k["label"], k["prefix"] + "…", k["created_at"], k["last_used_at"] or "",
+                 k["revoked_at"] or ""] for k in api_key_admin.list_api_keys(ctx, user)]
+
+    def do_create_key(owner, label, request: gr.Request):
+        def run():
+            user = current_user(request)
+            made = api_key_admin.create_api_key(ctx, user, (owner or "").strip(), label)
+            return gr.update(value=made["key"], visible=True), key_rows(user)
+        return guard(run)
+
+    def do_revoke_key(key_id, request: gr.Request):
+        def run():
+            user = current_user(request)
+            if key_id is None:
+                raise handlers.InvalidInput("give the id of the key to revoke (first column below)")
+            if not api_key_admin.revoke_api_key(ctx, user, int(key_id)):
+                raise handlers.InvalidInput(f"key {int(key_id)} was revoked already")
+            return gr.update(value="", visible=False), key_rows(user)
+        return guard(run)
+
     def do_quality(request: gr.Request):
         return guard(lambda: handlers.quality_report(ctx, current_user(request)))
 
@@ -213,4 +251,8 @@ def build(ctx, current_user, annotate_view):
     wire(add_button.click, do_add, [new_name, new_role, new_password], [accounts, new_name, new_password],
          accounts_message, "add_account", role="admin")
     wire(quality_button.click, do_quality, None, quality, quality_message, "quality_report", role="admin")
-    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts, *weight_inputs, extra_versions]
+    wire(create_key.click, do_create_key, [key_owner, key_label], [new_key, keys], keys_message, "create_api_key",
+         role="admin")
+    wire(revoke_key.click, do_revoke_key, revoke_id, [new_key, keys], keys_message, "revoke_api_key", role="admin")
+    return load_settings, [*setting_inputs, guidelines_text, queue_versions, accounts, keys, *weight_inputs,
+                           extra_versions]

@@ -123,6 +123,8 @@ ENDPOINT_ROLES: dict[str, str] = {
     "queue_prompt": "admin",
     "mark_gold": "admin",
     "add_account": "admin",
+    "create_api_key": "admin",
+    "revoke_api_key": "admin",
     "quality_report": "admin",
     "health": "admin",
     "queue_round": "admin",

@@ -256,3 +256,26 @@ def test_recover_interrupted_cleans_up_after_dead_worker(store):
     result = recover_interrupted(db, home)
     assert result["failed_rounds"] == [stale] and get_round(db, stale)["status"] == "failed"
     assert version_dirs(home) == [f".{alive_version}.tmp-live", "notes"]
+
+
+def test_the_progress_bar_moves_through_evaluation_instead_of_stopping_where_training_ends(store, tiny_model_dir,
+                                                                                          monkeypatch):
+    from align import round_stages
+    from align.round_progress import TRAIN_PROGRESS_SHARE
+
+    _, home, db = store
+    run(store, tiny_model_dir, "rm")
+    promote(db, "rm1")  # a reward model to judge the gate's comparison
+    seen = []
+
+    def look(stage):
+        if stage in ("evaluate", "commit"):
+            seen.append((stage, get_round(db, 2)["progress"]))
+
+    monkeypatch.setattr(round_stages, "CHECKPOINT_HOOKS", [look])
+    run(store, tiny_model_dir, "dpo", eval_samples=1)
+    (_, at_start), (_, at_end) = seen
+    assert at_start == pytest.approx(TRAIN_PROGRESS_SHARE)
+    assert at_end >= TRAIN_PROGRESS_SHARE + 0.9 * (1 - TRAIN_PROGRESS_SHARE)
+    log = get_round(db, 2)["log_tail"]
+    assert "evaluated: implicit accuracy" in log and "evaluated: the gate's comparison" in log

@@ -271,3 +271,36 @@ def test_the_round_form_refuses_a_bad_value_beside_the_form_and_queues_nothing(r
                message="the bad value named")
     page.close()
     assert running_app.db().execute("SELECT count(*) FROM rounds").fetchone()[0] == 0
+
+
+def test_an_admin_makes_an_api_key_sees_it_once_and_revokes_it(running_app, browser):
+    from annotations import api_keys
+    from tests.app.conftest import ADMIN
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    browser_login(page, running_app.url, *ADMIN)
+    page.wait_for_function("(document.querySelector('#who') || {innerText: ''}).innerText.includes('Logged in')",
+                           timeout=30_000)
+    page.get_by_role("tab", name="Admin").click()
+    page.locator("#api-key-owner textarea, #api-key-owner input").first.fill("nobody-here")
+    page.locator("#api-key-create").click()
+    message = page.locator("#api-keys-message")
+    message.wait_for(state="visible", timeout=20_000)
+    assert "nobody-here" in message.inner_text()  # no such account: said beside the form
+
+    page.locator("#api-key-owner textarea, #api-key-owner input").first.fill(ANNOTATORS[0][0])
+    page.locator("#api-key-label textarea, #api-key-label input").first.fill("notebook")
+    page.locator("#api-key-create").click()
+    shown = page.locator("#api-key-new textarea, #api-key-new input").first
+    key = wait_until(lambda: shown.is_visible() and shown.input_value(), timeout=20, message="the new key")
+    db = running_app.db()
+    assert api_keys.user_for_key(db, key)["name"] == ANNOTATORS[0][0]
+    assert not message.is_visible()
+    (key_id,) = db.execute("SELECT id FROM api_keys WHERE label = 'notebook'").fetchone()
+    assert key not in page.inner_text("#api-keys")  # the table shows only its first characters
+
+    page.locator("#api-key-revoke-id input").fill(str(key_id))
+    page.locator("#api-key-revoke").click()
+    wait_until(lambda: not shown.is_visible(), timeout=20, message="the key hidden once revoked")
+    assert api_keys.user_for_key(db, key) is None
+    page.close()
