@@ -304,3 +304,31 @@ def test_an_admin_makes_an_api_key_sees_it_once_and_revokes_it(running_app, brow
     wait_until(lambda: not shown.is_visible(), timeout=20, message="the key hidden once revoked")
     assert api_keys.user_for_key(db, key) is None
     page.close()
+
+
+def test_the_annotate_page_works_in_a_narrow_window_and_shows_where_the_keyboard_is(ranking_app, browser):
+    from tests.app.conftest import ADMIN
+
+    page = browser.new_page(viewport={"width": 400, "height": 800})
+    browser_login(page, ranking_app.url, *ADMIN)  # an admin annotates too
+    item = next_shown(page)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 400  # nothing wider than the window: no sideways scrolling
+    boxes = [page.locator(f"#answer-{x}").bounding_box() for x in "abc"]
+    assert all(b["width"] <= 400 for b in boxes) and boxes[0]["y"] < boxes[1]["y"] < boxes[2]["y"]  # stacked
+
+    page.keyboard.press("Tab")
+    for _ in range(40):  # tab to the Skip button; where the focus is must be visible
+        if page.evaluate("document.activeElement && document.activeElement.id") == "skip":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "skip"
+    style = page.evaluate("""() => { const s = getComputedStyle(document.activeElement);
+                                     return [s.outlineStyle, s.outlineWidth, s.boxShadow]; }""")
+    assert (style[0] != "none" and style[1] != "0px") or style[2] != "none", style
+    page.keyboard.press("Enter")  # skip by keyboard, in the narrow window
+    wait_until(lambda: "Skipped" in page.inner_text("#annotate-header"), timeout=30, message="the skip")
+    page.close()
+    db = ranking_app.db()
+    user = store.get_user(db, ADMIN[0])
+    assert db.execute("SELECT item_id FROM skips WHERE user_id = ?", [user["id"]]).fetchall() == [(item,)]
