@@ -106,10 +106,15 @@ def check_db(db: sqlite_utils.Database | sqlite3.Connection) -> list[str]:
     """What is wrong with the store, per `PRAGMA integrity_check` (pages, indexes, constraints)
     and `PRAGMA foreign_key_check` (rows pointing at missing rows). An empty list: healthy."""
     conn = getattr(db, "conn", db)
+    text_factory = conn.text_factory
+    # a damaged page can put bytes that are not UTF-8 into the report itself: shown, not fatal
+    conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
     try:
         problems = [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall() if row[0] != "ok"]
         for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check").fetchall():
             problems.append(f"{table} row {rowid} refers to a missing row of {parent}")
     except sqlite3.DatabaseError as e:
         problems = [f"the file cannot be read as an SQLite database: {e}"]
+    finally:
+        conn.text_factory = text_factory
     return problems

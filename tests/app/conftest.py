@@ -29,9 +29,10 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, message:
 
 
 def answer_text(page, letter: str) -> str:
-    """The text of answer `letter` ("a".."d") as the annotate page shows it ("" if none)."""
+    """The text of answer `letter` ("a".."d") as the annotate page shows it ("" if none), its
+    whitespace collapsed (how a browser lays out a tab or a run of spaces varies)."""
     shown = page.locator(f"#answer-{letter} .rankloop-answer")
-    return shown.inner_text() if shown.count() else ""
+    return " ".join(shown.inner_text().split()) if shown.count() else ""
 
 
 @dataclass

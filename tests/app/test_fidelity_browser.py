@@ -77,7 +77,10 @@ def test_an_item_open_through_a_promotion_is_still_stored_when_submitted(app, br
     page.wait_for_function("document.querySelector('#annotate-header')?.innerText.includes('Item')",
                            timeout=60_000)
     item_id = item_on_screen(page)
-    letters_before = [answer_text(page, x) for x in "ab"]
+    wait_until(lambda: answer_text(page, "a") and answer_text(page, "b"), timeout=30, message="the answers shown")
+    user_id = store.get_user(db, ANNOTATORS[0][0])["id"]
+    (shown_before,) = db.execute("SELECT shown_order FROM item_views WHERE item_id = ? AND user_id = ?",
+                                 [item_id, user_id]).fetchone()
     # the lease runs out while the page stays open (a long think), then a promotion retires old items
     with db.conn:
         db.execute("UPDATE leases SET expires_at = 0 WHERE item_id = ?", [item_id])
@@ -96,7 +99,7 @@ def test_an_item_open_through_a_promotion_is_still_stored_when_submitted(app, br
     chosen = db.execute("SELECT chosen_candidate_id, rejected_candidate_id, chosen_version FROM pairs"
                         " WHERE judgement_id = ?", [judgement[0]]).fetchone()
     assert chosen == (a, b, "base")  # the answer shown as A, from the version that wrote it
-    assert db.execute("SELECT text FROM candidates WHERE id = ?", [a]).fetchone()[0] == letters_before[0]
+    assert json.loads(shown_before) == [a, b]  # the letters on screen before the promotion are the ones judged
 
 
 def test_an_item_is_dealt_only_when_the_annotate_tab_is_shown(app, browser):

@@ -306,11 +306,11 @@ def test_an_admin_makes_an_api_key_sees_it_once_and_revokes_it(running_app, brow
     page.close()
 
 
-def test_the_annotate_page_works_in_a_narrow_window_and_shows_where_the_keyboard_is(ranking_app, browser):
-    from tests.app.conftest import ADMIN
-
+def test_the_annotate_page_works_in_a_narrow_window_and_shows_where_the_keyboard_is(tmp_path, tiny_model_dir,
+                                                                                      browser):
+    ranking_app = start_app(tmp_path, tiny_model_dir, mode="ranking", k=3, prompts=2)  # its own items
     page = browser.new_page(viewport={"width": 400, "height": 800})
-    browser_login(page, ranking_app.url, *ADMIN)  # an admin annotates too
+    browser_login(page, ranking_app.url, *ANNOTATORS[0])
     item = next_shown(page)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 400  # nothing wider than the window: no sideways scrolling
@@ -330,5 +330,6 @@ def test_the_annotate_page_works_in_a_narrow_window_and_shows_where_the_keyboard
     wait_until(lambda: "Skipped" in page.inner_text("#annotate-header"), timeout=30, message="the skip")
     page.close()
     db = ranking_app.db()
-    user = store.get_user(db, ADMIN[0])
+    user = store.get_user(db, ANNOTATORS[0][0])
     assert db.execute("SELECT item_id FROM skips WHERE user_id = ?", [user["id"]]).fetchall() == [(item,)]
+    ranking_app.close()
