@@ -178,22 +178,24 @@ def test_closing_a_stream_early_releases_the_model(server):
     assert server.generate([{"role": "user", "content": "hi"}], sampling=SamplingParams(max_new_tokens=2))
 
 
+def long_preemptible_generation(server, outcome: dict):
+    """A background generation that records whether it finished or gave way."""
+    from app.serving import Preempted
+
+    try:
+        server.generate([{"role": "user", "content": "a long one"}], n=2,
+                        sampling=SamplingParams(max_new_tokens=1024, temperature=1.0), preemptible=True)
+        outcome["result"] = "finished"
+    except Preempted:
+        outcome["result"] = "preempted"
+
+
 def test_background_generation_gives_way_to_an_interactive_request(server):
     import threading
 
-    from app.serving import Preempted
-
     outcome = {}
 
-    def background():
-        try:
-            server.generate([{"role": "user", "content": "a long one"}], n=2,
-                            sampling=SamplingParams(max_new_tokens=1024, temperature=1.0), preemptible=True)
-            outcome["result"] = "finished"
-        except Preempted:
-            outcome["result"] = "preempted"
-
-    thread = threading.Thread(target=background)
+    thread = threading.Thread(target=long_preemptible_generation, args=(server, outcome))
     thread.start()
     while not server._lock.locked():
         pass
@@ -213,20 +215,10 @@ def test_changing_the_thread_count_stops_a_prefetch_batch_instead_of_waiting_for
 
     import torch
 
-    from app.serving import Preempted
-
     outcome = {}
 
-    def background():
-        try:
-            server.generate([{"role": "user", "content": "a long one"}], n=2,
-                            sampling=SamplingParams(max_new_tokens=1024, temperature=1.0), preemptible=True)
-            outcome["result"] = "finished"
-        except Preempted:
-            outcome["result"] = "preempted"
-
     threads = torch.get_num_threads()
-    thread = threading.Thread(target=background)
+    thread = threading.Thread(target=long_preemptible_generation, args=(server, outcome))
     thread.start()
     while not server._lock.locked():
         pass
