@@ -1,8 +1,9 @@
 """Command line for training and models: `python -m align COMMAND ...` (see --help).
 
   prepare-base            convert the bundled SmolLM2 GGUF to a local safetensors folder
-  round --method M        queue a training round and run it here, printing progress
-                          (also under `accelerate launch -m align round ...`)
+  round --method M        queue a training round and run it here, printing progress; with
+                          --set processes=N as N processes under `accelerate launch`
+                          (or start it yourself: `accelerate launch -m align round ...`)
   worker                  run queued rounds as they come (the app queues them)
   config --method M       the config keys of a method (and of every round), with defaults
   versions / rounds       list model versions / recent rounds
@@ -96,7 +97,12 @@ def cmd_round(args) -> int:
         db.close()
         print(f"round {round_id}: {args.method} queued and starting here", flush=True)
     round_id = broadcast_from_main(round_id, state)
-    result = run_round(db_path(args), round_id, home_path(args), base_path(args))
+    if state.num_processes > 1:  # already under `accelerate launch -m align round ...`
+        result = run_round(db_path(args), round_id, home_path(args), base_path(args))
+    else:  # here, or launched as the config's `processes` ask (align/launch.py)
+        from align.launch import run_claimed_round
+
+        result = run_claimed_round(db_path(args), round_id, home_path(args), base_path(args))
     if state.is_main_process:
         from annotations.gate import verdict_line
 
@@ -109,6 +115,22 @@ def cmd_round(args) -> int:
         print(f"promotion gate: {verdict_line(gate)}")
         if not gate["promoted"]:
             print(f"promote it by hand with: python -m align promote {result['version']}")
+    return 0
+
+
+def cmd_run_round(args) -> int:
+    """One process of a launched round (align/launch.py): every process runs this together."""
+    import threading
+
+    from align.launch import watch_owner
+    from align.processes import process_state
+    from align.rounds import run_round
+
+    if not process_state().is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    stop = threading.Event()
+    watch_owner(stop)
+    run_round(db_path(args), args.round_id, home_path(args), base_path(args), stop_event=stop)
     return 0
 
 
@@ -299,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one config value, overriding the file (repeatable), e.g. --set beta=0.2")
     p.add_argument("--base", default=None, help=base_help)
     p.set_defaults(func=cmd_round)
+
+    p = commands.add_parser("run-round", help="run a round a worker or `round` launched (inside accelerate launch)")
+    p.add_argument("round_id", type=int)
+    p.add_argument("--base", default=None, help=base_help)
+    p.set_defaults(func=cmd_run_round)
 
     p = commands.add_parser("config", help="list the config keys of a method, with defaults and help")
     p.add_argument("--method", required=True, choices=tuple(METHODS))

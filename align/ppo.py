@@ -474,6 +474,7 @@ def train_ppo(
     reward: nn.Module | RewardFn,
     config: PPOConfig,
     progress_callback: Callable[[int, dict[str, float]], None] | None = None,
+    state=None,
 ) -> list[dict[str, float]]:
     """Train the LoRA adapter of `policy` with PPO for `config.steps` steps, in place.
 
@@ -482,6 +483,11 @@ def train_ppo(
     sequence-classification reward model sharing `tokenizer`, or a function
     `reward(prompts, responses) -> tensor (batch,)` of rendered prompts and decoded responses.
     `progress_callback(step, metrics)` is called after every step.
+
+    `state` (align.processes.process_state()) with several processes: data parallel. Each process
+    samples its own `batch_size` prompts (so a step uses batch_size × processes), the trainable
+    weights start from the main process's, and gradients are averaged before every update, so
+    the weights stay identical everywhere. Metrics are averaged over the processes.
 
     Returns one metrics dict per step: score (mean, unclipped), kl (mean summed over each
     response), entropy (mean per token), policy_loss, value_loss, clipfrac, value_clipfrac
@@ -501,11 +507,17 @@ def train_ppo(
     if not prompts:
         raise ValueError("No prompts to train on.")
 
+    from align.processes import average_gradients, mean_over_processes, sync_parameters
+
+    rank = state.process_index if state is not None else 0
     torch.manual_seed(config.seed)
     device = next(policy.parameters()).device
     value_head = init_value_head(policy.config.hidden_size, reward if config.value_init == "reward" else None)
     value_head = value_head.to(device)
     trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    if state is not None:
+        sync_parameters(trainable, state)
+    torch.manual_seed(config.seed + rank)  # each process samples its own answers
     # No weight decay: it would pull the adapter towards zero, i.e. towards the reference, a job
     # the KL penalty already does in the units the objective cares about.
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
@@ -515,7 +527,7 @@ def train_ppo(
     if isinstance(reward, nn.Module):
         reward.eval()
 
-    batches = iterate_prompt_batches(prompts, config.batch_size, config.seed)
+    batches = iterate_prompt_batches(prompts, config.batch_size, config.seed + rank)
     history = []
     for step in range(1, config.steps + 1):
         # 1. Rollouts, and what they earned token by token.
@@ -545,6 +557,8 @@ def train_ppo(
                 )
                 optimizer.zero_grad()
                 (p_loss + config.vf_coef * v_loss).backward()
+                if state is not None:
+                    average_gradients(trainable, state)
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 updates.append([p_loss.item(), v_loss.item(), p_clipfrac.item(), v_clipfrac.item()])
@@ -563,6 +577,9 @@ def train_ppo(
             "explained_variance": explained_variance(rollouts.values, returns, mask),
             "response_length": mask.sum(dim=1).float().mean().item(),
         }
+        if state is not None and state.num_processes > 1:
+            keys = [key for key in metrics if key != "step"]
+            metrics.update(zip(keys, mean_over_processes([metrics[key] for key in keys], state)))
         history.append(metrics)
         logger.info(
             "ppo step %d/%d: score %.3f kl %.3f entropy %.2f clipfrac %.2f value loss %.4f",

@@ -73,6 +73,14 @@ class RoundConfig:
     eval_batch_size: int = field(
         default=4, metadata={"help": "Pairs or answers per forward pass during evaluation (4 keeps a DPO round's "
                                      "worker under 5 GiB at 512 tokens)."})
+    processes: int = field(
+        default=1, metadata={"help": "Training processes. 1 trains in the worker's own process; more start them "
+                                     "with `accelerate launch` and the `launch` config (align/launch.py)."})
+    launch: str = field(
+        default="auto",
+        metadata={"help": "accelerate config for the processes: cpu_gloo (CPU, no GPU needed), multi_gpu (DDP), "
+                          "fsdp2, zero2, zero3 (DeepSpeed), or the path of your own accelerate YAML file. auto: "
+                          "multi_gpu when GPUs are visible, else cpu_gloo (and, with processes=1, no launch)."})
 
     def __post_init__(self):
         if self.data not in DATA_CHOICES:
@@ -89,6 +97,16 @@ class RoundConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not self.parent:
             raise ValueError("parent must be 'live', 'base' or a version name.")
+        try:
+            self.launch_plan()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    def launch_plan(self):
+        """How the round's processes start (align/launch.py): None to train in the worker itself."""
+        from align.launch import resolve_launch
+
+        return resolve_launch(self.launch, self.processes)
 
 
 def method_configs() -> dict:

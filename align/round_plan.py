@@ -110,10 +110,13 @@ def plan_round(db, round_id: int, versions: VersionDir, base_path: Path) -> dict
     from annotations.round_records import claim_round, get_round, reserve_version, set_round_data, update_round
     from annotations.training_data import judgement_watermark, pair_watermark, rating_watermark, snapshot_hash
 
+    from align.launch import round_owner_pid
+
     row = get_round(db, round_id)
+    owner = round_owner_pid()  # this process, or the worker that launched it (align/launch.py)
     if row["status"] == "queued":
-        claim_round(db, round_id, os.getpid())
-    elif not (row["status"] == "running" and row["pid"] == os.getpid()):
+        claim_round(db, round_id, owner)
+    elif not (row["status"] == "running" and row["pid"] == owner):
         raise RoundError(f"round {round_id} is {row['status']}: only a queued round can be run")
     checkpoint("claim")
     method = row["method"]

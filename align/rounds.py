@@ -25,13 +25,13 @@ kills a worker at each step (align/round_stages.py): a `checkpoint` hook stops t
 
 Under `accelerate launch` every process calls `run_round`: the main process does the store
 work and broadcasts the plan (the data itself) to the others, all of them train together,
-and only the main one saves, evaluates and registers.
+and only the main one saves, evaluates and registers. A round whose config asks for several
+processes is launched that way by the worker (align/launch.py), which stays its owner.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import traceback
@@ -159,7 +159,7 @@ def _train(plan: dict, round_config: RoundConfig, method_config, progress) -> di
 
 
 def _train_ppo(plan: dict, config, parent_adapter: Path | None, progress) -> dict:
-    """PPO (align/ppo.py) against the chosen reward model, in this one process."""
+    """PPO (align/ppo.py) against the chosen reward model; data parallel under several processes."""
     from peft import PeftModel
 
     from align import ppo
@@ -167,8 +167,6 @@ def _train_ppo(plan: dict, config, parent_adapter: Path | None, progress) -> dic
     from align.reward import load_reward_model
 
     state = process_state()
-    if state.num_processes > 1:
-        raise RoundError("ppo rounds run in a single process: start them without `accelerate launch`")
     base, staging = Path(plan["base_path"]), Path(plan["staging"])
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base).to(state.device)
@@ -181,13 +179,16 @@ def _train_ppo(plan: dict, config, parent_adapter: Path | None, progress) -> dic
     reward.to(state.device)
     history = ppo.train_ppo(
         policy, tokenizer, plan["rows"], reward, config,
-        progress_callback=lambda step, metrics: _ppo_progress(progress, step, config.steps, metrics),
+        progress_callback=lambda step, metrics: _ppo_progress(progress, step, config.steps, metrics), state=state,
     )
+    last = history[-1] if history else {}
+    metrics = {f"train_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))}
+    if not state.is_main_process:  # the weights are the same everywhere: the main process saves them
+        return metrics
     policy.save_pretrained(str(staging), selected_adapters=["default"])
     checkpoint("save")  # a half-written staging folder: the adapter without its tokenizer
     tokenizer.save_pretrained(str(staging))
-    last = history[-1] if history else {}
-    return {f"train_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))}
+    return metrics
 
 
 def _ppo_progress(progress, step: int, total: int, metrics: dict) -> None:
@@ -208,14 +209,17 @@ def _fail(db, round_id: int, e: BaseException) -> None:
     process is running is touched (not one that had already ended, or runs elsewhere)."""
     from annotations.round_records import finish_round, get_round, update_round
 
+    from align.launch import round_owner_pid
+
     try:
         message = _describe(e)
         row = get_round(db, round_id)
-        if row["status"] == "cancelled" and row["pid"] == os.getpid():
+        owner = round_owner_pid()
+        if row["status"] == "cancelled" and row["pid"] == owner:
             error = message if "cancelled" in message else f"cancelled: {message}"
             finish_round(db, round_id, "cancelled", error=error)
             return
-        if row["status"] != "running" or row["pid"] != os.getpid():
+        if row["status"] != "running" or row["pid"] != owner:
             logger.error("round %d was not started: %s", round_id, message)
             return
         status = "cancelled" if isinstance(e, RoundStopped) and e.status == "cancelled" else "failed"

@@ -2,7 +2,9 @@
 
 The app never trains in its own process: it queues a round (a row in the store) and this
 worker, a separate process, claims it, runs it (`align.rounds.run_round`) and goes back to
-polling. On start it cleans up after a worker that died mid-round. SIGTERM or SIGINT stops
+polling; a round that asks for several processes runs under `accelerate launch`, which the
+worker starts and waits for (align/launch.py). On start it cleans up after a worker that died
+mid-round. SIGTERM or SIGINT stops
 it cleanly: a round in training stops at its next step and ends failed ("the worker is
 shutting down"), leaving no version behind; an idle worker exits at once. Started by the app
 (`--parent-pid`), it stops the same way when the app is gone, even killed outright, so a
@@ -44,7 +46,7 @@ def run_worker(
     from annotations.round_records import claim_next_round, get_round
 
     from align.recovery import recover_interrupted
-    from align.rounds import run_round
+    from align.launch import run_claimed_round
 
     stop = stop_event or threading.Event()
     if handle_signals:
@@ -66,7 +68,7 @@ def run_worker(
                 continue
             logger.info("worker %d: running round %d (%s)", os.getpid(), row["id"], row["method"])
             try:
-                run_round(db_path, row["id"], home, base_path, stop_event=stop)
+                run_claimed_round(db_path, row["id"], home, base_path, stop_event=stop)
             except Exception:  # the round is already marked failed; keep serving the queue
                 logger.exception("round %d failed", row["id"])
             finally:
