@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-demo", action="store_true", help="do not queue the demo prompts on an empty store")
     parser.add_argument("--no-worker", action="store_true",
                         help="do not start the training worker (run `python -m align worker` yourself)")
+    parser.add_argument("--inference-url", default=os.environ.get("RANKLOOP_INFERENCE_URL"),
+                        help="answers (candidates, chat, arena, API) from this OpenAI-compatible server instead "
+                             "of the in-process model, e.g. http://gpu-box:8000/v1 (vLLM, TGI, SGLang, "
+                             "llama.cpp, another rankloop); its key in $RANKLOOP_INFERENCE_KEY")
+    parser.add_argument("--inference-model", default=os.environ.get("RANKLOOP_INFERENCE_MODEL"),
+                        help="the base model's name on that server (default: the one it lists, if only one)")
+    parser.add_argument("--inference-lora", action="store_true",
+                        help="the server loads LoRA adapters at runtime (vLLM --enable-lora with "
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): versions are loaded there by name")
     return parser
 
 
@@ -133,12 +142,16 @@ def main(argv=None) -> int:
     if not args.base and not is_prepared(base):
         print(f"Preparing the default base model in {base} (once, about 30 s)...", flush=True)
         prepare_base(base)
+    from app.remote import RemoteError, inference_settings
+
     try:
+        inference = inference_settings(args.inference_url, args.inference_model, args.inference_lora,
+                                       os.environ.get("RANKLOOP_INFERENCE_KEY"))
         ctx, demo, auth, created_admin = create_app(
             home, base, threads=args.threads, prefetch=args.prefetch, demo_prompts=not args.no_demo,
-            worker=not args.no_worker, dtype=args.dtype,
+            worker=not args.no_worker, dtype=args.dtype, inference=inference,
         )
-    except ModelError as e:
+    except (ModelError, RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if created_admin:

@@ -16,15 +16,18 @@ whitespace and any text that could be the start of a stop string until it knows 
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from annotations import chat_replies, model_versions, store
 from annotations.errors import InvalidInput, NotFound, PermissionDenied
 from app.chat_and_arena import LIVE, policy_versions
 from app.handlers import AppContext, _annotator
-from app.serving import SamplingParams, ensure_loaded
+from app.serving import BASE_VERSION, SamplingParams, ensure_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +158,57 @@ def read_stop(stop) -> tuple[str, ...]:
 
 
 def model_names(ctx: AppContext, user: dict | None) -> list[str]:
-    """The models this user may name: "live" first, then the versions `policy_versions` allows."""
-    return policy_versions(ctx, _annotator(user))
+    """The models this user may name: "live" first, then the versions `policy_versions` allows
+    (and, for an admin, the adapters loaded by name: `load_named_adapter`)."""
+    user = _annotator(user)
+    names = policy_versions(ctx, user)
+    return names + sorted(ctx.named_adapters) if user["role"] == "admin" else names
+
+
+_NAMED_LOCK = threading.Lock()
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def load_named_adapter(ctx: AppContext, user: dict | None, name, path) -> str:
+    """vLLM's runtime LoRA loading (`POST /v1/load_lora_adapter`), so that another app, or any
+    tool written for vLLM, can put an adapter in this server by name: an admin's key only; the
+    name must not be one this store's versions or `live` use; the folder a PEFT adapter in
+    safetensors. Returns vLLM's success line."""
+    user = _annotator(user)
+    if user["role"] != "admin":
+        raise PermissionDenied("loading adapters needs an admin's API key")
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in (LIVE, BASE_VERSION):
+        raise invalid("lora_name must be 1-64 letters, digits, '.', '_' or '-', and not 'live' or 'base'",
+                      "lora_name")
+    if model_versions.find_version(ctx.db(), name) is not None:
+        raise invalid(f"lora_name {name!r} is a version of this store: choose another name", "lora_name")
+    folder = Path(path) if isinstance(path, str) and path else None
+    if folder is None or not folder.is_absolute() or not (folder / "adapter_config.json").is_file() \
+            or not (folder / "adapter_model.safetensors").is_file():
+        raise invalid("lora_path must be the absolute path of a PEFT adapter folder (adapter_config.json, "
+                      "adapter_model.safetensors) that this server can read", "lora_path")
+    with _NAMED_LOCK:
+        if name in ctx.named_adapters:
+            raise invalid(f"The lora adapter '{name}' has already been loaded.", "lora_name")  # vLLM's words
+        ctx.server.load_adapter(name, folder)
+        ctx.named_adapters[name] = folder
+    logger.info("%s loaded adapter %s from %s through the API", user["name"], name, folder)
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+def unload_named_adapter(ctx: AppContext, user: dict | None, name) -> str:
+    """vLLM's `POST /v1/unload_lora_adapter` for an adapter `load_named_adapter` loaded."""
+    user = _annotator(user)
+    if user["role"] != "admin":
+        raise PermissionDenied("unloading adapters needs an admin's API key")
+    if not isinstance(name, str) or not name:
+        raise invalid("lora_name must name an adapter loaded through the API", "lora_name")
+    with _NAMED_LOCK:
+        if name not in ctx.named_adapters:
+            raise NotFound(f"no adapter named {name!r} was loaded through the API")
+        ctx.server.unload_adapter(name)
+        del ctx.named_adapters[name]
+    return f"Success: LoRA adapter '{name}' removed successfully."
 
 
 def resolve_model(ctx: AppContext, user: dict | None, model: str | None) -> str | None:
@@ -166,6 +218,8 @@ def resolve_model(ctx: AppContext, user: dict | None, model: str | None) -> str 
     user = _annotator(user)
     if model in (None, "", LIVE):
         return None
+    if user["role"] == "admin" and model in ctx.named_adapters:
+        return model
     if model in policy_versions(ctx, user):
         try:
             return ensure_loaded(ctx.server, ctx.db(), model)

@@ -64,6 +64,9 @@ class AppContext:
     upload_dir: Path | None = None  # when set, only files under it (Gradio's uploads) can be imported
     file_owners: object = None  # app.guard.FileOwners: who may download each export
     errors: object = None  # app.health.ErrorLog: what the background parts report
+    # adapters an admin's API key loaded by name through vLLM's runtime LoRA route
+    # (app/completions.py: load_named_adapter): name -> folder; the server holds the weights
+    named_adapters: dict = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def db(self):

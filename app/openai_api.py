@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 ROUTES = {  # "METHOD path": the least role a key's user needs
     "GET /v1/models": "annotator",
     "POST /v1/chat/completions": "annotator",
+    "POST /v1/load_lora_adapter": "admin",  # vLLM's runtime LoRA routes (app/completions.py)
+    "POST /v1/unload_lora_adapter": "admin",
 }
 MAX_BODY_BYTES = 1 << 20  # a prompt is at most 16,000 characters (annotations.store.MAX_PROMPT_CHARS)
 # Threads the API's waiting on answers may hold at once. The API waits in worker threads (the
@@ -235,6 +237,26 @@ def build_api(ctx: AppContext):
         finally:
             answer.close()  # a client gone mid-answer: out of the batch at the next step, nothing stored
 
+    def lora_route(action):
+        async def route(request):
+            from starlette.responses import PlainTextResponse
+
+            try:
+                user = await user_of(request)
+                body = await _read_json(request)
+                if not isinstance(body, dict):
+                    raise ApiError(400, "the request body must be a JSON object")
+                if action == "load":
+                    text = await in_thread(completions.load_named_adapter, ctx, user, body.get("lora_name"),
+                                           body.get("lora_path"))
+                else:
+                    text = await in_thread(completions.unload_named_adapter, ctx, user, body.get("lora_name"))
+                return PlainTextResponse(text)  # as vLLM answers
+            except Exception as e:
+                return refusal(api_error(e))
+
+        return route
+
     async def not_found(request, exc):
         if exc.status_code == 405:
             return refusal(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
@@ -242,7 +264,9 @@ def build_api(ctx: AppContext):
                                      f"{', '.join(ROUTES)})", code="unknown_url"))
 
     return Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
-                             Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                             Route("/v1/load_lora_adapter", lora_route("load"), methods=["POST"]),
+                             Route("/v1/unload_lora_adapter", lora_route("unload"), methods=["POST"])],
                      exception_handlers={HTTPException: not_found})
 
 

@@ -18,11 +18,14 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True,
-               worker: bool = False, live_poll_seconds: float = 0.1, dtype: str = "auto"):
+               worker: bool = False, live_poll_seconds: float = 0.1, dtype: str = "auto",
+               inference: dict | None = None):
     """Returns (context, blocks, authenticator, created_admin or None).
 
     Starts the prefetcher, the live-version watcher (hot-loading), and with `worker` the
-    training worker as a child process."""
+    training worker as a child process. `inference` ({"url", "model", "api_key", "lora"}: see
+    app/remote.py) takes answers from an external OpenAI-compatible server instead of the
+    in-process model."""
     from app.ui import build_ui
 
     home = Path(home)
@@ -36,7 +39,14 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
 
     configure_threads(threads)
     ctx = handlers.AppContext(db_path=db_path, file_owners=FileOwners(), errors=ErrorLog())
-    ctx.server = PolicyServer(base, dtype=dtype)
+    if inference:
+        from app.remote import RemoteServer
+
+        ctx.server = RemoteServer(base, inference["url"], inference["model"], api_key=inference.get("api_key"),
+                                  lora=bool(inference.get("lora")))
+        logger.info("answers come from the inference server %s", ctx.server.describe())
+    else:
+        ctx.server = PolicyServer(base, dtype=dtype)
     ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
         ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch, errors=ctx.errors).start()

@@ -54,7 +54,7 @@ class RunningApp:
 
 
 def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, prompts: int = 0, prefetch: int = 3,
-              worker: bool = False):
+              worker: bool = False, inference: dict | None = None):
     """Launch the app in this process on a free port; demo prompts are queued when `prompts`
     is 0, else that many numbered prompts as `mode` items with `k` answers."""
     import os
@@ -66,7 +66,7 @@ def start_app(home: Path, base: Path, *, mode: str = "pairwise", k: int = 2, pro
     os.environ["RANKLOOP_ADMIN_USER"], os.environ["RANKLOOP_ADMIN_PASSWORD"] = ADMIN
     try:
         ctx, demo, auth, created = create_app(home, base, threads=1, prefetch=prefetch, demo_prompts=not prompts,
-                                              worker=worker)
+                                              worker=worker, inference=inference)
     finally:
         del os.environ["RANKLOOP_ADMIN_USER"], os.environ["RANKLOOP_ADMIN_PASSWORD"]
     assert created == ADMIN
