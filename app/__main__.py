@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefetch", type=int, default=4, help="ready items to keep ahead of annotators (0: off)")
     parser.add_argument("--dtype", default=os.environ.get("RANKLOOP_SERVE_DTYPE", "auto"),
                         choices=("auto", "float32", "bfloat16"),
-                        help="weights of the serving model (auto: bfloat16 on a CPU with native bf16, else float32)")
+                        help="weights of the serving model (auto: bfloat16 on a GPU or CPU with native bf16, "
+                             "else float32)")
+    parser.add_argument("--device", default=os.environ.get("RANKLOOP_SERVE_DEVICE", "auto"),
+                        help="where the serving model runs: auto (the first CUDA GPU if any, else the CPU), cpu, "
+                             "cuda or cuda:N")
     parser.add_argument("--no-demo", action="store_true", help="do not queue the demo prompts on an empty store")
     parser.add_argument("--no-worker", action="store_true",
                         help="do not start the training worker (run `python -m align worker` yourself)")
@@ -149,9 +153,9 @@ def main(argv=None) -> int:
                                        os.environ.get("RANKLOOP_INFERENCE_KEY"))
         ctx, demo, auth, created_admin = create_app(
             home, base, threads=args.threads, prefetch=args.prefetch, demo_prompts=not args.no_demo,
-            worker=not args.no_worker, dtype=args.dtype, inference=inference,
+            worker=not args.no_worker, dtype=args.dtype, inference=inference, device=args.device,
         )
-    except (ModelError, RemoteError) as e:
+    except (ModelError, RemoteError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if created_admin:

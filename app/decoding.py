@@ -257,7 +257,7 @@ class ChatBatcher:
         from transformers import DynamicCache
 
         request.events.put((_VERSION, version))
-        ids = torch.tensor([request.prompt_ids])
+        ids = torch.tensor([request.prompt_ids], device=self.server.device)
         cache = DynamicCache(config=self.server.model.config)
         model = self.server._model_for(version)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
@@ -271,7 +271,7 @@ class ChatBatcher:
         from transformers import DynamicCache
 
         new_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        new_mask = torch.ones((1, new_kv[0][0].shape[-2]), dtype=torch.long)
+        new_mask = torch.ones((1, new_kv[0][0].shape[-2]), dtype=torch.long, device=self.server.device)
         batch = self._batches.get(row.version)
         if batch is None:
             self._batches[row.version] = _Batch(row.version, [row], cache, new_mask)
@@ -289,8 +289,9 @@ class ChatBatcher:
         """One token for every row of `batch`; finished and cancelled rows leave it. Returns
         whether any row is left."""
         rows = batch.rows
-        mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        input_ids = torch.tensor([[row.next_token] for row in rows])
+        device = self.server.device
+        mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
+        input_ids = torch.tensor([[row.next_token] for row in rows], device=device)
         positions = mask.sum(dim=1, keepdim=True) - 1
         model = self.server._model_for(batch.version)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
@@ -305,7 +306,7 @@ class ChatBatcher:
         batch.mask = mask
         if len(keep) == len(rows) or not keep:
             return bool(keep)
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=device)
         batch.cache.batch_select_indices(index)
         batch.mask = mask[index]
         batch.rows = [rows[i] for i in keep]
@@ -325,7 +326,7 @@ class ChatBatcher:
         sampling = row.request.sampling
         scores = logits[None].float()
         if row.penalty is not None:
-            scores = row.penalty(torch.tensor([row.context]), scores)
+            scores = row.penalty(torch.tensor([row.context], device=scores.device), scores)
         token = sample_token(scores[0], sampling.temperature, sampling.top_p)
         row.context.append(token)
         row.generated += 1
@@ -349,4 +350,4 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
         return t
     shape = list(t.shape)
     shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)

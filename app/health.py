@@ -89,6 +89,8 @@ def health_report(ctx) -> dict:
     serving = {
         "live_served": server.live_version if server else None, "live_in_store": live_in_store,
         "loaded": server.adapter_sizes() if server else {}, "merged": server.merged_sizes() if server else {},
+        # where answers are computed: "cpu bfloat16", "cuda float32", or the external server's URL
+        "engine": server.describe() if server else None,
     }
     if server is not None and live_in_store and server.live_version != live_in_store:
         problems.append(f"the store's live version is {live_in_store} but {server.live_version} is serving")

@@ -67,7 +67,7 @@ class RemoteServer:
         self._last_used: dict[str, float] = {}
 
     def describe(self) -> str:
-        return f"{self.url} ({self.served_model}{', LoRA versions loaded there' if self.lora else ''})"
+        return f"inference server {self.url} ({self.served_model}{', LoRA versions loaded there' if self.lora else ''})"
 
     # ------------------------------------------------------------ versions
 

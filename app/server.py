@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, demo_prompts: bool = True,
                worker: bool = False, live_poll_seconds: float = 0.1, dtype: str = "auto",
-               inference: dict | None = None):
+               inference: dict | None = None, device: str = "auto"):
     """Returns (context, blocks, authenticator, created_admin or None).
 
     Starts the prefetcher, the live-version watcher (hot-loading), and with `worker` the
@@ -46,7 +46,8 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
                                   lora=bool(inference.get("lora")))
         logger.info("answers come from the inference server %s", ctx.server.describe())
     else:
-        ctx.server = PolicyServer(base, dtype=dtype)
+        ctx.server = PolicyServer(base, dtype=dtype, device=device)
+        logger.info("answers computed %s", ctx.server.describe())
     ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
         ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch, errors=ctx.errors).start()

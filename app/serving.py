@@ -52,11 +52,25 @@ GENERATE_TOP_K = 50  # transformers' default for sampling in `generate` (chat st
 MERGE_CHUNK = 35  # adapted linear layers merged per hold of the lock: five decoder layers of SmolLM2, ~50 ms
 
 
-def default_serving_dtype() -> str:
+def default_serving_dtype(device: str = "cpu") -> str:
     """bfloat16 weights on a CPU with native bf16 (avx512_bf16/AMX): K=4 answers of 96 tokens
     take 3.7 s instead of 7.0 s there (docs/benchmarks.md); float32 elsewhere, where bf16
-    arithmetic is emulated and slower."""
+    arithmetic is emulated and slower. On a GPU: bfloat16 where it has it (Ampere and later)."""
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def serving_device(device: str = "auto") -> str:
+    """The device the served model lives on: `auto` is the first CUDA GPU when one is visible,
+    else the CPU. Asking for CUDA where there is none is refused, not silently run on the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"serving device {device!r} asked for, and no CUDA GPU is visible: use auto or cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"serving device {device!r} is unknown: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,7 @@ class _StopWhen:
         self.predicate = predicate
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), bool(self.predicate()), dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), bool(self.predicate()), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -125,11 +139,13 @@ class PolicyServer:
     methods below send it there and wait.
     """
 
-    def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024, dtype: str = "float32"):
+    def __init__(self, base_path: Path, *, max_prompt_tokens: int = 1024, dtype: str = "float32",
+                 device: str = "auto"):
         if dtype not in SERVING_DTYPES:
             raise ValueError(f"serving dtype {dtype!r} is unknown: use {', '.join(SERVING_DTYPES)}")
+        self.device = torch.device(serving_device(device))
         if dtype == "auto":
-            dtype = default_serving_dtype()
+            dtype = default_serving_dtype(self.device.type)
         self.dtype = dtype
         self.base_path = Path(base_path)
         tune_malloc()  # the KV cache grows and is freed on every answer
@@ -138,7 +154,7 @@ class PolicyServer:
         self._owner = ModelOwner()
         self._lock = self._owner.lock
         self.model = on_model_thread(load_causal_lm, self.base_path, dtype=getattr(torch, dtype),
-                                     attn_implementation=DECODE_ATTENTION)  # app/attention.py
+                                     attn_implementation=DECODE_ATTENTION).to(self.device)  # app/attention.py
         # The base without PEFT's wrappers (loading an adapter wraps `self.model`'s layers in
         # place): the same weights, none copied. Base generations run on it.
         self._plain = copy.deepcopy(self.model, {id(t): t for t in (*self.model.parameters(), *self.model.buffers())})
@@ -163,6 +179,9 @@ class PolicyServer:
         """(Model thread.) Publish what the server holds now."""
         self.view = ServerView(self._live, tuple(self._adapters), MappingProxyType(dict(self._provisional)),
                                MappingProxyType({v: size for v, (_, size) in self._merged.items()}))
+
+    def describe(self) -> str:
+        return f"in process, {self.device.type} {self.dtype}"
 
     # ------------------------------------------------------------ versions
 
@@ -468,6 +487,7 @@ class PolicyServer:
         start = time.perf_counter()
         priority = ModelLock.INTERACTIVE if interactive else ModelLock.BACKGROUND
         out, version = self._owner.call(priority, self._run_generate, version, inputs, kwargs, seed)
+        out = out.cpu()
         seconds = time.perf_counter() - start
         if preemptible and self.interactive_waiting():
             raise Preempted()
@@ -482,7 +502,8 @@ class PolicyServer:
         """(Model thread.) The generated ids and the version that produced them (None: live)."""
         version = version or self._live
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.manual_seed(seed)  # seeds the GPUs' generators too
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
         with torch.inference_mode():
             return self._model_for(version).generate(**inputs, **kwargs), version
 

@@ -51,7 +51,7 @@ def run(base_path: Path, quick: bool = False, dtype: str = "auto") -> list[Resul
     naive_s, naive_tokens = 0.0, 0
     for i, text in enumerate(prompts):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+                                            return_tensors="pt", return_dict=True).to(naive.device)
         for k in range(K):
             torch.manual_seed(1000 * i + k)
             start = time.perf_counter()
