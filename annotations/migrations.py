@@ -319,3 +319,26 @@ def m011_api_keys(db):
         )""",
         "ALTER TABLE chat_replies ADD COLUMN api_key_id INTEGER REFERENCES api_keys(id)",
     )
+
+
+@migrations()
+def m012_judgement_revisions(db):
+    """An annotator may change a judgement for a while after giving it: the row moves to a new
+    id with the new ranking (so it counts as new data), and what it was before — the row, its
+    pairs as training read them, its ratings — is kept here (annotations/judgement_history.py)."""
+    _sql(
+        db,
+        "ALTER TABLE judgements ADD COLUMN revised_at TEXT",
+        "ALTER TABLE judgements ADD COLUMN revisions INTEGER NOT NULL DEFAULT 0",
+        f"""CREATE TABLE judgement_revisions (
+            id INTEGER PRIMARY KEY,
+            judgement_id INTEGER NOT NULL,     -- the id the judgement had before this change
+            new_judgement_id INTEGER NOT NULL REFERENCES judgements(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            before TEXT NOT NULL,              -- JSON: {{"judgement", "pairs", "ratings"}} as they were
+            revised_at TEXT NOT NULL DEFAULT {NOW}
+        )""",
+        "CREATE INDEX judgement_revisions_new ON judgement_revisions(new_judgement_id)",
+        "CREATE INDEX judgements_user ON judgements(user_id, id)",
+    )

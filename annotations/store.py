@@ -442,6 +442,18 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
         return _view(db, item_id, user_id, now)
 
 
+def candidate_texts(db, item_id: int) -> dict[int, str]:
+    """{candidate id: text} of an item's answers, written ones included."""
+    return {r[0]: r[1] for r in db.execute("SELECT id, text FROM candidates WHERE item_id = ?", [item_id])}
+
+
+def item_prompt_id(db, item_id: int) -> int:
+    row = db.execute("SELECT prompt_id FROM items WHERE id = ?", [item_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no item {item_id}")
+    return row[0]
+
+
 def release_lease(db, user_id: int, item_id: int) -> None:
     with write_transaction(db):
         db.execute("DELETE FROM leases WHERE user_id = ? AND item_id = ?", [user_id, item_id])
@@ -580,31 +592,14 @@ def submit_judgement(
              decision_ms, idempotency_key],
         )
         judgement_id = cursor.lastrowid
-        model_tiers = tiers[1:] if human_text is not None else tiers
-        # The pair policy applies to the model answers; a written answer beats each of them
-        # whatever the policy. "Both bad" prefers no model answer to another.
-        pairs = [] if both_bad else derive_pairs(model_tiers, pair_policy)
-        if human_text is not None:
-            pairs = [(human_id, c) for tier in model_tiers for c in tier] + pairs
-        for chosen, rejected in pairs:
-            db.execute(
-                "INSERT INTO pairs (prompt_id, chosen, rejected, source, judgement_id, chosen_candidate_id,"
-                " rejected_candidate_id, user_id, chosen_version, rejected_version)"
-                " VALUES (?, ?, ?, 'judgement', ?, ?, ?, ?, ?, ?)",
-                [prompt_id, candidates[chosen]["text"], candidates[rejected]["text"], judgement_id,
-                 chosen, rejected, user_id, candidates[chosen]["version"], candidates[rejected]["version"]],
-            )
+        pairs = insert_judgement_pairs(db, judgement_id, prompt_id, user_id, tiers, candidates, both_bad=both_bad,
+                                       human_id=human_id if human_text is not None else None,
+                                       pair_policy=pair_policy)
         # Weights: this item's agreement changed; on a gold item, so did this annotator's trust.
         from annotations.quality import refresh_pair_weights
 
         refresh_pair_weights(db, item_ids=[item_id], user_ids=[user_id] if gold else None)
-        if both_bad:
-            ratings.update({candidate_id: -1 for candidate_id in model_ids if candidate_id not in ratings})
-        for candidate_id, value in ratings.items():
-            db.execute(
-                "INSERT INTO ratings (candidate_id, user_id, value, source, judgement_id) VALUES (?, ?, ?, ?, ?)",
-                [candidate_id, user_id, value, "both_bad" if both_bad and value == -1 else "thumbs", judgement_id],
-            )
+        insert_judgement_ratings(db, judgement_id, user_id, ratings, model_ids, both_bad)
         db.execute("DELETE FROM leases WHERE item_id = ? AND user_id = ?", [item_id, user_id])
         done = db.execute("SELECT count(*) FROM judgements WHERE item_id = ?", [item_id]).fetchone()[0]
         if done >= overlap and status == "ready":
@@ -613,6 +608,41 @@ def submit_judgement(
 
         after_gate_vote(db, item_id)  # a vote on a promotion-gate pair may promote its candidate
         return {"judgement_id": judgement_id, "pairs": len(pairs), "duplicate": False}
+
+
+def insert_judgement_pairs(db, judgement_id: int, prompt_id: int, user_id: int, tiers: list[list[int]],
+                           candidates: dict[int, dict], *, both_bad: bool, human_id: int | None,
+                           pair_policy: str) -> list[tuple[int, int]]:
+    """(Inside a judgement's transaction.) Store the pairs a judgement's tiers imply; returns
+    them. The pair policy applies to the model answers; a written answer (`human_id`, the top
+    tier) beats each of them whatever the policy. "Both bad" prefers no model answer to another."""
+    model_tiers = tiers[1:] if human_id is not None else tiers
+    pairs = [] if both_bad else derive_pairs(model_tiers, pair_policy)
+    if human_id is not None:
+        pairs = [(human_id, c) for tier in model_tiers for c in tier] + pairs
+    for chosen, rejected in pairs:
+        db.execute(
+            "INSERT INTO pairs (prompt_id, chosen, rejected, source, judgement_id, chosen_candidate_id,"
+            " rejected_candidate_id, user_id, chosen_version, rejected_version)"
+            " VALUES (?, ?, ?, 'judgement', ?, ?, ?, ?, ?, ?)",
+            [prompt_id, candidates[chosen]["text"], candidates[rejected]["text"], judgement_id,
+             chosen, rejected, user_id, candidates[chosen]["version"], candidates[rejected]["version"]],
+        )
+    return pairs
+
+
+def insert_judgement_ratings(db, judgement_id: int, user_id: int, ratings: dict[int, int], model_ids,
+                             both_bad: bool) -> None:
+    """(Inside a judgement's transaction.) Its thumbs; "both bad" thumbs down every model
+    answer the annotator did not rate."""
+    ratings = dict(ratings)
+    if both_bad:
+        ratings.update({candidate_id: -1 for candidate_id in model_ids if candidate_id not in ratings})
+    for candidate_id, value in ratings.items():
+        db.execute(
+            "INSERT INTO ratings (candidate_id, user_id, value, source, judgement_id) VALUES (?, ?, ?, ?, ?)",
+            [candidate_id, user_id, value, "both_bad" if both_bad and value == -1 else "thumbs", judgement_id],
+        )
 
 
 SKIP_REASONS = ("unclear prompt", "cannot judge (expertise)", "unsafe content", "broken answers", "other")
@@ -722,10 +752,11 @@ def count_rows(db, table: str) -> int:
     return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
-def iter_pairs(db, split: str | None = None) -> Iterable[dict]:
+def iter_pairs(db, split: str | None = None, *, judgement_id: int | None = None) -> Iterable[dict]:
     """Every preference pair with its prompt messages, oldest first; `split` filters by the
-    prompt's train/held-out split. `chosen_written`: the chosen answer was written by an
-    annotator (in the editor), not sampled from a model or imported."""
+    prompt's train/held-out split, `judgement_id` to one judgement's pairs. `chosen_written`:
+    the chosen answer was written by an annotator (in the editor), not sampled from a model or
+    imported."""
     sql = (
         "SELECT pairs.id, prompts.messages, pairs.chosen, pairs.rejected, pairs.weight, prompts.split,"
         " pairs.source, candidates.author_id IS NOT NULL FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id"
@@ -735,6 +766,9 @@ def iter_pairs(db, split: str | None = None) -> Iterable[dict]:
     if split:
         sql += " WHERE prompts.split = ?"
         params.append(split)
+    if judgement_id is not None:
+        sql += (" AND" if split else " WHERE") + " pairs.judgement_id = ?"
+        params.append(judgement_id)
     for row in db.execute(sql + " ORDER BY pairs.id", params).fetchall():
         yield {
             "id": row[0],

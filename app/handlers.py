@@ -46,6 +46,8 @@ DEFAULT_SETTINGS = {
     "exclude_truncated": True,
     # the system message candidates are sampled under when a prompt has none (app/prefetch.py)
     "answer_instruction": DEFAULT_ANSWER_INSTRUCTION,
+    # how long after giving a judgement its author may change it (annotations/judgement_history.py)
+    "reopen_window_minutes": 30,
 }
 MAX_INSTRUCTION_CHARS = 2_000
 
@@ -219,6 +221,54 @@ def submit_ranking(ctx: AppContext, user: dict | None, view: dict | None, rankin
     return _submit(ctx, user, view, ranking, all_bad, edited, thumbs_up, thumbs_down)
 
 
+def recent_judgements(ctx: AppContext, user: dict | None, limit: int = 10) -> list[dict]:
+    """The person's last judgements, newest first, and until when each may be changed
+    (annotations/judgement_history.py)."""
+    from annotations.judgement_history import recent_judgements as recent
+
+    return recent(ctx.db(), _annotator(user)["id"], limit)
+
+
+def reopen_judgement(ctx: AppContext, user: dict | None, judgement_id) -> dict:
+    """One of the person's judgements, ready to change: its prompt, its answers in the letters
+    they saw, and what they said. Refused when it is not theirs or its window has passed."""
+    from annotations.judgement_history import describe_ranking, judgement_for_reopening
+
+    user = _annotator(user)
+    try:
+        judgement_id = int(judgement_id)
+    except (TypeError, ValueError):
+        raise InvalidInput("give the number of one of your judgements (the first column of the list)") from None
+    old = judgement_for_reopening(ctx.db(), user["id"], judgement_id)
+    texts = store.candidate_texts(ctx.db(), old["item_id"])
+    prompt = store.get_prompt(ctx.db(), store.item_prompt_id(ctx.db(), old["item_id"]))
+    return {
+        "judgement_id": judgement_id, "item_id": old["item_id"], "messages": prompt["messages"],
+        "answers": [{"letter": LETTERS[i], "text": texts[c]} for i, c in enumerate(old["shown_order"])],
+        "written": texts.get(old["written_id"]) if old["written_id"] else None,
+        "shown_order": old["shown_order"],
+        "current": describe_ranking(old["ranking"], old["shown_order"], old["both_bad"]),
+    }
+
+
+def revise_judgement(ctx: AppContext, user: dict | None, reopened: dict | None, ranking_text: str) -> dict:
+    """Change the reopened judgement to `ranking_text` (`B > A = C`, or `both bad`): its pairs
+    are derived again in one transaction. Returns {"judgement_id" (new number), "previous_id",
+    "pairs"}."""
+    from annotations.judgement_history import revise_judgement as revise
+
+    user = _annotator(user)
+    if not reopened or "judgement_id" not in reopened:
+        raise InvalidInput("reopen one of your judgements first")
+    shown = reopened["shown_order"]
+    both_bad = re.sub(r"[\s_-]+", " ", (ranking_text or "").strip().lower()) in ("both bad", "all bad")
+    positions = [list(range(len(shown)))] if both_bad else parse_ranking(ranking_text, len(shown))
+    tiers = [[shown[p] for p in tier] for tier in positions]
+    result = revise(ctx.db(), user["id"], int(reopened["judgement_id"]), tiers, both_bad=both_bad,
+                    pair_policy=ctx.setting("pair_policy"))
+    return result
+
+
 def skip(ctx: AppContext, user: dict | None, view: dict | None, reason: str) -> None:
     user = _annotator(user)
     view = _require_view(view)
@@ -281,7 +331,8 @@ def project_settings(ctx: AppContext, user: dict | None) -> dict:
 
 def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: int, overlap: int,
                           pair_policy: str, sampling: dict, exclude_truncated: bool = True,
-                          answer_instruction: str | None = None) -> dict:
+                          answer_instruction: str | None = None,
+                          reopen_window_minutes: float | None = None) -> dict:
     """Validate and store the defaults for newly queued items and for deriving pairs."""
     from app.serving import SamplingParams
 
@@ -302,8 +353,12 @@ def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: i
     instruction = ctx.setting("answer_instruction") if answer_instruction is None else answer_instruction.strip()
     if len(instruction) > MAX_INSTRUCTION_CHARS:
         raise InvalidInput(f"the answer instruction is limited to {MAX_INSTRUCTION_CHARS:,} characters")
+    reopen = ctx.setting("reopen_window_minutes") if reopen_window_minutes is None else reopen_window_minutes
+    if not 0 <= float(reopen) <= 10_080:
+        raise InvalidInput("minutes to change a judgement must be between 0 (never) and 10,080 (a week)")
     values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling,
-              "exclude_truncated": bool(exclude_truncated), "answer_instruction": instruction}
+              "exclude_truncated": bool(exclude_truncated), "answer_instruction": instruction,
+              "reopen_window_minutes": int(reopen)}
     for key, value in values.items():
         store.set_setting(ctx.db(), key, value)
     return values
@@ -318,7 +373,9 @@ def describe_settings(values: dict) -> str:
             f"temperature {sampling['temperature']}, top-p {sampling['top_p']}, up to {sampling['max_new_tokens']} "
             "tokens" + ("; cut-off answers are sampled again" if values["exclude_truncated"] else "")
             + (f"; instruction: \u201c{values['answer_instruction']}\u201d" if values["answer_instruction"]
-               else "; no answer instruction") + ".")
+               else "; no answer instruction")
+            + (f"; a judgement may be changed for {values['reopen_window_minutes']} minutes"
+               if values.get("reopen_window_minutes") else "; judgements cannot be changed once given") + ".")
 
 
 def weighting(ctx: AppContext, user: dict | None) -> dict:

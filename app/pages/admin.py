@@ -32,6 +32,9 @@ def build(ctx, current_user, annotate_view):
                       "empty: none)", elem_id="setting-instruction", scale=3)
             exclude_truncated = gr.Checkbox(label="Keep cut-off answers out of items (sample them again)",
                                             elem_id="setting-exclude-truncated", scale=1)
+            reopen_minutes = gr.Number(label="Minutes a judgement may be changed after it is given (0: never)",
+                                       minimum=0, maximum=10_080, precision=0, elem_id="setting-reopen-minutes",
+                                       scale=1)
         save_settings = gr.Button("Save settings", elem_id="save-settings")
         settings_status = gr.Markdown(elem_id="settings-status")
         settings_message = gr.Markdown(visible=False, elem_id="settings-message")
@@ -137,7 +140,7 @@ def build(ctx, current_user, annotate_view):
             extra = handlers.available_versions(ctx, user)["extra"]
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
                     *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
-                    values["answer_instruction"],
+                    values["answer_instruction"], values["reopen_window_minutes"],
                     handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
                     key_rows(user),
                     weights["agreement"], weights["annotator_accuracy"],
@@ -145,13 +148,13 @@ def build(ctx, current_user, annotate_view):
                     gr.update(choices=versions, value=extra))
         return guard(run)
 
-    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, instruction_v,
-                         request: gr.Request):
+    def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, instruction_v, reopen_v=None,
+                         request: gr.Request = None):
         def run():
             values = handlers.save_project_settings(
                 ctx, current_user(request), mode=mode_v, k=k_v, overlap=overlap_v, pair_policy=policy_v,
                 sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)},
-                exclude_truncated=exclude_v, answer_instruction=instruction_v or "")
+                exclude_truncated=exclude_v, answer_instruction=instruction_v or "", reopen_window_minutes=reopen_v)
             return handlers.describe_settings(values)
         return guard(run)
 
@@ -229,7 +232,7 @@ def build(ctx, current_user, annotate_view):
         return guard(lambda: handlers.quality_report(ctx, current_user(request)))
 
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens,
-                      exclude_truncated, answer_instruction]
+                      exclude_truncated, answer_instruction, reopen_minutes]
     # a refusal is written under the control that caused it; the page stays as it was (common.wire)
     wire(save_settings.click, do_save_settings, setting_inputs, settings_status, settings_message, "save_settings",
          role="admin")

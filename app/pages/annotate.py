@@ -81,6 +81,7 @@ def build(ctx, current_user):
         flag_button = gr.Button("Flag (f)", elem_id="flag", variant="stop")
         next_button = gr.Button("Next item (n)", elem_id="next-item")
     gr.Markdown(SHORTCUTS_HELP)
+    history_parts = build_history(ctx, current_user)
     # while the queue is dry the page asks by itself, and deals the next item once one is ready
     empty_poll = gr.Timer(EMPTY_POLL_S, active=False)
     shown_tab = gr.Textbox(visible=False, elem_id="annotate-shown-tab")
@@ -201,4 +202,88 @@ def build(ctx, current_user):
     wire(next_button.click, load, None, outputs, message, "next_item", **shown)
     empty_poll.tick(shown_inline(poll, len(outputs)), [shown_tab], [*outputs, message], js=READ_TAB_JS,
                     api_visibility="private", show_progress="hidden")
-    return {"load": load, "outputs": outputs, "guidelines": guidelines, "view": view}
+    return {"load": load, "outputs": outputs, "guidelines": guidelines, "view": view, **history_parts}
+
+
+HISTORY_HEADERS = ["judgement", "submitted", "prompt", "your judgement", "can change until"]
+
+
+def history_rows(entries: list[dict]) -> list[list]:
+    rows = []
+    for e in entries:
+        prompt = e["prompt"] if len(e["prompt"]) <= 90 else e["prompt"][:89] + "…"
+        until = e["open_until"].replace("T", " ").rstrip("Z") + " UTC" if e["open_until"] else f"closed: {e['why_closed']}"
+        rows.append([e["judgement_id"], e["submitted_at"][:19].replace("T", " "), prompt, e["ranking"], until])
+    return rows
+
+
+def reopen_html(reopened: dict) -> str:
+    """The reopened item as it was judged: the prompt, the answers in the letters shown then."""
+    import html
+
+    turns = [m for m in reopened["messages"] if m["role"] == "user"]
+    parts = [f'<div class="rankloop-reopen-prompt"><strong>Judgement {reopened["judgement_id"]}</strong> · '
+             f'you said <code>{html.escape(reopened["current"])}</code><br>'
+             f'{html.escape(turns[-1]["content"] if turns else "", quote=False)}</div>']
+    if reopened.get("written"):
+        parts.append("<p><em>Your written answer stays first:</em></p>" + answer_html(reopened["written"]))
+    for answer in reopened["answers"]:
+        parts.append(f'<h4>Answer {answer["letter"]}</h4>{answer_html(answer["text"])}')
+    return "\n".join(parts)
+
+
+def build_history(ctx, current_user):
+    """"Your recent judgements": the last ones with what was said, and a way to change one
+    within the project's window (annotations/judgement_history.py)."""
+    with gr.Accordion("Your recent judgements — reopen one to change it", open=False,
+                      elem_id="history-panel") as panel:
+        history = gr.Dataframe(headers=HISTORY_HEADERS, value=[], interactive=False, wrap=True, elem_id="history")
+        with gr.Row():
+            reopen_id = gr.Number(label="Judgement number", precision=0, minimum=1, elem_id="reopen-id")
+            reopen_button = gr.Button("Reopen", elem_id="reopen")
+            refresh = gr.Button("Refresh the list", elem_id="history-refresh")
+        note = gr.Markdown(elem_id="history-note")
+        message = gr.Markdown(visible=False, elem_id="history-message")
+        reopened = gr.State(None)
+        with gr.Group(visible=False, elem_id="reopen-panel") as reopen_panel:
+            shown = gr.HTML(elem_id="reopen-view")
+            with gr.Row():
+                ranking = gr.Textbox(label="New judgement, best first (B > A = C, or 'both bad') — Enter saves",
+                                     elem_id="reopen-ranking", scale=3)
+                save = gr.Button("Save the change", variant="primary", elem_id="reopen-save", scale=1)
+                cancel = gr.Button("Cancel", elem_id="reopen-cancel", scale=1)
+
+    def show(request: gr.Request):
+        def run():
+            return history_rows(handlers.recent_judgements(ctx, current_user(request)))
+        return guard(run)
+
+    def do_reopen(judgement_id, request: gr.Request):
+        def run():
+            value = handlers.reopen_judgement(ctx, current_user(request), judgement_id)
+            current = value["current"]
+            return [value, reopen_html(value), "" if current.startswith("both bad") else current,
+                    gr.update(visible=True), ""]
+        return guard(run)
+
+    def do_revise(value, ranking_text, request: gr.Request):
+        def run():
+            user = current_user(request)
+            result = handlers.revise_judgement(ctx, user, value, ranking_text)
+            done = (f"Changed judgement {result['previous_id']}: it is now judgement {result['judgement_id']} "
+                    f"({result['pairs']} pair(s), derived again).")
+            return [None, "", "", gr.update(visible=False), done,
+                    history_rows(handlers.recent_judgements(ctx, user))]
+        return guard(run)
+
+    def close():
+        return [None, "", "", gr.update(visible=False), ""]
+
+    opened = [reopened, shown, ranking, reopen_panel, note]
+    wire(panel.expand, show, None, [history], message, "recent_judgements")
+    wire(refresh.click, show, None, [history], message)
+    wire(reopen_button.click, do_reopen, [reopen_id], opened, message, "reopen_judgement")
+    wire(save.click, do_revise, [reopened, ranking], [*opened, history], message, "revise_judgement")
+    wire(ranking.submit, do_revise, [reopened, ranking], [*opened, history], message)
+    cancel.click(close, None, opened, api_visibility="private", show_progress="hidden")
+    return {"history": history}

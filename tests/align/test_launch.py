@@ -201,3 +201,23 @@ def test_a_ppo_round_runs_as_two_processes(store, tiny_model_dir, capsys):
     assert row["status"] == "succeeded" and "launching 2 processes" in row["log_tail"]
     assert "ppo step 2/2" in (store.parent / "logs" / "round-2.log").read_text()  # the main process's log
     assert (store.parent / "versions" / "v1" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_cancelling_a_launched_round_stops_every_process_at_the_same_step(store, tiny_model_dir):
+    from annotations.round_records import cancel_round
+
+    db = open_db(store)
+    round_id = create_round(db, "dpo", {**FAST_TRAINING, **FAST_EVAL, "max_steps": 400, "processes": 2})
+    worker = threading.Thread(target=run_worker, args=(store, store.parent, tiny_model_dir),
+                              kwargs={"once": True, "handle_signals": False})
+    worker.start()
+    wait_until(lambda: (get_round(db, round_id)["progress"] or 0) > 0, timeout=180, message="training to start")
+    cancel_round(db, round_id)
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    row = get_round(db, round_id)
+    assert row["status"] == "cancelled" and row["error"].startswith("cancelled at step"), row["error"]
+    assert [v["version"] for v in list_versions(db)] == ["base"]
+    assert not any((store.parent / "versions").iterdir())
+    assert not launched_processes("0") and not launched_processes("1")
