@@ -114,9 +114,12 @@ class _StopWhen:
 
     def __init__(self, predicate):
         self.predicate = predicate
+        self.fired = False  # whether it ended the generation (the predicate may be false again after)
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), bool(self.predicate()), dtype=torch.bool, device=input_ids.device)
+        stop = bool(self.predicate())
+        self.fired = self.fired or stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -482,14 +485,17 @@ class PolicyServer:
         sampling = sampling or SamplingParams()
         inputs = self._encode(prompts, n)
         kwargs = self._generate_kwargs(sampling)
+        stop = _StopWhen(self.interactive_waiting)
         if preemptible:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(self.interactive_waiting)])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
         start = time.perf_counter()
         priority = ModelLock.INTERACTIVE if interactive else ModelLock.BACKGROUND
         out, version = self._owner.call(priority, self._run_generate, version, inputs, kwargs, seed)
         out = out.cpu()
         seconds = time.perf_counter() - start
-        if preemptible and self.interactive_waiting():
+        if preemptible and (stop.fired or self.interactive_waiting()):
+            # cut short for someone waiting (who may have been served already): never returned
+            # as answers, which would be truncated ones
             raise Preempted()
         prompt_len = inputs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
