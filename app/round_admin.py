@@ -35,6 +35,76 @@ def method_defaults(method: str) -> dict:
     return out
 
 
+def form_fields(method: str) -> list[dict]:
+    """The round form's fields for `method`: one per config key, round keys first, each with
+    its kind (bool, int, float or text), default, help text and section ("round" / "method")."""
+    import typing
+
+    from align.round_config import RoundConfig, method_configs
+
+    if method not in METHODS:
+        raise InvalidInput(f"method {method!r} is unknown: use one of {', '.join(METHODS)}")
+    fields = []
+    for section, cls in (("round", RoundConfig), ("method", method_configs()[method])):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            options = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+            kind = options[0] if len(options) == 1 and options[0] in (bool, int, float) else str
+            if default is None:
+                kind = str  # typed in a text box: empty means none (a number box cannot be empty)
+            fields.append({"name": f.name, "kind": kind.__name__ if kind is not str else "text",
+                           "default": default, "help": f.metadata.get("help", ""), "section": section,
+                           "optional": type(None) in typing.get_args(hints[f.name])})
+    return fields
+
+
+def shown_default(field: dict):
+    """A field's default as its form control shows it."""
+    default = field["default"]
+    if field["kind"] == "text":
+        if default is None:
+            return ""
+        return ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    return default
+
+
+def form_values(method: str, raw: dict) -> tuple[dict, dict]:
+    """The form's values → (the keys that differ from their defaults, {key: what is wrong with
+    it}), each key checked on its own so that a message can stand beside its field."""
+    from align.config import ConfigError
+    from align.round_config import parse_round_config
+
+    values, errors = {}, {}
+    for field in form_fields(method):
+        name, value = field["name"], raw.get(field["name"])
+        if field["kind"] == "text":
+            value = "" if value is None else str(value).strip()
+            if value == str(shown_default(field)):
+                continue
+            if value == "" and field["optional"]:
+                value = None
+        elif value is None or value == "":
+            if field["default"] is None:
+                continue
+            errors[name] = f"{name} needs a value (its default is {field['default']})"
+            continue
+        elif field["kind"] == "int" and float(value) == int(float(value)):
+            value = int(float(value))
+        if value == field["default"]:
+            continue
+        try:
+            parse_round_config(method, {name: value})
+        except (ConfigError, ValueError, TypeError) as e:
+            message = str(e)
+            errors[name] = message.split(": ", 1)[1] if message.startswith(("round config: ", f"{method} config: ")) \
+                else message
+            continue
+        values[name] = value
+    return values, errors
+
+
 def parse_overrides(text: str) -> dict:
     """`key: value` lines (YAML) into a dict; an empty text is no override."""
     if not (text or "").strip():
@@ -49,13 +119,14 @@ def parse_overrides(text: str) -> dict:
 
 
 def queue_round(ctx: AppContext, user: dict | None, method: str, overrides: str = "", *,
-                data: str | None = None) -> int:
-    """Validate the round's config and queue it for the worker; returns the round id."""
+                data: str | None = None, fields: dict | None = None) -> int:
+    """Validate the round's config and queue it for the worker; returns the round id. `fields`
+    (the form's changed keys) come first, the YAML `overrides` over them."""
     from align.config import ConfigError
     from align.round_config import parse_round_config
 
     user = _admin(user)
-    values = parse_overrides(overrides)
+    values = {**(fields or {}), **parse_overrides(overrides)}
     if data:
         values.setdefault("data", data)
     try:

@@ -23,6 +23,8 @@ the time (at 95%), while one that truly wins 65% of the time passes about 85% of
 prompts it decides nothing. A policy trained against the judging reward model (PPO) is never judged by it.
 With *require human votes*, annotators get blind candidate-vs-live pairs in their queue and their votes
 decide instead (arena votes count too)."""
+DASHBOARD_SERIES = {"heldout_accuracy": "RM accuracy", "heldout_implicit_accuracy": "implicit acc.",
+                    "win_rate_vs_parent": "win rate", "kl_to_base": "KL"}
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "score", "kl", "policy_loss", "value_loss")
 
 
@@ -34,13 +36,15 @@ def _curves_frame(curves):
 def build(ctx, current_user):
     with gr.Tab("Training"):
         gr.Markdown("### Start a round\nThe round runs in the training worker, one at a time; the queue survives "
-                    "restarts. Keys and defaults of the chosen method are shown below; override any as "
-                    "`key: value` lines.")
+                    "restarts. Every setting of the chosen method is below with its default; change any, and a "
+                    "value that cannot work is refused beside its field.")
         with gr.Row():
             method = gr.Radio(list(round_admin.METHODS), value="dpo", label="Method", elem_id="round-method")
             data = gr.Radio(["all", "new"], value="all", label="Data: all train pairs, or new since the last round")
-        overrides = gr.Code(label="Overrides (YAML)", language="yaml", value="", elem_id="round-overrides")
-        defaults = gr.JSON(label="Config keys and defaults", elem_id="round-defaults")
+        form = gr.Column(elem_id="round-form")
+        with gr.Accordion("Advanced: settings as YAML (`key: value` lines, over the fields above)", open=False,
+                          elem_id="round-advanced"):
+            overrides = gr.Code(label="Overrides (YAML)", language="yaml", value="", elem_id="round-overrides")
         start = gr.Button("Queue round", variant="primary", elem_id="round-start")
         start_message = gr.Markdown(visible=False, elem_id="round-start-message")  # a bad key or value, named
         start_status = gr.Markdown(elem_id="round-start-status")
@@ -51,10 +55,15 @@ def build(ctx, current_user):
             round_id = gr.Number(label="Round (empty: newest)", precision=0, elem_id="round-id")
             cancel = gr.Button("Cancel round", variant="stop", elem_id="round-cancel")
         progress = gr.HTML(elem_id="round-progress")
+        # a line needs two points: a round of one or two logged steps is drawn as points
         curves = gr.LinePlot(x="step", y="value", color="metric", label="Training curves", elem_id="round-curves",
                              height=280)
+        points = gr.ScatterPlot(x="step", y="value", color="metric", label="Training curves (few steps: points)",
+                                elem_id="round-points", height=280, visible=False)
         log_tail = gr.Code(label="Log (last lines)", language=None, elem_id="round-log")
-        metrics = gr.JSON(label="Metrics", elem_id="round-metrics")
+        figures = gr.Markdown(elem_id="round-figures")  # the evaluation, each figure with its interval and n
+        with gr.Accordion("All metrics (raw)", open=False):
+            metrics = gr.JSON(label="Metrics", elem_id="round-metrics")
         timer = gr.Timer(2.0, active=False)
 
     with gr.Tab("Versions"):
@@ -94,20 +103,19 @@ def build(ctx, current_user):
         summary = gr.Markdown(elem_id="dashboard-summary")
         round_table = gr.Dataframe(headers=["round", "method", "version", "pairs",
                                             "held-out figures (95% interval, n)"], interactive=False)
-        across = gr.LinePlot(x="round", y="value", color="metric", label="Across rounds", height=260)
+        across = gr.LinePlot(x="round", y="value", color="metric", label="Across rounds (held-out figures; the "
+                             "table above gives each with its interval and n)", height=260, elem_id="dashboard-plot")
         throughput = gr.Dataframe(headers=["annotator", "day", "judgements", "mean decision ms"], interactive=False)
-
-    def show_defaults(method_name, request: gr.Request):
-        def run():
-            round_admin.require_admin(current_user(request))
-            return round_admin.method_defaults(method_name)
-        return guard(run)
 
     def do_start(method_name, data_choice, text, request: gr.Request):
         def run():
             new_id = round_admin.queue_round(ctx, current_user(request), method_name, text, data=data_choice)
             return f"Queued round {new_id}.", round_admin.rounds_table(ctx, current_user(request)), new_id
         return guard(run)
+
+    with form:
+        round_form_renderer(ctx, current_user, method, data, overrides, start, start_message, start_status, rounds,
+                            round_id)
 
     def do_refresh(selected, request: gr.Request):
         def run():
@@ -116,14 +124,15 @@ def build(ctx, current_user):
             table = round_admin.rounds_table(ctx, user)
             r = detail["round"]
             if r is None:
-                return table, "No rounds yet.", _curves_frame([]), "", {}
+                return table, "No rounds yet.", *_curves(_curves_frame([])), "", "", {}
             percent = 100 * (r["progress"] or 0)
             bar = (f"<div><b>Round {r['id']}</b> ({r['method']}) — <b>{r['status']}</b> — {percent:.0f}%"
                    f"<progress value='{percent:.0f}' max='100' style='width:100%'></progress>"
                    + (f"<div style='color:#b91c1c'>Error: {_escape(r['error'])}</div>" if r["error"] else "")
                    + "</div>")
             shown = {k: v for k, v in r["metrics"].items() if k != "samples"}
-            return table, bar, _curves_frame(detail["curves"]), r["log_tail"] or "", shown
+            return (table, bar, *_curves(_curves_frame(detail["curves"])), r["log_tail"] or "",
+                    round_figures(r["metrics"]), shown)
         return guard(run)
 
     def do_cancel(selected, request: gr.Request):
@@ -198,17 +207,19 @@ def build(ctx, current_user):
             text = (f"**{d['pairs_total']}** preference pairs · **{a['judgements'] or 0}** judgements · "
                     f"agreement {_fmt(a['pairwise_agreement'])} · Krippendorff's alpha {_fmt(a['alpha'])}")
             table = [[r["round"], r["method"], r["version"], r["pairs"], r["figures"]] for r in d["rounds"]]
-            points = [{"round": r["round"], "metric": key, "value": r[key]} for r in d["rounds"]
-                      for key in ("heldout_accuracy", "heldout_implicit_accuracy", "win_rate_vs_parent", "kl_to_base")
-                      if isinstance(r.get(key), (int, float))]
-            frame = pd.DataFrame(points or [{"round": 0, "metric": "win_rate_vs_parent", "value": float("nan")}])
+            # short names: the plot's legend has little room, and long ones were cut off
+            points = [{"round": r["round"], "metric": name, "value": r[key]} for r in d["rounds"]
+                      for key, name in DASHBOARD_SERIES.items() if isinstance(r.get(key), (int, float))]
+            frame = pd.DataFrame(points or [{"round": 0, "metric": "win rate", "value": float("nan")}])
             return text, table, frame, d["throughput"]
         return guard(run)
 
-    method.change(show_defaults, method, defaults, api_visibility="private")
-    wire(start.click, do_start, [method, data, overrides], [start_status, rounds, round_id], start_message,
-         "queue_round", role="admin")
-    refresh_outputs = [rounds, progress, curves, log_tail, metrics]
+    # the API's queue_round takes the method, the data choice and YAML; the page's button goes
+    # through the typed form (round_form above)
+    api_start = gr.Button(visible=False, elem_id="api-queue-round")
+    api_start.click(do_start, [method, data, overrides], [start_status, rounds, round_id],
+                    api_name=endpoint("queue_round", "admin"))
+    refresh_outputs = [rounds, progress, curves, points, log_tail, figures, metrics]
     timer.tick(do_refresh, round_id, refresh_outputs, api_name=endpoint("round_status", "admin"))
     round_id.submit(do_refresh, round_id, refresh_outputs, api_visibility="private")
     cancel.click(do_cancel, round_id, start_status, api_name=endpoint("cancel_round", "admin"))
@@ -229,9 +240,83 @@ def build(ctx, current_user):
 
     def on_admin_load(request: gr.Request):
         """Values the training tabs show when an admin opens the page (and the timer starts)."""
-        return [round_admin.method_defaults("dpo"), *do_versions(request), gr.Timer(active=True)]
+        return [*do_versions(request), gr.Timer(active=True)]
 
-    return on_admin_load, [defaults, versions, version, *gate_inputs, timer]
+    return on_admin_load, [versions, version, *gate_inputs, timer]
+
+
+def round_form_renderer(ctx, current_user, method, data, overrides, start, start_message, start_status, rounds,
+                        round_id):
+    """The round form, drawn again for each method chosen (gr.render); its Queue button's
+    page event is bound here, to the fields of the form on screen."""
+    @gr.render(inputs=[method])
+    def round_form(method_name):
+        """A typed field per config key of the chosen method (round keys first), each with its
+        help and default, and a message line under it for a value that cannot work."""
+        specs = round_admin.form_fields(method_name or "dpo")
+        controls, notes, names = [], [], []  # in the order drawn
+        for section, title in (("method", f"{method_name} settings"), ("round", "Round settings (data, parent, "
+                                                                               "evaluation, processes)")):
+            with gr.Accordion(title, open=section == "method"):
+                with gr.Row(equal_height=False):
+                    for spec in (s for s in specs if s["section"] == section):
+                        with gr.Column(min_width=260):
+                            controls.append(_field(spec))
+                            names.append(spec["name"])
+                            notes.append(gr.Markdown(visible=False, elem_id=f"round-field-{spec['name']}-message",
+                                                     elem_classes=["rankloop-field-message"]))
+
+        def start_from_form(request: gr.Request, method_v, data_v, text_v, *values):
+            hidden = [gr.update(value="", visible=False) for _ in names]
+            try:
+                changed, errors = round_admin.form_values(method_v, dict(zip(names, values)))
+                if errors:
+                    marked = [gr.update(value=f"⚠ {errors[n]}", visible=True) if n in errors else
+                              gr.update(value="", visible=False) for n in names]
+                    return [gr.skip(), gr.skip(), gr.skip(), gr.update(
+                        value=f"⚠ {len(errors)} setting(s) cannot work: see the message under each.", visible=True),
+                        *marked]
+                user = current_user(request)
+                new_id = guard(lambda: round_admin.queue_round(ctx, user, method_v, text_v, data=data_v,
+                                                               fields=changed))
+            except gr.Error as e:
+                return [gr.skip(), gr.skip(), gr.skip(), gr.update(value=f"⚠ {e.message}", visible=True), *hidden]
+            summary = ", ".join(f"{k} = {v}" for k, v in changed.items()) or "all defaults"
+            return [f"Queued round {new_id} ({summary}).", round_admin.rounds_table(ctx, user), new_id,
+                    gr.update(value="", visible=False), *hidden]
+
+        start.click(start_from_form, [method, data, overrides, *controls],
+                    [start_status, rounds, round_id, start_message, *notes], api_visibility="private",
+                    show_progress="hidden")
+
+
+def _field(spec: dict):
+    """The form control for one config key."""
+    label, info, key = spec["name"], spec["help"] or None, f"round-field-{spec['name']}"
+    default = round_admin.shown_default(spec)
+    if spec["kind"] == "bool":
+        return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=key, interactive=True)
+    if spec["kind"] in ("int", "float"):
+        return gr.Number(value=default, label=label, info=info, elem_id=key, interactive=True,
+                         precision=0 if spec["kind"] == "int" else None)
+    return gr.Textbox(value=default, label=label, info=info, elem_id=key, max_lines=1, interactive=True)
+
+
+def _curves(frame):
+    """(line plot update, point plot update): lines once every metric has two steps or more."""
+    few = frame.empty or frame.groupby("metric")["step"].nunique().max() < 2
+    return gr.update(value=frame, visible=not few), gr.update(value=frame, visible=few)
+
+
+def round_figures(metrics: dict) -> str:
+    """A round's evaluation in words: each figure with its 95% interval and n (align.evaluate)."""
+    from align.evaluate import figures
+
+    rows = figures(metrics)
+    if not rows:
+        return "*No held-out figures yet.*"
+    return "| figure | value (95% interval, n) |\n|---|---|\n" + "\n".join(
+        f"| {label} | {text} |" for label, text in rows)
 
 
 def gate_verdict(result: dict) -> str:

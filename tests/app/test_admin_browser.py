@@ -32,6 +32,7 @@ def test_admin_queues_a_round_and_sees_progress_and_curves(worker_app, browser):
     page.wait_for_selector("#who")
     page.get_by_role("tab", name="Admin").click()
     page.get_by_role("tab", name="Training").click()
+    page.locator("#round-advanced").get_by_text("Advanced: settings as YAML").click()  # the power user's path
     page.locator("#round-overrides .cm-content").click()
     page.keyboard.type(ROUND)
     page.locator("#round-start").click()
@@ -43,7 +44,9 @@ def test_admin_queues_a_round_and_sees_progress_and_curves(worker_app, browser):
     # The curves: the plot draws one mark per logged step and metric.
     wait_until(lambda: page.locator("#round-curves canvas, #round-curves svg path").count() > 0, timeout=30,
                message="drawn curves")
-    assert "heldout" in page.locator("#round-metrics").inner_text()
+    wait_until(lambda: "held-out" in page.locator("#round-figures").inner_text(), timeout=30,
+               message="the held-out figures")  # in words, with their interval and n
+    assert "n=" in page.locator("#round-figures").inner_text()
     page.close()
     db = worker_app.db()
     assert db.execute("SELECT status, version FROM rounds").fetchall() == [("succeeded", "v1")]

@@ -255,6 +255,21 @@ def test_the_round_form_refuses_a_bad_value_beside_the_form_and_queues_nothing(r
                            timeout=30_000)
     page.get_by_role("tab", name="Admin").click()
     page.get_by_role("tab", name="Training").click()
+    # the typed form: a value that cannot work is refused under its own field, and nothing is queued
+    page.locator("#round-field-eval_pairs input").wait_for(state="attached", timeout=30_000)
+    page.get_by_text("Round settings (data, parent").click()
+    page.locator("#round-field-eval_pairs input").fill("-5")
+    page.locator("#round-field-beta input").fill("0.2")
+    page.locator("#round-start").click()
+    beside = page.locator("#round-field-eval_pairs-message")
+    beside.wait_for(state="visible", timeout=20_000)
+    assert "eval_pairs must be 0 or more, got -5" in beside.inner_text()
+    assert not page.locator("#round-field-beta-message").is_visible()  # a good value says nothing
+    assert "1 setting(s) cannot work" in page.inner_text("#round-start-message")
+    assert running_app.db().execute("SELECT count(*) FROM rounds").fetchone()[0] == 0
+    page.locator("#round-field-eval_pairs input").fill("200")
+    # the YAML box is kept for power users, as "advanced"
+    page.locator("#round-advanced").get_by_text("Advanced: settings as YAML").click()
     page.locator("#round-overrides .cm-content").click()
     page.keyboard.type("beta: lots\nlearning_rat: 0.1")
     page.locator("#round-start").click()
@@ -269,8 +284,21 @@ def test_the_round_form_refuses_a_bad_value_beside_the_form_and_queues_nothing(r
     page.locator("#round-start").click()
     wait_until(lambda: "beta" in message.inner_text() and "learning_rat" not in message.inner_text(), timeout=20,
                message="the bad value named")
-    page.close()
+    assert not page.locator("#round-field-eval_pairs-message").is_visible()
     assert running_app.db().execute("SELECT count(*) FROM rounds").fetchone()[0] == 0
+    page.locator("#round-overrides .cm-content").click()
+    page.keyboard.press("Control+a")
+    page.keyboard.press("Delete")
+    page.locator("#round-field-max_steps input").fill("3")
+    page.locator("#round-start").click()  # the form's changed values are what the round records
+    wait_until(lambda: "Queued round" in page.inner_text("#round-start-status"), timeout=20, message="queued")
+    assert "max_steps = 3, beta = 0.2)" in page.inner_text("#round-start-status")  # only what was changed
+    page.close()
+    config = running_app.db().execute("SELECT config FROM rounds").fetchone()[0]
+    assert json.loads(config) == {"beta": 0.2, "max_steps": 3, "data": "all"}
+    from annotations.round_records import cancel_round
+
+    cancel_round(running_app.db(), 1)  # no worker here; leave nothing queued for other tests
 
 
 def test_an_admin_makes_an_api_key_sees_it_once_and_revokes_it(running_app, browser):
