@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 PYTEST_ARGS ?=
 
-.PHONY: setup base browser run worker test test-fast bench clean
+.PHONY: setup base browser run worker test test-fast bench screenshots clean
 
 setup: $(STAMP) base
 
@@ -49,6 +49,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+screenshots: setup browser
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
