@@ -342,3 +342,18 @@ def m012_judgement_revisions(db):
         "CREATE INDEX judgement_revisions_new ON judgement_revisions(new_judgement_id)",
         "CREATE INDEX judgements_user ON judgements(user_id, id)",
     )
+
+
+@migrations()
+def m013_item_selection_and_reward_scores(db):
+    """Which item is served next (annotations/selection.py): each item's priority under the
+    project's selection policy, and the policy that set it; each answer's score by the live
+    reward model when it was generated, and which reward model gave it."""
+    _sql(
+        db,
+        "ALTER TABLE items ADD COLUMN selection TEXT",
+        "ALTER TABLE items ADD COLUMN priority REAL",
+        "ALTER TABLE candidates ADD COLUMN reward_score REAL",
+        "ALTER TABLE candidates ADD COLUMN reward_version TEXT",
+        "CREATE INDEX items_ready_priority ON items(status, priority)",
+    )

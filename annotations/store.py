@@ -313,9 +313,11 @@ def count_unclaimed_ready(db) -> int:
 def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
     """Attach generated answers to a pending item and mark it ready.
 
-    Each candidate is {text, policy_version, sampling (dict), gen_seconds, truncated}:
-    `truncated` True when the answer reached the token budget before its end-of-turn (None:
-    not known).
+    Each candidate is {text, policy_version, sampling (dict), gen_seconds, truncated,
+    reward_score, reward_version}: `truncated` True when the answer reached the token budget
+    before its end-of-turn (None: not known); the score the live reward model (`reward_version`)
+    gave it, if one did. The item's priority under the project's selection policy is set in the
+    same transaction (annotations/selection.py).
     """
     with write_transaction(db):
         row = db.execute("SELECT status, k FROM items WHERE id = ?", [item_id]).fetchone()
@@ -331,13 +333,17 @@ def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
             text = c["text"][:MAX_ANSWER_CHARS]
             truncated = c.get("truncated")
             cursor = db.execute(
-                "INSERT INTO candidates (item_id, text, policy_version, sampling, gen_seconds, truncated)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO candidates (item_id, text, policy_version, sampling, gen_seconds, truncated,"
+                " reward_score, reward_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [item_id, text, c.get("policy_version"), json.dumps(c.get("sampling", {})), c.get("gen_seconds"),
-                 None if truncated is None else int(bool(truncated))],
+                 None if truncated is None else int(bool(truncated)), c.get("reward_score"),
+                 c.get("reward_version") if c.get("reward_score") is not None else None],
             )
             ids.append(cursor.lastrowid)
         db.execute("UPDATE items SET status = 'ready' WHERE id = ?", [item_id])
+        from annotations.selection import refresh_priorities
+
+        refresh_priorities(db, item_ids=[item_id])
         return ids
 
 
@@ -429,7 +435,8 @@ def next_item(db, user_id: int, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                                      WHERE s.user_id = :user AND skipped.prompt_id = items.prompt_id)
                      AND (SELECT count(*) FROM judgements j WHERE j.item_id = items.id)
                        + (SELECT count(*) FROM leases l WHERE l.item_id = items.id) < items.overlap
-                   ORDER BY (items.gate_versions IS {'NULL' if gate_first else 'NOT NULL'}), items.id LIMIT 1""",
+                   ORDER BY (items.gate_versions IS {'NULL' if gate_first else 'NOT NULL'}),
+                            items.priority IS NULL, items.priority DESC, items.id LIMIT 1""",
                 {"user": user_id},
             ).fetchone()
             if row is None:

@@ -48,6 +48,8 @@ DEFAULT_SETTINGS = {
     "answer_instruction": DEFAULT_ANSWER_INSTRUCTION,
     # how long after giving a judgement its author may change it (annotations/judgement_history.py)
     "reopen_window_minutes": 30,
+    # which ready item is served next (annotations/selection.py)
+    "selection_policy": "oldest",
 }
 MAX_INSTRUCTION_CHARS = 2_000
 
@@ -332,7 +334,7 @@ def project_settings(ctx: AppContext, user: dict | None) -> dict:
 def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: int, overlap: int,
                           pair_policy: str, sampling: dict, exclude_truncated: bool = True,
                           answer_instruction: str | None = None,
-                          reopen_window_minutes: float | None = None) -> dict:
+                          reopen_window_minutes: float | None = None, selection_policy: str | None = None) -> dict:
     """Validate and store the defaults for newly queued items and for deriving pairs."""
     from app.serving import SamplingParams
 
@@ -356,12 +358,18 @@ def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: i
     reopen = ctx.setting("reopen_window_minutes") if reopen_window_minutes is None else reopen_window_minutes
     if not 0 <= float(reopen) <= 10_080:
         raise InvalidInput("minutes to change a judgement must be between 0 (never) and 10,080 (a week)")
+    from annotations.selection import POLICIES, set_selection_policy
+
+    selection = selection_policy or ctx.setting("selection_policy")
+    if selection not in POLICIES:
+        raise InvalidInput(f"the selection policy must be one of {', '.join(POLICIES)}")
     values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling,
               "exclude_truncated": bool(exclude_truncated), "answer_instruction": instruction,
               "reopen_window_minutes": int(reopen)}
     for key, value in values.items():
         store.set_setting(ctx.db(), key, value)
-    return values
+    set_selection_policy(ctx.db(), selection)  # the ready items' order follows at once
+    return {**values, "selection_policy": selection}
 
 
 def describe_settings(values: dict) -> str:
@@ -375,7 +383,17 @@ def describe_settings(values: dict) -> str:
             + (f"; instruction: \u201c{values['answer_instruction']}\u201d" if values["answer_instruction"]
                else "; no answer instruction")
             + (f"; a judgement may be changed for {values['reopen_window_minutes']} minutes"
-               if values.get("reopen_window_minutes") else "; judgements cannot be changed once given") + ".")
+               if values.get("reopen_window_minutes") else "; judgements cannot be changed once given")
+            + (f"; ready items served {SELECTION_WORDS[values['selection_policy']]}"
+               if values.get("selection_policy") else "") + ".")
+
+
+SELECTION_WORDS = {
+    "oldest": "oldest first",
+    "uncertainty": "where the live reward model is least sure first (its scores of the answers closest)",
+    "disagreement": "where annotators disagree first",
+    "diversity": "least like the prompts already judged first",
+}
 
 
 def weighting(ctx: AppContext, user: dict | None) -> dict:

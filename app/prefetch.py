@@ -40,7 +40,7 @@ DEFAULT_ANSWER_INSTRUCTION = "Answer helpfully, briefly and completely, in a few
 class Prefetcher:
     def __init__(self, connect, server, *, target_ready: int = 4, batch_items: int = BATCH_ITEMS,
                  batch_tokens: int = BATCH_TOKENS,
-                 sampling=None, poll_seconds: float = 5.0, errors=None):
+                 sampling=None, poll_seconds: float = 5.0, errors=None, scorer=None):
         if batch_items < 1:
             raise ValueError(f"batch_items must be at least 1, got {batch_items}")
         self._connect = connect  # () -> a store connection for this thread
@@ -60,6 +60,8 @@ class Prefetcher:
         self.kept_truncated = 0  # items shown with a truncated answer after every try
         self.parked = 0  # items given up on (their reason is stored with them)
         self.errors = errors  # app.health.ErrorLog: what went wrong, for the Health tab
+        self.scorer = scorer  # app.reward_scores.RewardScorer: answers' scores, for the uncertainty policy
+        self._priorities_at = 0.0
         self._failures: dict[int, tuple[int, float]] = {}  # item id -> (failures, monotonic time to retry after)
         self.last_error: str | None = None
 
@@ -90,9 +92,19 @@ class Prefetcher:
     def _sampling(self, db, item) -> SamplingParams:
         return self.sampling or SamplingParams(**(item["sampling"] or store.get_setting(db, "sampling", {}) or {}))
 
+    def refresh_priorities(self, db) -> None:
+        """Under a selection policy that judgements change (disagreement, diversity), the ready
+        items' priorities again, at most every few seconds (annotations/selection.py)."""
+        from annotations.selection import refresh_priorities, selection_policy
+
+        if selection_policy(db) in ("disagreement", "diversity") and time.monotonic() - self._priorities_at >= 5:
+            self._priorities_at = time.monotonic()
+            refresh_priorities(db)
+
     def fill_once(self, db) -> bool:
         """Generate candidates for the oldest pending item(s) if the buffer is low. True if it did
         (or set aside an item that failed: the queue moves on)."""
+        self.refresh_priorities(db)
         if store.count_unclaimed_ready(db) >= self.target_ready:
             return False
         now = time.monotonic()
@@ -208,17 +220,34 @@ class Prefetcher:
 
     def _store(self, db, item, generations, batch_answers: int, instruction: str = "") -> None:
         used = instruction if not any(m["role"] == "system" for m in item["messages"]) else ""
+        scored = self._reward_scores(db, item, generations)
         store.add_candidates(
             db,
             item["id"],
             [
                 {"text": g.text, "policy_version": g.version,
                  "sampling": {**g.sampling, **({"instruction": used} if used else {})},
-                 "gen_seconds": g.seconds / batch_answers, "truncated": g.truncated}
-                for g in generations
+                 "gen_seconds": g.seconds / batch_answers, "truncated": g.truncated,
+                 **({"reward_score": scored[0][i], "reward_version": scored[1]} if scored else {})}
+                for i, g in enumerate(generations)
             ],
         )
         self.generated += 1
+
+    def _reward_scores(self, db, item, generations):
+        """The live reward model's scores of the answers, when the selection policy needs them
+        (app/reward_scores.py); None otherwise, or when scoring fails (the item is served all the
+        same, after the scored ones)."""
+        from annotations.selection import selection_policy
+
+        if self.scorer is None or selection_policy(db) != "uncertainty":
+            return None
+        try:
+            return self.scorer.score(db, item["messages"], [g.text for g in generations])
+        except Exception as e:  # a broken reward model must not stop the queue
+            if self.errors is None or self.errors.record("reward scores", f"scoring answers failed: {e}"):
+                logger.exception("prefetch: scoring item %s", item["id"])
+            return None
 
     def _run(self) -> None:
         db = self._connect()

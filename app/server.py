@@ -50,7 +50,10 @@ def create_app(home: Path, base: Path, *, threads: int = 2, prefetch: int = 4, d
         logger.info("answers computed %s", ctx.server.describe())
     ctx.live = LiveWatcher(ctx, poll_seconds=live_poll_seconds, serve_threads=threads).start()
     if prefetch > 0:
-        ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch, errors=ctx.errors).start()
+        from app.reward_scores import RewardScorer
+
+        ctx.prefetcher = Prefetcher(ctx.db, ctx.server, target_ready=prefetch, errors=ctx.errors,
+                                    scorer=RewardScorer(base, ctx.server)).start()
     if worker:
         ctx.worker = WorkerProcess(db_path, base, log_path=home / "worker.log").start()
     demo = build_ui(ctx)

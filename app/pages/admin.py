@@ -35,6 +35,10 @@ def build(ctx, current_user, annotate_view):
             reopen_minutes = gr.Number(label="Minutes a judgement may be changed after it is given (0: never)",
                                        minimum=0, maximum=10_080, precision=0, elem_id="setting-reopen-minutes",
                                        scale=1)
+        selection = gr.Radio(
+            [(f"{name}: {words}", name) for name, words in handlers.SELECTION_WORDS.items()],
+            label="Which ready item is served next (uncertainty scores each item's answers with the live reward "
+                  "model as it is prefetched)", elem_id="setting-selection")
         save_settings = gr.Button("Save settings", elem_id="save-settings")
         settings_status = gr.Markdown(elem_id="settings-status")
         settings_message = gr.Markdown(visible=False, elem_id="settings-message")
@@ -140,7 +144,7 @@ def build(ctx, current_user, annotate_view):
             extra = handlers.available_versions(ctx, user)["extra"]
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
                     *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
-                    values["answer_instruction"], values["reopen_window_minutes"],
+                    values["answer_instruction"], values["reopen_window_minutes"], values["selection_policy"],
                     handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
                     key_rows(user),
                     weights["agreement"], weights["annotator_accuracy"],
@@ -149,12 +153,13 @@ def build(ctx, current_user, annotate_view):
         return guard(run)
 
     def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, instruction_v, reopen_v=None,
-                         request: gr.Request = None):
+                         selection_v=None, request: gr.Request = None):
         def run():
             values = handlers.save_project_settings(
                 ctx, current_user(request), mode=mode_v, k=k_v, overlap=overlap_v, pair_policy=policy_v,
                 sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)},
-                exclude_truncated=exclude_v, answer_instruction=instruction_v or "", reopen_window_minutes=reopen_v)
+                exclude_truncated=exclude_v, answer_instruction=instruction_v or "", reopen_window_minutes=reopen_v,
+                selection_policy=selection_v)
             return handlers.describe_settings(values)
         return guard(run)
 
@@ -232,7 +237,7 @@ def build(ctx, current_user, annotate_view):
         return guard(lambda: handlers.quality_report(ctx, current_user(request)))
 
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens,
-                      exclude_truncated, answer_instruction, reopen_minutes]
+                      exclude_truncated, answer_instruction, reopen_minutes, selection]
     # a refusal is written under the control that caused it; the page stays as it was (common.wire)
     wire(save_settings.click, do_save_settings, setting_inputs, settings_status, settings_message, "save_settings",
          role="admin")
