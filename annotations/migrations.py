@@ -357,3 +357,14 @@ def m013_item_selection_and_reward_scores(db):
         "ALTER TABLE candidates ADD COLUMN reward_version TEXT",
         "CREATE INDEX items_ready_priority ON items(status, priority)",
     )
+
+
+@migrations()
+def m014_suggestions(db):
+    """The live reward model's suggested ranking, as shown to a person with an item (its
+    scores, its version) and as it stood beside the judgement they gave (annotations/suggestions.py)."""
+    _sql(
+        db,
+        "ALTER TABLE item_views ADD COLUMN suggestion TEXT",
+        "ALTER TABLE judgements ADD COLUMN suggestion TEXT",
+    )

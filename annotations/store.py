@@ -356,10 +356,11 @@ def _item_payload(db, item_id: int) -> dict:
     if item is None:
         raise NotFound(f"no item {item_id}")
     candidates = [
-        {"id": r[0], "text": r[1], "policy_version": r[2], "truncated": None if r[3] is None else bool(r[3])}
+        {"id": r[0], "text": r[1], "policy_version": r[2], "truncated": None if r[3] is None else bool(r[3]),
+         "reward_score": r[4], "reward_version": r[5]}
         for r in db.execute(
-            "SELECT id, text, policy_version, truncated FROM candidates WHERE item_id = ? AND policy_version IS NOT NULL"
-            " ORDER BY id",
+            "SELECT id, text, policy_version, truncated, reward_score, reward_version FROM candidates"
+            " WHERE item_id = ? AND policy_version IS NOT NULL ORDER BY id",
             [item_id],
         ).fetchall()
     ]
@@ -377,21 +378,28 @@ def _view(db, item_id: int, user_id: int, now: float) -> dict:
     """The item as this user sees it: the answers in the order first shown to them, when that
     was, and the idempotency key of their submission. Created (shuffled) on the first showing."""
     row = db.execute(
-        "SELECT shown_order, served_at, view_key FROM item_views WHERE item_id = ? AND user_id = ?",
+        "SELECT shown_order, served_at, view_key, suggestion FROM item_views WHERE item_id = ? AND user_id = ?",
         [item_id, user_id],
     ).fetchone()
     payload = _item_payload(db, item_id)
     if row is None:
+        from annotations.suggestions import show_suggestions, suggestion_for
+
         order = [c["id"] for c in payload["candidates"]]
         random.shuffle(order)
-        row = (json.dumps(order), now, uuid.uuid4().hex)
+        # the reward model's suggestion, if the project shows them: fixed at the first showing,
+        # so the judgement records what the person saw (annotations/suggestions.py)
+        suggested = suggestion_for(payload["candidates"]) if show_suggestions(db) else None
+        row = (json.dumps(order), now, uuid.uuid4().hex, json.dumps(suggested) if suggested else None)
         db.execute(
-            "INSERT INTO item_views (item_id, user_id, shown_order, served_at, view_key) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO item_views (item_id, user_id, shown_order, served_at, view_key, suggestion)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             [item_id, user_id, *row],
         )
     by_id = {c["id"]: c for c in payload["candidates"]}
     order = [cid for cid in json.loads(row[0]) if cid in by_id]
-    payload.update(candidates=[by_id[cid] for cid in order], shown_order=order, served_at=row[1], view_key=row[2])
+    payload.update(candidates=[by_id[cid] for cid in order], shown_order=order, served_at=row[1], view_key=row[2],
+                   suggestion=json.loads(row[3]) if row[3] else None)
     return payload
 
 
@@ -592,11 +600,13 @@ def submit_judgement(
             candidates[human_id] = {"text": human_text, "version": None}
             # A human-written answer beats every model answer, even in a "both bad" judgement.
             tiers = [[human_id], *tiers]
+        suggestion = db.execute("SELECT suggestion FROM item_views WHERE item_id = ? AND user_id = ?",
+                                [item_id, user_id]).fetchone()
         cursor = db.execute(
             "INSERT INTO judgements (item_id, user_id, mode, ranking, both_bad, shown_order, decision_ms,"
-            " idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " idempotency_key, suggestion) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [item_id, user_id, mode, json.dumps(tiers), int(both_bad), json.dumps(list(shown_order)),
-             decision_ms, idempotency_key],
+             decision_ms, idempotency_key, suggestion[0] if suggestion else None],
         )
         judgement_id = cursor.lastrowid
         pairs = insert_judgement_pairs(db, judgement_id, prompt_id, user_id, tiers, candidates, both_bad=both_bad,

@@ -50,6 +50,8 @@ DEFAULT_SETTINGS = {
     "reopen_window_minutes": 30,
     # which ready item is served next (annotations/selection.py)
     "selection_policy": "oldest",
+    # the live reward model's suggested ranking on the annotate page (off for blind studies)
+    "suggestions": True,
 }
 MAX_INSTRUCTION_CHARS = 2_000
 
@@ -121,7 +123,21 @@ def next_item(ctx: AppContext, user: dict | None) -> dict | None:
         "shown_order": item["shown_order"],
         "served_at": item["served_at"],
         "key": item["view_key"],
+        "suggestion": suggestion_in_letters(item.get("suggestion"), item["shown_order"]),
     }
+
+
+def suggestion_in_letters(suggestion: dict | None, shown_order: list[int]) -> dict | None:
+    """The reward model's suggested ranking (annotations/suggestions.py) in the letters shown:
+    {"ranking": "B > A = C", "scores": [(letter, score)...] in letter order, "version"}."""
+    if not suggestion:
+        return None
+    letter = {cid: LETTERS[i] for i, cid in enumerate(shown_order)}
+    if any(c not in letter for tier in suggestion["ranking"] for c in tier):
+        return None
+    ranking = " > ".join(" = ".join(sorted(letter[c] for c in tier)) for tier in suggestion["ranking"])
+    scores = sorted((letter[int(c)], value) for c, value in suggestion["scores"].items() if int(c) in letter)
+    return {"ranking": ranking, "scores": scores, "version": suggestion["version"]}
 
 
 def parse_ranking(text: str, k: int) -> list[list[int]]:
@@ -334,7 +350,8 @@ def project_settings(ctx: AppContext, user: dict | None) -> dict:
 def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: int, overlap: int,
                           pair_policy: str, sampling: dict, exclude_truncated: bool = True,
                           answer_instruction: str | None = None,
-                          reopen_window_minutes: float | None = None, selection_policy: str | None = None) -> dict:
+                          reopen_window_minutes: float | None = None, selection_policy: str | None = None,
+                          suggestions: bool | None = None) -> dict:
     """Validate and store the defaults for newly queued items and for deriving pairs."""
     from app.serving import SamplingParams
 
@@ -365,7 +382,8 @@ def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: i
         raise InvalidInput(f"the selection policy must be one of {', '.join(POLICIES)}")
     values = {"mode": mode, "k": k, "overlap": overlap, "pair_policy": pair_policy, "sampling": sampling,
               "exclude_truncated": bool(exclude_truncated), "answer_instruction": instruction,
-              "reopen_window_minutes": int(reopen)}
+              "reopen_window_minutes": int(reopen),
+              "suggestions": bool(ctx.setting("suggestions") if suggestions is None else suggestions)}
     for key, value in values.items():
         store.set_setting(ctx.db(), key, value)
     set_selection_policy(ctx.db(), selection)  # the ready items' order follows at once
@@ -385,7 +403,9 @@ def describe_settings(values: dict) -> str:
             + (f"; a judgement may be changed for {values['reopen_window_minutes']} minutes"
                if values.get("reopen_window_minutes") else "; judgements cannot be changed once given")
             + (f"; ready items served {SELECTION_WORDS[values['selection_policy']]}"
-               if values.get("selection_policy") else "") + ".")
+               if values.get("selection_policy") else "")
+            + ("; the reward model's suggestions shown" if values.get("suggestions") else "; no suggestions shown")
+            + ".")
 
 
 SELECTION_WORDS = {

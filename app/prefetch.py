@@ -235,12 +235,13 @@ class Prefetcher:
         self.generated += 1
 
     def _reward_scores(self, db, item, generations):
-        """The live reward model's scores of the answers, when the selection policy needs them
-        (app/reward_scores.py); None otherwise, or when scoring fails (the item is served all the
-        same, after the scored ones)."""
+        """The live reward model's scores of the answers, when suggestions are shown or the
+        selection policy needs them (app/reward_scores.py); None otherwise, or when scoring fails
+        (the item is served all the same, without a suggestion)."""
         from annotations.selection import selection_policy
+        from annotations.suggestions import show_suggestions
 
-        if self.scorer is None or selection_policy(db) != "uncertainty":
+        if self.scorer is None or not (selection_policy(db) == "uncertainty" or show_suggestions(db)):
             return None
         try:
             return self.scorer.score(db, item["messages"], [g.text for g in generations])

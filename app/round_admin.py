@@ -269,7 +269,9 @@ def dashboard(ctx: AppContext, user: dict | None) -> dict:
                                                 "win_rate_vs_parent")}})
     throughput = [[r["name"], r["day"], r["judgements"], r["mean_decision_ms"]] for r in store.annotator_throughput(db)]
     report = agreement_report(db)
-    return {"rounds": rounds, "throughput": throughput,
+    from annotations.suggestions import suggestion_agreement
+
+    return {"rounds": rounds, "throughput": throughput, "suggestions": suggestion_agreement(db),
             "agreement": {"pairwise_agreement": report.get("pairwise_agreement"), "alpha": report.get("alpha"),
                           "judgements": report.get("judgements")},
             "pairs_total": store.count_rows(db, "pairs")}

@@ -52,7 +52,8 @@ SHORTCUTS_JS = """
     if (clicks[key]) { const b = document.getElementById(clicks[key]);
                        if (visible(b)) { event.preventDefault(); b.click(); } return; }
     if (focus[key]) { const el = document.querySelector(focus[key]);
-                      if (el) { event.preventDefault(); el.focus(); } }
+                      // selected: a suggested ranking already there is accepted with Enter, replaced by typing
+                      if (el) { event.preventDefault(); el.focus(); if (el.select && key === "r") el.select(); } }
   });
 }
 """

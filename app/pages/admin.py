@@ -39,6 +39,8 @@ def build(ctx, current_user, annotate_view):
             [(f"{name}: {words}", name) for name, words in handlers.SELECTION_WORDS.items()],
             label="Which ready item is served next (uncertainty scores each item's answers with the live reward "
                   "model as it is prefetched)", elem_id="setting-selection")
+        suggestions = gr.Checkbox(label="Show the live reward model's suggested ranking to annotators (turn off for "
+                                        "blind studies)", elem_id="setting-suggestions")
         save_settings = gr.Button("Save settings", elem_id="save-settings")
         settings_status = gr.Markdown(elem_id="settings-status")
         settings_message = gr.Markdown(visible=False, elem_id="settings-message")
@@ -145,6 +147,7 @@ def build(ctx, current_user, annotate_view):
             return (values["mode"], values["k"], values["overlap"], values["pair_policy"],
                     *[sampling[key] for key in SAMPLING_KEYS], values["exclude_truncated"],
                     values["answer_instruction"], values["reopen_window_minutes"], values["selection_policy"],
+                    values["suggestions"],
                     handlers.guidelines(ctx, user), gr.update(choices=versions), handlers.list_accounts(ctx, user),
                     key_rows(user),
                     weights["agreement"], weights["annotator_accuracy"],
@@ -153,13 +156,13 @@ def build(ctx, current_user, annotate_view):
         return guard(run)
 
     def do_save_settings(mode_v, k_v, overlap_v, policy_v, t, p, r, m, exclude_v, instruction_v, reopen_v=None,
-                         selection_v=None, request: gr.Request = None):
+                         selection_v=None, suggestions_v=None, request: gr.Request = None):
         def run():
             values = handlers.save_project_settings(
                 ctx, current_user(request), mode=mode_v, k=k_v, overlap=overlap_v, pair_policy=policy_v,
                 sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)},
                 exclude_truncated=exclude_v, answer_instruction=instruction_v or "", reopen_window_minutes=reopen_v,
-                selection_policy=selection_v)
+                selection_policy=selection_v, suggestions=suggestions_v)
             return handlers.describe_settings(values)
         return guard(run)
 
@@ -237,7 +240,7 @@ def build(ctx, current_user, annotate_view):
         return guard(lambda: handlers.quality_report(ctx, current_user(request)))
 
     setting_inputs = [mode, k, overlap, pair_policy, temperature, top_p, repetition_penalty, max_new_tokens,
-                      exclude_truncated, answer_instruction, reopen_minutes, selection]
+                      exclude_truncated, answer_instruction, reopen_minutes, selection, suggestions]
     # a refusal is written under the control that caused it; the page stays as it was (common.wire)
     wire(save_settings.click, do_save_settings, setting_inputs, settings_status, settings_message, "save_settings",
          role="admin")

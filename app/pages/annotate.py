@@ -30,6 +30,19 @@ def answer_label(answer: dict | None, letter: str) -> str:
     return f"Answer {letter}"
 
 
+def suggestion_text(suggested: dict | None, pairwise: bool) -> str:
+    """The reward model's suggestion as the page shows it: marked as a suggestion, with its scores."""
+    if not suggested:
+        return ""
+    scores = " · ".join(f"{letter} {value:+.2f}" for letter, value in suggested["scores"])
+    if pairwise:
+        first = suggested["ranking"].split(" > ")[0]
+        what = "no preference" if " = " in first else f"**{first}**"
+    else:
+        what = f"**{suggested['ranking']}** (already in the ranking box: `r` then Enter accepts it, typing replaces it)"
+    return f"💡 Suggestion from reward model {suggested['version']}: {what}. Scores: {scores}. Judge for yourself."
+
+
 EMPTY_POLL_S = 3  # while nobody has an item, the page asks this often whether one is ready
 READ_TAB_JS = "() => [localStorage.getItem('rankloop-tab') || 'annotate']"
 
@@ -54,6 +67,7 @@ def build(ctx, current_user):
                 answers.append(gr.HTML(label=f"Answer {letter}", show_label=True, container=True, padding=True,
                                        elem_id=f"answer-{letter.lower()}", min_height=120, autoscroll=False))
             cards.append(card)
+    suggestion = gr.Markdown(visible=False, elem_id="suggestion")  # the reward model's, marked as such
     with gr.Row(visible=True, elem_id="pairwise-controls") as pairwise_row:
         choose_a = gr.Button("A is better (1)", elem_id="choose-a", variant="primary")
         choose_b = gr.Button("B is better (2)", elem_id="choose-b", variant="primary")
@@ -99,6 +113,7 @@ def build(ctx, current_user):
             head = (f"**No item is waiting for you.** {progress['pending']} being generated; the next one "
                     f"appears here by itself as soon as it is ready.")
         pairwise = bool(view_value) and k == 2 and view_value["mode"] == "pairwise"
+        suggested = (view_value or {}).get("suggestion")
         return [
             view_value,
             head + (f"\n\n{note}" if note else ""),
@@ -109,17 +124,18 @@ def build(ctx, current_user):
             *[gr.update(visible=i < k or (not view_value and i < 2)) for i in range(MAX_ANSWERS)],
             gr.update(visible=pairwise or not view_value),
             gr.update(visible=bool(view_value) and not pairwise),
-            "",  # ranking
+            suggested["ranking"] if suggested and not pairwise else "",  # ranking: the suggestion, to accept or change
             "",  # edited
             gr.update(choices=letters, value=[]),
             gr.update(choices=letters, value=[]),
             gr.update(choices=letters, value=[]),
             *[gr.update(interactive=bool(view_value)) for _ in actions],
             gr.Timer(active=not view_value),
+            gr.update(value=suggestion_text(suggested, pairwise), visible=bool(suggested)),
         ]
 
     outputs = [view, header, prompt, *answers, *cards, pairwise_row, ranking_row, ranking, edited,
-               thumbs_up, thumbs_down, flag_letters, *actions, empty_poll]
+               thumbs_up, thumbs_down, flag_letters, *actions, empty_poll, suggestion]
 
     def load(request: gr.Request):
         def run():

@@ -106,6 +106,11 @@ def build(ctx, current_user):
         across = gr.LinePlot(x="round", y="value", color="metric", label="Across rounds (held-out figures; the "
                              "table above gives each with its interval and n)", height=260, elem_id="dashboard-plot")
         throughput = gr.Dataframe(headers=["annotator", "day", "judgements", "mean decision ms"], interactive=False)
+        gr.Markdown("**Do people agree with the reward model's suggestions?** Of the answer pairs people ordered, "
+                    "the share the suggestion ordered the same way: a running estimate of the live reward model's "
+                    "accuracy on fresh data (high acceptance of suggestions unchanged can inflate it; a blind "
+                    "study, with suggestions off, is the clean measure).")
+        suggestion_table = gr.Dataframe(headers=SUGGESTION_HEADERS, interactive=False, elem_id="dashboard-suggestions")
 
     def do_start(method_name, data_choice, text, request: gr.Request):
         def run():
@@ -211,7 +216,7 @@ def build(ctx, current_user):
             points = [{"round": r["round"], "metric": name, "value": r[key]} for r in d["rounds"]
                       for key, name in DASHBOARD_SERIES.items() if isinstance(r.get(key), (int, float))]
             frame = pd.DataFrame(points or [{"round": 0, "metric": "win rate", "value": float("nan")}])
-            return text, table, frame, d["throughput"]
+            return text, table, frame, d["throughput"], suggestion_rows(d["suggestions"])
         return guard(run)
 
     # the API's queue_round takes the method, the data choice and YAML; the page's button goes
@@ -235,7 +240,7 @@ def build(ctx, current_user):
     wire(gate_check.click, do_check_gate, version, version_status, version_message, "check_gate", role="admin")
     gate_inputs = [auto, confidence, min_prompts, human, human_share, min_human, gate_items]
     save_gate.click(do_save_gate, gate_inputs, gate_status, api_name=endpoint("save_gate", "admin"))
-    dashboard_refresh.click(do_dashboard, None, [summary, round_table, across, throughput],
+    dashboard_refresh.click(do_dashboard, None, [summary, round_table, across, throughput, suggestion_table],
                             api_name=endpoint("dashboard", "admin"))
 
     def on_admin_load(request: gr.Request):
@@ -317,6 +322,21 @@ def round_figures(metrics: dict) -> str:
         return "*No held-out figures yet.*"
     return "| figure | value (95% interval, n) |\n|---|---|\n" + "\n".join(
         f"| {label} | {text} |" for label, text in rows)
+
+
+SUGGESTION_HEADERS = ["reward model", "annotator", "agreement (95% interval, n pairs)", "judgements",
+                      "accepted unchanged"]
+
+
+def suggestion_rows(report: dict) -> list[list]:
+    """Agreement with the suggestions, per reward-model version (annotator "all"), then per annotator."""
+    from annotations.intervals import describe
+
+    rows = []
+    for entry in [*report["by_version"], *report["by_annotator"]]:
+        rows.append([entry["version"], entry.get("annotator", "all"), describe(entry["agreement"], "accuracy"),
+                     entry["judgements"], f"{entry['accepted_unchanged']} of {entry['judgements']}"])
+    return rows
 
 
 def gate_verdict(result: dict) -> str:

@@ -76,8 +76,9 @@ def test_answers_are_scored_by_the_live_reward_model_and_the_least_certain_item_
     assert served["id"] == min(gaps, key=gaps.get)  # the smallest gap first
 
 
-def test_without_the_uncertainty_policy_or_a_reward_model_nothing_is_scored(scored_ctx, empty_ctx):
+def test_without_suggestions_the_uncertainty_policy_or_a_reward_model_nothing_is_scored(scored_ctx, empty_ctx):
     ctx, scorer = scored_ctx
+    store.set_setting(ctx.db(), "suggestions", False)  # a blind study
     fill(ctx, scorer, ["Oldest first?"])  # the default policy needs no scores
     assert ctx.db().execute("SELECT count(*) FROM candidates WHERE reward_score IS NOT NULL").fetchone()[0] == 0
     set_selection_policy(ctx.db(), "uncertainty")
