@@ -107,6 +107,7 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
 
     from annotations.formats import MAX_IMPORT_BYTES
     from app.guard import Guard
+    from app.pages.rank_board import BOARD_CSS
     from app.ui import SHORTCUTS_JS
 
     from app.health import health_report
@@ -122,7 +123,8 @@ def launch(demo, auth: Authenticator, host: str = "127.0.0.1", port: int = 7860,
     demo.queue(default_concurrency_limit=8)
     return demo.launch(
         server_name=host, server_port=port, auth=auth.check_login_async, auth_message="Log in to rankloop",
-        ssr_mode=False, show_error=True, js=SHORTCUTS_JS, head=LOGIN_NOTICE_HEAD, prevent_thread_lock=not block,
+        ssr_mode=False, show_error=True, js=SHORTCUTS_JS, css=BOARD_CSS, head=LOGIN_NOTICE_HEAD,
+        prevent_thread_lock=not block,
         quiet=not block, max_file_size=MAX_IMPORT_BYTES,  # uploads are for admins, and no larger than an import
         enable_monitoring=False,  # per-endpoint counts and timings are nobody's business but an admin's
         app_kwargs={"middleware": [Middleware(Guard, role_of=role_of, owners=owners,

@@ -59,6 +59,10 @@ SHORTCUTS_JS = """
 """
 
 
+from app.pages.rank_board import BOARD_JS  # noqa: E402 (drag-and-drop ranking: its moves, by delegation)
+
+SHORTCUTS_JS = SHORTCUTS_JS.rstrip().removesuffix("}") + BOARD_JS + "}\n"
+
 # The tab a person last used, kept in their browser (a click on a tab records it, in
 # SHORTCUTS_JS): the page opens on it, and an annotation item is dealt (leased) only when the
 # Annotate tab is actually what they look at.

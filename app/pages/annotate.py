@@ -6,6 +6,7 @@ import gradio as gr
 
 from app import handlers
 from app.pages.common import answer_html, guard, prompt_for_chatbot, shown_inline, wire
+from app.pages.rank_board import board_html
 
 MAX_ANSWERS = len(handlers.LETTERS)
 
@@ -73,6 +74,7 @@ def build(ctx, current_user):
         choose_b = gr.Button("B is better (2)", elem_id="choose-b", variant="primary")
         choose_tie = gr.Button("Tie (3)", elem_id="choose-tie")
         choose_bad = gr.Button("Both bad (4)", elem_id="choose-both-bad", variant="stop")
+    board = gr.HTML(visible=False, elem_id="rank-board")  # drag and drop, with ties (app/pages/rank_board.py)
     with gr.Row(visible=False, elem_id="ranking-controls") as ranking_row:
         ranking = gr.Textbox(label="Ranking, best first ('>' between levels, '=' for ties) — Enter submits",
                              placeholder="e.g. B > A = C > D", elem_id="ranking", scale=4)
@@ -132,10 +134,12 @@ def build(ctx, current_user):
             *[gr.update(interactive=bool(view_value)) for _ in actions],
             gr.Timer(active=not view_value),
             gr.update(value=suggestion_text(suggested, pairwise), visible=bool(suggested)),
+            gr.update(value=board_html(shown, suggested["ranking"] if suggested else "") if view_value else "",
+                      visible=bool(view_value) and not pairwise),
         ]
 
     outputs = [view, header, prompt, *answers, *cards, pairwise_row, ranking_row, ranking, edited,
-               thumbs_up, thumbs_down, flag_letters, *actions, empty_poll, suggestion]
+               thumbs_up, thumbs_down, flag_letters, *actions, empty_poll, suggestion, board]
 
     def load(request: gr.Request):
         def run():

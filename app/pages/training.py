@@ -279,7 +279,8 @@ def round_form_renderer(ctx, current_user, method, data, overrides, start, start
                     marked = [gr.update(value=f"⚠ {errors[n]}", visible=True) if n in errors else
                               gr.update(value="", visible=False) for n in names]
                     return [gr.skip(), gr.skip(), gr.skip(), gr.update(
-                        value=f"⚠ {len(errors)} setting(s) cannot work: see the message under each.", visible=True),
+                        value=f"⚠ {len(errors)} setting(s) cannot work ({', '.join(errors)}): see the message under "
+                              "each.", visible=True),
                         *marked]
                 user = current_user(request)
                 new_id = guard(lambda: round_admin.queue_round(ctx, user, method_v, text_v, data=data_v,

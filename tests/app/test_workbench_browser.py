@@ -259,15 +259,18 @@ def test_the_round_form_refuses_a_bad_value_beside_the_form_and_queues_nothing(r
     page.locator("#round-field-eval_pairs input").wait_for(state="attached", timeout=30_000)
     page.get_by_text("Round settings (data, parent").click()
     page.locator("#round-field-eval_pairs input").fill("-5")
+    page.locator("#round-field-eval_pairs input").press("Tab")
     page.locator("#round-field-beta input").fill("0.2")
+    page.locator("#round-field-beta input").press("Tab")
     page.locator("#round-start").click()
     beside = page.locator("#round-field-eval_pairs-message")
     beside.wait_for(state="visible", timeout=20_000)
     assert "eval_pairs must be 0 or more, got -5" in beside.inner_text()
     assert not page.locator("#round-field-beta-message").is_visible()  # a good value says nothing
-    assert "1 setting(s) cannot work" in page.inner_text("#round-start-message")
+    assert "1 setting(s) cannot work (eval_pairs)" in page.inner_text("#round-start-message")
     assert running_app.db().execute("SELECT count(*) FROM rounds").fetchone()[0] == 0
     page.locator("#round-field-eval_pairs input").fill("200")
+    page.locator("#round-field-eval_pairs input").press("Tab")  # committed to the form before the next click
     # the YAML box is kept for power users, as "advanced"
     page.locator("#round-advanced").get_by_text("Advanced: settings as YAML").click()
     page.locator("#round-overrides .cm-content").click()
@@ -290,6 +293,7 @@ def test_the_round_form_refuses_a_bad_value_beside_the_form_and_queues_nothing(r
     page.keyboard.press("Control+a")
     page.keyboard.press("Delete")
     page.locator("#round-field-max_steps input").fill("3")
+    page.locator("#round-field-max_steps input").press("Tab")
     page.locator("#round-start").click()  # the form's changed values are what the round records
     wait_until(lambda: "Queued round" in page.inner_text("#round-start-status"), timeout=20, message="queued")
     assert "max_steps = 3, beta = 0.2)" in page.inner_text("#round-start-status")  # only what was changed
