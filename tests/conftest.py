@@ -74,11 +74,14 @@ def browser():
 
 
 def browser_login(page, url: str, name: str, password: str) -> None:
-    """Fill Gradio's login form and wait for the app to load."""
+    """Fill Gradio's login form and wait for the app to load: until the page's own load has run
+    (it says who is logged in, and opens the tab used last), a click on a tab can be undone."""
     page.goto(url)
     page.locator("input[type=text]").first.fill(name)
     page.locator("input[type=password]").first.fill(password)
     page.get_by_role("button", name="Login").click()
+    page.wait_for_function("(document.querySelector('#who') || {innerText: ''}).innerText.includes('Logged in')",
+                           timeout=60_000)
 
 
 class AppProcess:

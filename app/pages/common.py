@@ -80,10 +80,36 @@ def _markdown():
 _MARKDOWN = _markdown()
 
 
+LONG_ANSWER_CHARS = 1200  # a longer answer shows its start, and the rest one click away
+
+
 def answer_html(text: str) -> str:
     """A model answer as the annotate page shows it: its markdown rendered (lists, code blocks,
-    emphasis), everything else as inert text. See `_markdown` for what cannot render."""
-    return f'<div class="rankloop-answer">{_MARKDOWN.render(text or "")}</div>'
+    emphasis), everything else as inert text. See `_markdown` for what cannot render. A long
+    answer shows its first paragraphs and folds the rest under "Show the whole answer", so four
+    long answers do not push the judging buttons off the screen (nothing is cut: it opens)."""
+    head, rest = split_long(text or "")
+    if not rest:
+        return f'<div class="rankloop-answer">{_MARKDOWN.render(head)}</div>'
+    words = len(rest.split())
+    return (f'<div class="rankloop-answer">{_MARKDOWN.render(head)}<details class="rankloop-more">'
+            f'<summary>Show the whole answer ({words} more word{"s" if words != 1 else ""})</summary>'
+            f'{_MARKDOWN.render(rest)}</details></div>')
+
+
+def split_long(text: str, limit: int = LONG_ANSWER_CHARS) -> tuple[str, str]:
+    """(start, rest) of a long answer, cut at the first paragraph break after `limit`
+    characters that is outside a code block; ("text", "") when it is short or has no such break."""
+    if len(text) <= limit:
+        return text, ""
+    fenced, position = False, 0
+    for line in text.splitlines(keepends=True):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        position += len(line)
+        if position >= limit and not fenced and not line.strip() and text[position:].strip():
+            return text[:position].rstrip(), text[position:].strip()
+    return text, ""
 
 
 def prompt_for_chatbot(messages):

@@ -218,7 +218,9 @@ def test_a_long_prompt_opens_at_its_start_and_answers_are_rendered_cards_two_to_
     (item,) = store.queue_items(db, [store.add_prompt(db, long_prompt)[0]], mode="ranking", k=4)
     markdown = ("**Steps**\n\n- one\n- two\n\n```\nprint('hi')\n```\n\n![a remote image](http://example.com/x.png) "
                 "[a link](http://example.com)")
-    store.add_candidates(db, item, [{"text": markdown if n == 0 else f"Answer {n}\n" + "line\n" * (5 + 10 * n),
+    long_answer = "\n\n".join(f"Paragraph {p} of a long answer. " + "It goes on. " * 20 for p in range(8))
+    store.add_candidates(db, item, [{"text": markdown if n == 0 else long_answer if n == 3 else
+                                     f"Answer {n}\n" + "line\n" * (5 + 10 * n),
                                      "policy_version": "base"} for n in range(4)])
     db.close()
     app = start_app(tmp_path, tiny_model_dir, mode="ranking", k=4, prompts=1)
@@ -241,6 +243,12 @@ def test_a_long_prompt_opens_at_its_start_and_answers_are_rendered_cards_two_to_
         assert cards.locator("pre code").inner_text().strip() == "print('hi')"
         assert cards.locator("img, a").count() == 0
         assert "![a remote image](http://example.com/x.png)" in page.inner_text("#answers")
+        # a long answer shows its start; the rest opens in place, nothing cut
+        more = page.locator("#answers details.rankloop-more")
+        assert more.count() == 1 and "Paragraph 0 of a long answer" in page.inner_text("#answers")
+        assert not page.get_by_text("Paragraph 7 of a long answer").is_visible()
+        more.locator("summary").click()
+        assert page.get_by_text("Paragraph 7 of a long answer").is_visible()
         page.close()
     finally:
         app.close()
