@@ -750,6 +750,44 @@ def retire_stale_items(db, live_version: str, *, now: float | None = None) -> in
         return len(rows)
 
 
+_UNJUDGED_PLAIN = """items.status IN ('pending', 'ready') AND items.versions IS NULL AND items.gold IS NULL
+                      AND items.gate_versions IS NULL
+                      AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = items.id)
+                      AND (items.mode != :mode OR items.k != :k OR items.overlap != :overlap)"""
+
+
+def queued_unlike(db, mode: str, k: int, overlap: int) -> int:
+    """Queued items nobody has judged yet whose mode, K or overlap differ from these (items asking
+    for specific versions, gold items and promotion-gate pairs are not counted: they are set apart)."""
+    k = 2 if mode == "pairwise" else k
+    return db.execute(f"SELECT count(*) FROM items WHERE {_UNJUDGED_PLAIN}",
+                      {"mode": mode, "k": k, "overlap": overlap}).fetchone()[0]
+
+
+def requeue_unlike(db, mode: str, k: int, overlap: int, *, now: float | None = None) -> tuple[int, int]:
+    """Queue the prompts of `queued_unlike` items afresh with this mode, K and overlap, retiring
+    the old items (their answers were sampled for another K, or are not generated yet). Items
+    someone holds (a live lease) are left alone. Returns (requeued, left because held)."""
+    now = time.time() if now is None else now
+    k = 2 if mode == "pairwise" else k
+    with write_transaction(db):
+        rows = db.execute(
+            f"SELECT items.id, items.prompt_id, items.sampling, EXISTS (SELECT 1 FROM leases l WHERE l.item_id ="
+            f" items.id AND l.expires_at > :now) FROM items WHERE {_UNJUDGED_PLAIN} ORDER BY items.id",
+            {"mode": mode, "k": k, "overlap": overlap, "now": now}).fetchall()
+        requeued = 0
+        for item_id, prompt_id, sampling, held in rows:
+            if held:
+                continue
+            db.execute("UPDATE items SET status = 'retired', park_reason = 'requeued with new settings'"
+                       " WHERE id = ?", [item_id])
+            db.execute("DELETE FROM leases WHERE item_id = ?", [item_id])
+            queue_items(db, [prompt_id], mode=mode, k=k, overlap=overlap,
+                        sampling=json.loads(sampling) if sampling else None)
+            requeued += 1
+        return requeued, len(rows) - requeued
+
+
 def pairwise_ranking(choice: str, first: int, second: int) -> tuple[list[list[int]], bool]:
     """Map a quick pairwise choice on answers shown as A=`first`, B=`second` to (ranking, both_bad)."""
     if choice == "A":

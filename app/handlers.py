@@ -390,6 +390,22 @@ def save_project_settings(ctx: AppContext, user: dict | None, *, mode: str, k: i
     return {**values, "selection_policy": selection}
 
 
+def queued_unlike_settings(ctx: AppContext, user: dict | None) -> int:
+    """Unjudged queued items that keep an earlier mode, K or overlap than the saved settings."""
+    _admin(user)
+    return store.queued_unlike(ctx.db(), ctx.setting("mode"), int(ctx.setting("k")), int(ctx.setting("overlap")))
+
+
+def requeue_with_settings(ctx: AppContext, user: dict | None) -> str:
+    """Queue unjudged items afresh with the saved mode, K and overlap (the old ones retire)."""
+    _admin(user)
+    requeued, held = store.requeue_unlike(ctx.db(), ctx.setting("mode"), int(ctx.setting("k")),
+                                          int(ctx.setting("overlap")))
+    ctx.wake_prefetcher()
+    return (f"Requeued {requeued} unjudged item(s) with the current settings"
+            + (f"; {held} that someone has open were left as they are" if held else "") + ".")
+
+
 def describe_settings(values: dict) -> str:
     """The saved project settings in words, for the admin who saved them."""
     sampling = values["sampling"]
@@ -405,7 +421,10 @@ def describe_settings(values: dict) -> str:
             + (f"; ready items served {SELECTION_WORDS[values['selection_policy']]}"
                if values.get("selection_policy") else "")
             + ("; the reward model's suggestions shown" if values.get("suggestions") else "; no suggestions shown")
-            + ".")
+            + "."
+            + (f" {values['queued_unlike']} unjudged item(s) already queued keep their earlier mode, K or overlap: "
+               "*Requeue unjudged items* queues them again with these." if values.get("queued_unlike") else
+               " Items already queued follow these settings." if "queued_unlike" in values else ""))
 
 
 SELECTION_WORDS = {

@@ -41,7 +41,10 @@ def build(ctx, current_user, annotate_view):
                   "model as it is prefetched)", elem_id="setting-selection")
         suggestions = gr.Checkbox(label="Show the live reward model's suggested ranking to annotators (turn off for "
                                         "blind studies)", elem_id="setting-suggestions")
-        save_settings = gr.Button("Save settings", elem_id="save-settings")
+        with gr.Row():
+            save_settings = gr.Button("Save settings", elem_id="save-settings", scale=3)
+            requeue = gr.Button("Requeue unjudged items with the saved mode, K and overlap", elem_id="requeue-items",
+                                scale=2)
         settings_status = gr.Markdown(elem_id="settings-status")
         settings_message = gr.Markdown(visible=False, elem_id="settings-message")
 
@@ -163,6 +166,7 @@ def build(ctx, current_user, annotate_view):
                 sampling={"temperature": t, "top_p": p, "repetition_penalty": r, "max_new_tokens": int(m)},
                 exclude_truncated=exclude_v, answer_instruction=instruction_v or "", reopen_window_minutes=reopen_v,
                 selection_policy=selection_v, suggestions=suggestions_v)
+            values["queued_unlike"] = handlers.queued_unlike_settings(ctx, current_user(request))
             return handlers.describe_settings(values)
         return guard(run)
 
@@ -244,6 +248,11 @@ def build(ctx, current_user, annotate_view):
     # a refusal is written under the control that caused it; the page stays as it was (common.wire)
     wire(save_settings.click, do_save_settings, setting_inputs, settings_status, settings_message, "save_settings",
          role="admin")
+
+    def do_requeue(request: gr.Request):
+        return guard(lambda: handlers.requeue_with_settings(ctx, current_user(request)))
+
+    wire(requeue.click, do_requeue, None, settings_status, settings_message, "requeue_items", role="admin")
     weight_inputs = [weight_agreement, weight_trust, *source_weights.values()]
     wire(save_weights.click, do_save_weights, weight_inputs, weights_status, weights_message, "save_weights",
          role="admin")

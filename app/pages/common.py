@@ -144,6 +144,7 @@ ENDPOINT_ROLES: dict[str, str] = {
     "reopen_judgement": "annotator",
     "revise_judgement": "annotator",
     "save_settings": "admin",
+    "requeue_items": "admin",
     "save_weights": "admin",
     "save_available_versions": "admin",
     "save_guidelines": "admin",

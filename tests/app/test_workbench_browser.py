@@ -373,3 +373,30 @@ def test_the_annotate_page_works_in_a_narrow_window_and_shows_where_the_keyboard
     user = store.get_user(db, ANNOTATORS[0][0])
     assert db.execute("SELECT item_id FROM skips WHERE user_id = ?", [user["id"]]).fetchall() == [(item,)]
     ranking_app.close()
+
+
+def test_changing_k_says_which_queued_items_keep_the_old_one_and_requeues_them_on_request(tmp_path, tiny_model_dir,
+                                                                                         browser):
+    from tests.app.conftest import ADMIN
+
+    app = start_app(tmp_path, tiny_model_dir, mode="pairwise", k=2, prompts=4)
+    try:
+        db = app.db()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        browser_login(page, app.url, *ADMIN)
+        page.get_by_role("tab", name="Admin").click()
+        page.locator("#setting-mode").get_by_text("ranking").click()
+        page.locator("#save-settings").click()
+        wait_until(lambda: "Saved." in page.inner_text("#settings-status"), timeout=30, message="saved")
+        status = page.inner_text("#settings-status")
+        assert "4 unjudged item(s) already queued keep their earlier mode, K or overlap" in status
+        page.locator("#requeue-items").click()
+        wait_until(lambda: "Requeued" in page.inner_text("#settings-status"), timeout=30, message="requeued")
+        held = db.execute("SELECT count(DISTINCT item_id) FROM leases").fetchone()[0]  # the admin's own open item
+        assert f"Requeued {4 - held} unjudged item(s)" in page.inner_text("#settings-status")
+        page.close()
+        modes = db.execute("SELECT mode, k, count(*) FROM items WHERE status != 'retired' GROUP BY mode, k").fetchall()
+        assert dict(((m, k), n) for m, k, n in modes) == {("ranking", 4): 4 - held, **({("pairwise", 2): held}
+                                                                                       if held else {})}
+    finally:
+        app.close()
