@@ -25,6 +25,11 @@ With *require human votes*, annotators get blind candidate-vs-live pairs in thei
 decide instead (arena votes count too)."""
 DASHBOARD_SERIES = {"heldout_accuracy": "RM accuracy", "heldout_implicit_accuracy": "implicit acc.",
                     "win_rate_vs_parent": "win rate", "kl_to_base": "KL"}
+VERSION_STATES = """**States.** A round registers its version as a **candidate**: kept, not serving (the arena and
+chat can use it). One version of each kind is **live**: the policy answers new items, chat and the API;
+the reward model judges and suggests. Promoting a version makes it live and **retires** the one before;
+a retired version can be promoted again at any time (*Roll back* does that for the live policy's parent).
+Nothing is deleted. Promote and Roll back say what they will do and wait for *Yes, do it*."""
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "score", "kl", "policy_loss", "value_loss")
 
 
@@ -67,6 +72,7 @@ def build(ctx, current_user):
         timer = gr.Timer(2.0, active=False)
 
     with gr.Tab("Versions"):
+        gr.Markdown(VERSION_STATES, elem_id="version-states")
         versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, elem_id="versions-table")
         with gr.Row():
             # picked from the registered versions (a name typed through the API is checked on the server)
