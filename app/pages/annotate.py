@@ -41,7 +41,7 @@ def suggestion_text(suggested: dict | None, pairwise: bool) -> str:
         what = "no preference" if " = " in first else f"**{first}**"
     else:
         what = f"**{suggested['ranking']}** (already in the ranking box: `r` then Enter accepts it, typing replaces it)"
-    return f"💡 Suggestion from reward model {suggested['version']}: {what}. Scores: {scores}. Judge for yourself."
+    return f"**Suggestion** from reward model {suggested['version']}: {what}. Scores: {scores}. Judge for yourself."
 
 
 EMPTY_POLL_S = 3  # while nobody has an item, the page asks this often whether one is ready

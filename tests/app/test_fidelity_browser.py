@@ -46,7 +46,7 @@ def test_a_thumb_after_clearing_the_chat_is_stored_on_the_reply_shown(app, brows
     wait_until(lambda: page.locator("#chatbot .message").count() == 0, timeout=20, message="the chat cleared")
     send_chat(page, "second question")
     page.locator("#chatbot button[aria-label='Like']").last.click()
-    page.wait_for_function("document.querySelector('#chat-status')?.innerText.includes('Rated')", timeout=20_000)
+    page.wait_for_function("document.querySelector('#chat-status')?.innerText.includes('Rated')", timeout=60_000)
     page.close()
 
     db = app.db()

@@ -379,7 +379,7 @@ def test_changing_k_says_which_queued_items_keep_the_old_one_and_requeues_them_o
                                                                                          browser):
     from tests.app.conftest import ADMIN
 
-    app = start_app(tmp_path, tiny_model_dir, mode="pairwise", k=2, prompts=4)
+    app = start_app(tmp_path, tiny_model_dir, mode="pairwise", k=2, prompts=2)
     try:
         db = app.db()
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -389,14 +389,14 @@ def test_changing_k_says_which_queued_items_keep_the_old_one_and_requeues_them_o
         page.locator("#save-settings").click()
         wait_until(lambda: "Saved." in page.inner_text("#settings-status"), timeout=30, message="saved")
         status = page.inner_text("#settings-status")
-        assert "4 unjudged item(s) already queued keep their earlier mode, K or overlap" in status
+        assert "2 unjudged item(s) already queued keep their earlier mode, K or overlap" in status
         page.locator("#requeue-items").click()
         wait_until(lambda: "Requeued" in page.inner_text("#settings-status"), timeout=30, message="requeued")
         held = db.execute("SELECT count(DISTINCT item_id) FROM leases").fetchone()[0]  # the admin's own open item
-        assert f"Requeued {4 - held} unjudged item(s)" in page.inner_text("#settings-status")
+        assert f"Requeued {2 - held} unjudged item(s)" in page.inner_text("#settings-status")
         page.close()
         modes = db.execute("SELECT mode, k, count(*) FROM items WHERE status != 'retired' GROUP BY mode, k").fetchall()
-        assert dict(((m, k), n) for m, k, n in modes) == {("ranking", 4): 4 - held, **({("pairwise", 2): held}
+        assert dict(((m, k), n) for m, k, n in modes) == {("ranking", 4): 2 - held, **({("pairwise", 2): held}
                                                                                        if held else {})}
     finally:
         app.close()
