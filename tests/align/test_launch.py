@@ -25,6 +25,7 @@ from annotations import open_db
 from annotations.model_versions import list_versions
 from annotations.round_records import create_round, get_round
 from tests.align.stores import FAST_EVAL, FAST_TRAINING, import_pairs, one_thread  # noqa: F401 (one_thread: autouse)
+from tests.align.test_cli import store  # noqa: F401 (a store with imported pairs: the same fixture)
 from tests.app.conftest import wait_until
 
 NO_GPU = not torch.cuda.is_available()
@@ -95,12 +96,6 @@ def test_the_failed_process_is_named_from_torchruns_report():
     assert failure_line(["nothing useful"]) is None
 
 
-@pytest.fixture
-def store(tmp_path):
-    db = open_db(tmp_path / "rankloop.db")
-    import_pairs(db, tmp_path)
-    db.close()
-    return tmp_path / "rankloop.db"
 
 
 def launched_processes(rank: str) -> list[psutil.Process]:
