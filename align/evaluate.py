@@ -38,8 +38,9 @@ def reward_correct(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8, max
     if not rows:
         raise ValueError("no rows to evaluate")
     prompts = [row["prompt"] for row in rows]
-    chosen = score(rm, tokenizer, prompts, [answer_text(r["chosen"]) for r in rows], batch_size, max_length)
-    rejected = score(rm, tokenizer, prompts, [answer_text(r["rejected"]) for r in rows], batch_size, max_length)
+    answers = [answer_text(r["chosen"]) for r in rows] + [answer_text(r["rejected"]) for r in rows]
+    scores = score(rm, tokenizer, prompts + prompts, answers, batch_size, max_length)  # each prompt run once
+    chosen, rejected = scores[: len(rows)], scores[len(rows):]
     return (chosen > rejected).tolist()
 
 
@@ -343,8 +344,9 @@ def win_rate(
                    batch_size=batch_size)
     answers_a = _answers_of(policy_model, tokenizer, prompts, version_a, **options)
     answers_b = _answers_of(policy_model, tokenizer, prompts, version_b, **options)
-    scores_a = score(rm, tokenizer, prompts, answers_a, batch_size, max_length)
-    scores_b = score(rm, tokenizer, prompts, answers_b, batch_size, max_length)
+    scores = score(rm, tokenizer, list(prompts) + list(prompts), list(answers_a) + list(answers_b), batch_size,
+                   max_length)  # each prompt run once for both answers
+    scores_a, scores_b = scores[: len(prompts)], scores[len(prompts):]
     wins = ties = 0
     for text_a, text_b, sa, sb in zip(answers_a, answers_b, scores_a.tolist(), scores_b.tolist()):
         if text_a == text_b or sa == sb:

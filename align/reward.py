@@ -348,23 +348,55 @@ def score(
     answers: Sequence[str],
     batch_size: int = 8,
     max_length: int = 512,
+    shared: bool = True,
 ) -> torch.Tensor:
-    """Reward scores, shape (n,), of each answer to its prompt, in batches.
+    """Reward scores, shape (n,), of each answer to its prompt.
 
-    Each sequence is the chat-templated conversation cut from the left to `max_length` tokens
-    (the answer is kept), right-padded; the score is the head's output at the last non-pad token.
+    Each answer is scored as the chat-templated conversation cut from the left to `max_length`
+    tokens (the answer is kept); the score is the head's output at the conversation's last token.
+
+    With `shared` (the default), the answers to the same prompt are scored with that prompt run
+    once: one row holds the prompt and then each answer as a branch that sees the prompt and
+    itself, not the other answers (`_shared_rows`), the way packed training runs a pair. Rows are
+    sorted by length and batched up to `batch_size * max_length` tokens, so little is padding.
+    The scores are those of scoring each conversation apart, to float rounding: an answer whose
+    conversation would be cut is scored apart, cut as it would be. `shared=False` is that plain
+    path for every answer, in batches of `batch_size` in the order given.
     """
     if len(prompts_messages) != len(answers):
         raise ValueError(f"{len(prompts_messages)} prompts but {len(answers)} answers: give one answer per prompt.")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("The tokenizer needs a pad token distinct from EOS: use align.models.fix_tokenizer.")
+    if not shared:
+        return _score_apart(model, tokenizer.pad_token_id,
+                            [conversation_ids(tokenizer, m, a, max_length) for m, a in zip(prompts_messages, answers)],
+                            batch_size)
+    rows = _shared_rows(tokenizer, prompts_messages, answers, max_length)
+    out = torch.zeros(len(answers))
+    budget = batch_size * max_length
+    rows.sort(key=lambda row: len(row[0]))
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and (end - start + 1) * len(rows[end][0]) <= budget:
+            end += 1
+        batch = rows[start:end]
+        scores = _score_rows(model, tokenizer.pad_token_id, batch)
+        for row, row_scores in zip(batch, scores):
+            for index, at in row[2]:
+                out[index] = row_scores[at]
+        start = end
+    return out
+
+
+def _score_apart(model, pad_token_id: int, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+    """Each sequence's score, right-padded batches in the order given (the plain path)."""
     device = next(model.parameters()).device
-    sequences = [conversation_ids(tokenizer, m, a, max_length) for m, a in zip(prompts_messages, answers)]
     scores = []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size]
         width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, ids in enumerate(batch):
             input_ids[i, : len(ids)] = torch.tensor(ids)
@@ -372,3 +404,88 @@ def score(
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         scores.append(logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def _shared_rows(tokenizer, prompts_messages, answers, max_length: int) -> list[tuple]:
+    """(token ids, position ids, [(answer index, position of its score)], branch starts) per row.
+
+    The answers to one prompt (equal messages) share a row: the conversations' longest common
+    prefix (each answer keeps at least its last token), then each answer's rest, its positions
+    continuing from the prefix. An answer whose whole conversation is longer than `max_length`
+    gets a row of its own, cut from the left as `conversation_ids` cuts it; so does a group too
+    long for one row."""
+    import json
+
+    groups: dict[str, list[int]] = {}
+    for index, messages in enumerate(prompts_messages):
+        groups.setdefault(json.dumps(list(messages), sort_keys=True, default=str), []).append(index)
+    rows = []
+    for indices in groups.values():
+        full = {i: conversation_ids(tokenizer, prompts_messages[i], answers[i], 1 << 30) for i in indices}
+        fits = [i for i in indices if len(full[i]) <= max_length]
+        for i in indices:
+            if len(full[i]) > max_length:
+                ids = full[i][-max_length:]
+                rows.append((ids, list(range(len(ids))), [(i, len(ids) - 1)], []))
+        while fits:  # as many answers per row as keep the row within 4 x max_length tokens
+            prefix = _common_prefix([full[i] for i in fits])
+            ids, positions, reads, starts, taken = list(full[fits[0]][:prefix]), list(range(prefix)), [], [], 0
+            for i in fits:
+                rest = full[i][prefix:]
+                if taken and len(ids) + len(rest) > 4 * max_length:
+                    break
+                starts.append(len(ids))
+                ids += rest
+                positions += range(prefix, prefix + len(rest))
+                reads.append((i, len(ids) - 1))
+                taken += 1
+            rows.append((ids, positions, reads, starts))
+            fits = fits[taken:]
+    return rows
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least its last token."""
+    limit = min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences[1:]):
+        n += 1
+    return n
+
+
+def _score_rows(model, pad_token_id: int, rows: list[tuple]) -> torch.Tensor:
+    """The head's output at every position of each row (batch, width), fp32 on the CPU.
+
+    A row with branches gets a 4-D mask: a branch's tokens see the shared prefix and the branch
+    so far, not the other branches; padding sees only itself."""
+    device = next(model.parameters()).device
+    width = max(len(row[0]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (ids, positions, _, _) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        position_ids[b, : len(ids)] = torch.tensor(positions)
+    if all(len(row[3]) <= 1 for row in rows):  # no row shares a prompt: the plain causal mask
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(row[0]) for row in rows])[:, None]).long()
+    else:
+        from align.packing import float_mask
+
+        allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        for b, (ids, _, _, starts) in enumerate(rows):
+            n = len(ids)
+            allowed[b, 0, :n, :n] = causal[:n, :n]
+            bounds = [*starts, n]
+            for lo, hi in zip(bounds, bounds[1:]):
+                allowed[b, 0, lo:hi, starts[0]:lo] = False  # not the branches before this one
+            idle = torch.arange(n, width)
+            allowed[b, 0, idle, idle] = True
+        mask = float_mask(model, allowed.to(device))
+    box = {}
+    handle = score_head(model).register_forward_hook(lambda module, args, output: box.__setitem__("scores", output))
+    try:
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+              use_cache=False)
+    finally:
+        handle.remove()
+    return box["scores"][..., 0].float().cpu()

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 NAMES_OUT = "RANKLOOP_BENCH_NAMES_OUT"
-BENCHMARKS = ("candidates", "completeness", "next_item", "hot_swap", "memory", "load", "dpo", "reward", "turnaround", "ppo")
+BENCHMARKS = ("candidates", "completeness", "next_item", "hot_swap", "memory", "load", "dpo", "reward", "scoring",
+              "turnaround", "ppo")
 
 
 def main(argv=None) -> int:

@@ -22,15 +22,21 @@ PROMPTS = [[{"role": "user", "content": "Tell me about the sea."}], [{"role": "u
 
 
 class LengthRewardModel(nn.Module):
-    """A hand-made 'reward model': the score is the number of non-pad tokens."""
+    """A hand-made 'reward model': the score at a position is the conversation's length up to it
+    (its position + 1), read through a `score` head as the product reads a classifier's."""
 
     def __init__(self, pad_token_id: int):
         super().__init__()
         self.pad_token_id = pad_token_id
         self.dummy = nn.Parameter(torch.zeros(1))
+        self.score = nn.Identity()
 
-    def forward(self, input_ids, attention_mask=None):
-        return type("Output", (), {"logits": (input_ids != self.pad_token_id).sum(1, keepdim=True).float()})
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        per_position = self.score((position_ids + 1).float().unsqueeze(-1))
+        lengths = (input_ids != self.pad_token_id).sum(1)
+        return type("Output", (), {"logits": per_position[torch.arange(len(lengths)), lengths - 1]})
 
 
 @pytest.fixture(scope="module")

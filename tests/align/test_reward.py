@@ -102,6 +102,33 @@ def test_truncation_keeps_the_answer(reward_model):
         conversation_ids(tokenizer, long_prompt, "x", max_length=10_000)[:24]
 
 
+def test_shared_prompt_scores_equal_each_conversation_scored_apart(reward_model):
+    """Answers to one prompt share its run: the scores are those of the plain path, including
+    an answer long enough to be cut (scored apart) and prompts given out of order."""
+    model, tokenizer = reward_model
+    sea = [{"role": "user", "content": "name a colour of the sea, please"}]
+    prompts = [PROMPT, sea, PROMPT, PROMPT, sea, PROMPT]
+    answers = ["Paris.", "blue", "no", "Paris is the capital. " * 30, "It is often green or grey.", "Paris."]
+    plain = score(model, tokenizer, prompts, answers, batch_size=2, max_length=64, shared=False)
+    shared = score(model, tokenizer, prompts, answers, batch_size=2, max_length=64)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert float(shared[0]) == pytest.approx(float(shared[5]), abs=1e-5)  # the same answer twice, read from the same row
+
+
+def test_shared_rows_put_the_prompt_once_and_each_answer_after_it(reward_model):
+    from align.reward import _shared_rows
+
+    _, tokenizer = reward_model
+    rows = _shared_rows(tokenizer, [PROMPT] * 3, ["Paris.", "no", "Paris is the capital. " * 30], max_length=64)
+    full = [conversation_ids(tokenizer, PROMPT, a, 1 << 30) for a in ("Paris.", "no")]
+    shared, alone = sorted(rows, key=lambda row: len(row[2]), reverse=True)
+    prefix = shared[3][0]
+    assert shared[0] == full[0] + full[1][prefix:]  # the prompt once, then each answer's rest
+    assert shared[1][shared[3][1]] == prefix  # the second answer's positions start where the prompt ends
+    assert [at for _, at in shared[2]] == [len(full[0]) - 1, len(shared[0]) - 1]
+    assert alone[2] == [(2, 63)] and len(alone[0]) == 64  # the long one, cut from the left, on its own
+
+
 def test_score_refuses_tokenizer_whose_pad_is_eos(reward_model):
     model, tokenizer = reward_model
     bad = copy.deepcopy(tokenizer)
