@@ -15,11 +15,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 NAMES_OUT = "RANKLOOP_BENCH_NAMES_OUT"
 BENCHMARKS = ("candidates", "completeness", "next_item", "hot_swap", "memory", "load", "dpo", "reward", "scoring",
               "turnaround", "ppo")
+ON_REQUEST = ("loop",)  # the closed-loop simulation (about 1.5 h): `python -m bench --only loop`
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, default=None)
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS + ON_REQUEST, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--same-process", action="store_true",
                         help="run the benchmarks in this process instead of one process each")
