@@ -82,13 +82,22 @@ def rate_shown_reply(ctx: AppContext, user: dict | None, conversation: str | Non
     reply id. A reply still being written has no stored row yet, and says so."""
     user = _annotator(user)
     replies = chat_replies.conversation_replies(ctx.db(), user["id"], conversation) if conversation else []
-    if not 0 <= position < len(replies) or replies[position]["reply"] != message_text(shown_text).strip():
+    if not 0 <= position < len(replies) or _as_shown(replies[position]["reply"]) != _as_shown(message_text(shown_text)):
         if position == len(replies):
             raise InvalidInput("this reply is still being written: rate it once it is complete")
         raise InvalidInput("that message is not one of your stored replies in this conversation")
     reply_id = replies[position]["id"]
     chat_replies.rate_reply(ctx.db(), user["id"], reply_id, None if liked is None else (1 if liked else -1))
     return reply_id
+
+
+def _as_shown(text: str) -> str:
+    """A reply as the chat shows it: Gradio's Chatbot passes every text message through
+    `inspect.cleandoc` (tabs expanded, the common indentation of later lines removed), and the
+    page sends back that form with a thumb; the stored reply is the model's own text."""
+    import inspect
+
+    return inspect.cleandoc(text).strip()
 
 
 def rate_reply(ctx: AppContext, user: dict | None, reply_id: int, liked: bool | None) -> None:

@@ -25,7 +25,7 @@ The setup of Gao, Schulman and Hilton (2022): a **gold** reward model stands in 
 
 Run: `python -m bench --only loop` (about an hour and a half on 2 cores; `--quick` is a
 smoke run of one small round). Seed: SEED. The table and the plot go to docs/loop-results.md
-and docs/img/loop-benchmark.png.
+and docs/img/loop-benchmark.svg.
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
 
 
 def _write_doc(report: dict) -> None:
-    """docs/loop-results.md's table and docs/img/loop-benchmark.png (gold and proxy against KL)."""
+    """docs/loop-results.md's table and docs/img/loop-benchmark.svg (gold and proxy against KL)."""
     from annotations.intervals import describe
 
     lines = ["| round | live | gold win rate vs base | proxy win rate vs base | KL to base (nats) | gate "
@@ -385,25 +385,59 @@ def _write_doc(report: dict) -> None:
             f"{kl_text} | "
             f"{'promoted' if r['gate_promoted'] else 'kept'} {r['candidate']} | {r['gold_verdict_on_candidate']} | "
             f"{r['round_s'] / 60:.1f} min |")
+    gold, people = report["gold"], report["annotators"]
+    head = [f"Seed {report['seed']}; sizes {json.dumps(report['sizes'])}; {report['total_s'] / 60:.0f} min in all.",
+            "",
+            f"Gold reward model: held-out accuracy {describe(gold, 'accuracy')} on the hh held-out split, trained "
+            f"on {gold['train_pairs']} pairs. Simulated annotators: {people['count']}, overlap {people['overlap']}, "
+            f"K={people['k']}, temperature {people['temperature']:.3f} (calibrated to {people['target_agreement']} "
+            "agreement).", ""]
+    stages = ["", "| round | judgements (skips) | agreement of two people (pairs) | pairs: reward model / DPO "
+              "| generation | judging | reward-model round | DPO round | swap | round | gold evaluation |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rounds"]:
+        t, agreement = r["stages_s"], r["agreement"]
+        agreement_text = "—" if not agreement else f"{agreement['agreement']:.2f} ({agreement['pairs']})"
+        stages.append(
+            f"| {r['round']} | {r['judgements']} ({r['skips']}) | {agreement_text} | "
+            f"{r['pairs_used']['reward_model']} / {r['pairs_used']['dpo']} | "
+            + " | ".join((f"{t[k]:.1f} s" if t[k] < 10 else f"{t[k]:.0f} s") if k in t else "—" for k in
+                         ("generation", "judging", "reward_model_round", "dpo_round", "swap"))
+            + f" | {r['round_s'] / 60:.1f} min | {r['gold_evaluation_s']:.0f} s |")
     path = REPO / "docs" / "loop-results.md"
-    path.write_text("<!-- written by `python -m bench --only loop`; do not edit -->\n" + "\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    path.write_text("<!-- written by `python -m bench --only loop`; do not edit -->\n# Closed-loop results\n\n"
+                    + "\n".join(head + lines + stages) + "\n")
+    kls = [0.0] + [(r["kl_to_base"] or {}).get("mean", 0.0) for r in report["rounds"]]
+    series = {"gold reward model": [0.5] + [r["gold_win_rate_live_vs_base"]["win_rate"] for r in report["rounds"]],
+              "proxy (the loop's own reward model)": [0.5] + [r["proxy_win_rate_live_vs_base"]["win_rate"]
+                                                           for r in report["rounds"]]}
+    (REPO / "docs" / "img" / "loop-benchmark.svg").write_text(_svg_plot(kls, series))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        kls = [0.0] + [(r["kl_to_base"] or {}).get("mean", 0.0) for r in report["rounds"]]
-        gold = [0.5] + [r["gold_win_rate_live_vs_base"]["win_rate"] for r in report["rounds"]]
-        proxy = [0.5] + [r["proxy_win_rate_live_vs_base"]["win_rate"] for r in report["rounds"]]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(kls, gold, "o-", label="gold reward model")
-        ax.plot(kls, proxy, "s--", label="proxy (the loop's own reward model)")
-        ax.set_xlabel("KL to the base (nats per answer)")
-        ax.set_ylabel("win rate of the live policy over the base")
-        ax.axhline(0.5, color="grey", linewidth=0.5)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(REPO / "docs" / "img" / "loop-benchmark.png", dpi=110)
-    except ImportError:
-        pass
+def _svg_plot(xs: list[float], series: dict[str, list[float]]) -> str:
+    """A small line chart as SVG (win rate 0-1 against KL), with no plotting library."""
+    width, height, left, bottom, top, right = 560, 360, 60, 50, 20, 20
+    x_max = max(max(xs), 1e-9) * 1.1
+    px = lambda x: left + (width - left - right) * x / x_max  # noqa: E731
+    py = lambda y: top + (height - top - bottom) * (1 - y)  # noqa: E731
+    colours = ["#1f77b4", "#d62728"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<line x1="{left}" y1="{py(0)}" x2="{width - right}" y2="{py(0)}" stroke="black"/>',
+             f'<line x1="{left}" y1="{py(0)}" x2="{left}" y2="{py(1)}" stroke="black"/>',
+             f'<line x1="{left}" y1="{py(0.5)}" x2="{width - right}" y2="{py(0.5)}" stroke="#bbb" stroke-dasharray="4"/>']
+    for y in (0, 0.25, 0.5, 0.75, 1):
+        parts.append(f'<text x="{left - 8}" y="{py(y) + 4}" text-anchor="end">{y:.2f}</text>')
+    for i in range(5):
+        x = x_max * i / 4
+        parts.append(f'<text x="{px(x)}" y="{py(0) + 18}" text-anchor="middle">{x:.2f}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">'
+                 'KL to the base (nats per answer)</text>')
+    parts.append(f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2})">win rate over the base</text>')
+    for (name, ys), colour, row in zip(series.items(), colours, range(len(series))):
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}"/>' for x, y in zip(xs, ys)]
+        parts.append(f'<text x="{left + 12}" y="{top + 14 + 16 * row}" fill="{colour}">{name}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"

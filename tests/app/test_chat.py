@@ -66,6 +66,23 @@ def test_rating_the_reply_on_screen_checks_it_is_the_stored_one(ctx):
     assert ctx.db().execute("SELECT rating FROM chat_replies WHERE id = ?", [reply_id]).fetchone()[0] == 1
 
 
+def test_a_reply_the_chat_reshapes_can_still_be_rated(ctx):
+    """Gradio's Chatbot shows a text message through inspect.cleandoc (tabs expanded, the common
+    indentation of later lines removed) and a thumb sends that form back: it is the same reply."""
+    import inspect
+
+    *_, (_, _, reply_id) = chat.chat_stream(ctx, user(ctx), "indent", conversation="c4", sampling=SAMPLING)
+    stored = "Here:\n    first\tstep\n    second step"  # as a model might write it
+    ctx.db().execute("UPDATE chat_replies SET reply = ? WHERE id = ?", [stored, reply_id])
+    ctx.db().conn.commit()
+    shown = inspect.cleandoc(stored)
+    assert shown != stored  # "Here:\nfirst   step\nsecond step"
+    assert chat.rate_shown_reply(ctx, user(ctx), "c4", 0, shown, False) == reply_id
+    assert ctx.db().execute("SELECT rating FROM chat_replies WHERE id = ?", [reply_id]).fetchone()[0] == -1
+    with pytest.raises(InvalidInput, match="not one of your stored replies"):
+        chat.rate_shown_reply(ctx, user(ctx), "c4", 0, "Here:\nfirst step", False)
+
+
 def test_chat_refuses_an_empty_message_and_anonymous_users(ctx):
     with pytest.raises(InvalidInput):
         list(chat.chat_stream(ctx, user(ctx), "   ", conversation="c", sampling=SAMPLING))

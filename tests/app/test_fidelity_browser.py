@@ -50,7 +50,11 @@ def test_a_thumb_after_clearing_the_chat_is_stored_on_the_reply_shown(app, brows
                and "Answered by" not in page.inner_text("#chat-status"), timeout=20, message="the chat cleared")
     send_chat(page, "second question")
     page.locator("#chatbot button[aria-label='Like']").last.click()
-    page.wait_for_function("document.querySelector('#chat-status')?.innerText.includes('Rated')", timeout=60_000)
+    try:
+        wait_until(lambda: "Rated" in page.inner_text("#chat-status"), timeout=60, message="'Rated'")
+    except AssertionError as e:  # say what the page showed instead
+        raise AssertionError(f"{e}; the status reads {page.inner_text('#chat-status')!r}, the chat "
+                             f"{page.inner_text('#chatbot')!r}") from None
     page.close()
 
     db = app.db()
