@@ -24,8 +24,8 @@ The setup of Gao, Schulman and Hilton (2022): a **gold** reward model stands in 
   it, the time of every stage and the pairs used.
 
 Run: `python -m bench --only loop` (about an hour and a half on 2 cores; `--quick` is a
-smoke run of one small round). Seed: SEED. The table and the plot go to docs/loop-results.md
-and docs/img/loop-benchmark.svg.
+smoke run of one small round; RANKLOOP_LOOP_ROUNDS=N sets the number of rounds). Seed: SEED.
+The table and the plot go to docs/loop-results.md and docs/img/loop-benchmark.svg.
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     from bench.annotators import SimulatedAnnotator, calibrate_temperature, pairwise_agreement
 
     torch.set_num_threads(2)
-    sizes = QUICK if quick else FULL
+    sizes = dict(QUICK if quick else FULL)
+    sizes["rounds"] = int(os.environ.get("RANKLOOP_LOOP_ROUNDS", sizes["rounds"]))  # fewer (or more) rounds
     rng = random.Random(SEED)
     work = Path(tempfile.mkdtemp(prefix="rankloop-loop-bench-"))
     started = time.perf_counter()
@@ -425,7 +426,8 @@ def _svg_plot(xs: list[float], series: dict[str, list[float]]) -> str:
              f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
              f'<line x1="{left}" y1="{py(0)}" x2="{width - right}" y2="{py(0)}" stroke="black"/>',
              f'<line x1="{left}" y1="{py(0)}" x2="{left}" y2="{py(1)}" stroke="black"/>',
-             f'<line x1="{left}" y1="{py(0.5)}" x2="{width - right}" y2="{py(0.5)}" stroke="#bbb" stroke-dasharray="4"/>']
+             f'<line x1="{left}" y1="{py(0.5)}" x2="{width - right}" y2="{py(0.5)}" stroke="#bbb" '
+             'stroke-dasharray="4"/>']
     for y in (0, 0.25, 0.5, 0.75, 1):
         parts.append(f'<text x="{left - 8}" y="{py(y) + 4}" text-anchor="end">{y:.2f}</text>')
     for i in range(5):

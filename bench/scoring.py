@@ -77,8 +77,10 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         same_verdicts = int(((both[:n] > both[n:]) == (plain_c > plain_r)).sum())
         results.append(Result(
             name="reward_scoring_pairs",
-            metric=f"sequences/s, reward model scoring {2 * n} held-out hh answers ({n} pairs, max_length {MAX_LENGTH})",
-            value=2 * n / shared_s, baseline=2 * n / plain_s, baseline_label="each conversation apart, padded batches of 8",
+            metric=f"sequences/s, reward model scoring {2 * n} held-out hh answers ({n} pairs, "
+                   f"max_length {MAX_LENGTH})",
+            value=2 * n / shared_s, baseline=2 * n / plain_s,
+            baseline_label="each conversation apart, padded batches of 8",
             unit="seq/s", higher_is_better=True, target=">= 5x at equal scores",
             details={"shared_s": round(shared_s, 1), "plain_s": round(plain_s, 1),
                      "max_abs_score_difference": float((both - plain).abs().max()),
@@ -94,7 +96,8 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         results.append(Result(
             name="reward_scoring_items",
             metric=f"sequences/s, reward model scoring {len(items)} items of K={K} answers (max_length {MAX_LENGTH})",
-            value=m / shared_s, baseline=m / plain_s, baseline_label="each answer's conversation apart, one batch per item",
+            value=m / shared_s, baseline=m / plain_s,
+            baseline_label="each answer's conversation apart, one batch per item",
             unit="seq/s", higher_is_better=True, target=">= 5x at equal scores",
             details={"shared_s": round(shared_s, 1), "plain_s": round(plain_s, 1),
                      "max_abs_score_difference": float((shared - plain).abs().max()),
