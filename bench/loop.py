@@ -23,7 +23,7 @@ The setup of Gao, Schulman and Hilton (2022): a **gold** reward model stands in 
   gold verdict on the DPO candidate against its parent and whether the gate's decision matched
   it, the time of every stage and the pairs used.
 
-Run: `python -m bench --only loop` (about an hour and a half on 2 cores; `--quick` is a
+Run: `python -m bench --only loop` (hours on 2 cores: the gold alone trains for 35 min, once; `--quick` is a
 smoke run of one small round; RANKLOOP_LOOP_ROUNDS=N sets the number of rounds). Seed: SEED.
 The table and the plot go to docs/loop-results.md and docs/img/loop-benchmark.svg.
 """
@@ -47,7 +47,7 @@ MAX_LENGTH = 256
 ANSWER_TOKENS = 64
 ADMIN = ("loop-admin", "loop-admin-password-1")
 
-# Sized to finish on 2 cores in about 1.5 hours: the reward model retrains from the base on all
+# Each round takes about half an hour on 2 cores at these sizes: the reward model retrains from the base on all
 # pairs so far (one epoch), DPO continues from the live policy on the round's new pairs.
 FULL = {"rounds": 3, "train_items": 16, "heldout_items": 6, "judge_prompts": 100, "gold_pairs": None,
         "gold_epochs": 1, "rm": {"epochs": 1}, "dpo": {"data": "new"}}
