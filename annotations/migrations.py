@@ -368,3 +368,10 @@ def m014_suggestions(db):
         "ALTER TABLE item_views ADD COLUMN suggestion TEXT",
         "ALTER TABLE judgements ADD COLUMN suggestion TEXT",
     )
+
+
+@migrations()
+def m015_implicit_rewards(db):
+    """Each answer's implicit reward under the policy that generated it, log pi(answer) - log
+    pi_base(answer), for the `model_disagreement` selection policy (annotations/selection.py)."""
+    _sql(db, "ALTER TABLE candidates ADD COLUMN implicit_reward REAL")

@@ -14,6 +14,14 @@ be analysed later. Promotion-gate pairs keep their own share of the queue (annot
   the judgements order differently), while their overlap still takes judgements; then the rest.
 - `diversity`: prompts least like those already judged: one minus the highest cosine
   similarity between the prompt's words (hashed counts) and any judged prompt's.
+- `model_disagreement`: items whose answers the live reward model and the live policy's
+  implicit reward order differently (the share of answer pairs they order differently). The
+  implicit reward of an answer is DPO's, log pi_live(answer) - log pi_base(answer) (beta left
+  out: it does not change the order), computed by the server that generated the answers while
+  it prefetches the item (`candidates.implicit_reward`, app/prefetch.py); with the base live it
+  is 0 for every answer and says nothing, so the item gets no priority. Where the two models of
+  what people prefer disagree, a judgement settles which one is wrong (a reward model the policy
+  has learned to exploit, or a policy that learned what the reward model missed).
 
 Priorities are refreshed when an item becomes ready (`store.add_candidates`), and for every
 ready item by `refresh_priorities`, which the app's prefetcher calls on each pass (a judgement
@@ -28,7 +36,7 @@ import math
 import re
 from itertools import combinations
 
-POLICIES = ("oldest", "uncertainty", "disagreement", "diversity")
+POLICIES = ("oldest", "uncertainty", "disagreement", "diversity", "model_disagreement")
 DEFAULT_POLICY = "oldest"
 HASH_DIMS = 4096
 MAX_JUDGED_PROMPTS = 2000  # diversity compares with the most recently judged prompts, at most this many
@@ -73,6 +81,8 @@ def refresh_priorities(db, item_ids: list[int] | None = None) -> int:
             values = {item_id: uncertainty_priority(_scores(db, item_id)) for item_id, _ in items}
         elif policy == "disagreement":
             values = {item_id: disagreement_priority(_rankings(db, item_id)) for item_id, _ in items}
+        elif policy == "model_disagreement":
+            values = {item_id: model_disagreement_priority(*_scores_and_implicit(db, item_id)) for item_id, _ in items}
         else:
             judged = _judged_vectors(db)
             values = {item_id: diversity_priority(_prompt_vector(db, prompt_id), judged) for item_id, prompt_id in items}
@@ -107,6 +117,23 @@ def disagreement_priority(rankings: list[list[list[int]]]) -> float | None:
     return disputed / len(pairs)
 
 
+def model_disagreement_priority(scores: list[float | None], implicit: list[float | None]) -> float | None:
+    """The share of answer pairs that the reward model's scores and the policy's implicit
+    rewards order differently (one prefers a, the other b, or one ties them); None without both
+    for every answer, or when the implicit rewards are all equal (the base live: no view of its
+    own). 0: the two agree on every pair; 1: on none."""
+    if len(scores) < 2 or any(s is None for s in scores) or any(r is None for r in implicit) \
+            or len(set(implicit)) == 1:
+        return None
+    pairs = list(combinations(range(len(scores)), 2))
+
+    def sign(x: float) -> int:
+        return (x > 0) - (x < 0)
+
+    disputed = sum(sign(scores[a] - scores[b]) != sign(implicit[a] - implicit[b]) for a, b in pairs)
+    return disputed / len(pairs)
+
+
 def diversity_priority(vector: dict[int, float], judged: list[dict[int, float]]) -> float:
     """One minus the highest cosine similarity to any judged prompt (1 with none judged)."""
     if not judged:
@@ -130,6 +157,12 @@ def text_vector(text: str) -> dict[int, float]:
 def _scores(db, item_id: int) -> list[float | None]:
     return [r[0] for r in db.execute(
         "SELECT reward_score FROM candidates WHERE item_id = ? AND policy_version IS NOT NULL", [item_id])]
+
+
+def _scores_and_implicit(db, item_id: int) -> tuple[list[float | None], list[float | None]]:
+    rows = db.execute("SELECT reward_score, implicit_reward FROM candidates"
+                      " WHERE item_id = ? AND policy_version IS NOT NULL ORDER BY id", [item_id]).fetchall()
+    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 def _rankings(db, item_id: int) -> list[list[list[int]]]:

@@ -314,9 +314,10 @@ def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
     """Attach generated answers to a pending item and mark it ready.
 
     Each candidate is {text, policy_version, sampling (dict), gen_seconds, truncated,
-    reward_score, reward_version}: `truncated` True when the answer reached the token budget
-    before its end-of-turn (None: not known); the score the live reward model (`reward_version`)
-    gave it, if one did. The item's priority under the project's selection policy is set in the
+    reward_score, reward_version, implicit_reward}: `truncated` True when the answer reached the
+    token budget before its end-of-turn (None: not known); the score the live reward model
+    (`reward_version`) gave it, if one did; its implicit reward under the policy that generated
+    it (log pi - log pi_base), if it was computed. The item's priority under the project's selection policy is set in the
     same transaction (annotations/selection.py).
     """
     with write_transaction(db):
@@ -334,10 +335,10 @@ def add_candidates(db, item_id: int, candidates: Sequence[dict]) -> list[int]:
             truncated = c.get("truncated")
             cursor = db.execute(
                 "INSERT INTO candidates (item_id, text, policy_version, sampling, gen_seconds, truncated,"
-                " reward_score, reward_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " reward_score, reward_version, implicit_reward) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [item_id, text, c.get("policy_version"), json.dumps(c.get("sampling", {})), c.get("gen_seconds"),
                  None if truncated is None else int(bool(truncated)), c.get("reward_score"),
-                 c.get("reward_version") if c.get("reward_score") is not None else None],
+                 c.get("reward_version") if c.get("reward_score") is not None else None, c.get("implicit_reward")],
             )
             ids.append(cursor.lastrowid)
         db.execute("UPDATE items SET status = 'ready' WHERE id = ?", [item_id])

@@ -432,6 +432,8 @@ SELECTION_WORDS = {
     "uncertainty": "where the live reward model is least sure first (its scores of the answers closest)",
     "disagreement": "where annotators disagree first",
     "diversity": "least like the prompts already judged first",
+    "model_disagreement": "where the live reward model and the live policy's implicit reward order the answers "
+                          "differently first",
 }
 
 

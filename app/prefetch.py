@@ -221,6 +221,7 @@ class Prefetcher:
     def _store(self, db, item, generations, batch_answers: int, instruction: str = "") -> None:
         used = instruction if not any(m["role"] == "system" for m in item["messages"]) else ""
         scored = self._reward_scores(db, item, generations)
+        implicit = self._implicit_rewards(db, item, generations, instruction)
         store.add_candidates(
             db,
             item["id"],
@@ -228,7 +229,8 @@ class Prefetcher:
                 {"text": g.text, "policy_version": g.version,
                  "sampling": {**g.sampling, **({"instruction": used} if used else {})},
                  "gen_seconds": g.seconds / batch_answers, "truncated": g.truncated,
-                 **({"reward_score": scored[0][i], "reward_version": scored[1]} if scored else {})}
+                 **({"reward_score": scored[0][i], "reward_version": scored[1]} if scored else {}),
+                 **({"implicit_reward": implicit[i]} if implicit else {})}
                 for i, g in enumerate(generations)
             ],
         )
@@ -241,13 +243,33 @@ class Prefetcher:
         from annotations.selection import selection_policy
         from annotations.suggestions import show_suggestions
 
-        if self.scorer is None or not (selection_policy(db) == "uncertainty" or show_suggestions(db)):
+        needs = selection_policy(db) in ("uncertainty", "model_disagreement")
+        if self.scorer is None or not (needs or show_suggestions(db)):
             return None
         try:
             return self.scorer.score(db, item["messages"], [g.text for g in generations])
         except Exception as e:  # a broken reward model must not stop the queue
             if self.errors is None or self.errors.record("reward scores", f"scoring answers failed: {e}"):
                 logger.exception("prefetch: scoring item %s", item["id"])
+            return None
+
+    def _implicit_rewards(self, db, item, generations, instruction: str):
+        """The answers' implicit rewards under the version that generated them (log pi - log
+        pi_base, app.serving.PolicyServer.implicit_rewards), when the selection policy is
+        `model_disagreement`; None otherwise, for answers from several versions or the base,
+        from a server that cannot compute them, or when computing fails (the item is served all
+        the same, after those with a priority)."""
+        from annotations.selection import selection_policy
+
+        compute = getattr(self.server, "implicit_rewards", None)
+        versions = {g.version for g in generations}
+        if compute is None or len(versions) != 1 or selection_policy(db) != "model_disagreement":
+            return None
+        try:
+            return compute(self._prompt(item["messages"], instruction), [g.text for g in generations], versions.pop())
+        except Exception as e:  # never stop the queue for a priority
+            if self.errors is None or self.errors.record("implicit rewards", f"computing them failed: {e}"):
+                logger.exception("prefetch: implicit rewards of item %s", item["id"])
             return None
 
     def _run(self) -> None:

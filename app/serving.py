@@ -430,6 +430,28 @@ class PolicyServer:
             attention[i * n:(i + 1) * n, width - len(ids):] = 1
         return {"input_ids": input_ids, "attention_mask": attention}
 
+    def implicit_rewards(self, messages: list[dict], answers: list[str], version: str) -> list[float] | None:
+        """Each answer's implicit reward under `version`: log pi_version(answer | prompt) minus
+        log pi_base(answer | prompt), DPO's reward without its beta (for the `model_disagreement`
+        selection policy, annotations/selection.py). None for the base, whose implicit reward is
+        0 for every answer. Runs on the model thread at background priority (chat comes first)."""
+        if version == BASE_VERSION:
+            return None
+        from align.evaluate import answer_logprobs
+
+        prompts = [messages] * len(answers)
+        limit = self.max_prompt_tokens + 4096
+
+        def run() -> list[float]:
+            with torch.inference_mode():
+                mine = answer_logprobs(self._model_for(version), self.tokenizer, prompts, answers,
+                                       batch_size=len(answers), max_length=limit)
+                base = answer_logprobs(self._plain, self.tokenizer, prompts, answers, batch_size=len(answers),
+                                       max_length=limit)
+            return (mine - base).tolist()
+
+        return self._owner.call(ModelLock.BACKGROUND, run)
+
     def interactive_waiting(self) -> bool:
         """Whether a chat/arena request or an adapter load is queued for the model."""
         return self._lock.urgent_waiting()

@@ -37,8 +37,8 @@ def build(ctx, current_user, annotate_view):
                                        scale=1)
         selection = gr.Radio(
             [(f"{name}: {words}", name) for name, words in handlers.SELECTION_WORDS.items()],
-            label="Which ready item is served next (uncertainty scores each item's answers with the live reward "
-                  "model as it is prefetched)", elem_id="setting-selection")
+            label="Which ready item is served next (uncertainty and model disagreement score each item's answers "
+                  "with the live reward model as it is prefetched)", elem_id="setting-selection")
         suggestions = gr.Checkbox(label="Show the live reward model's suggested ranking to annotators (turn off for "
                                         "blind studies)", elem_id="setting-suggestions")
         with gr.Row():

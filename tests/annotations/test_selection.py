@@ -5,7 +5,8 @@ import pytest
 
 from annotations import InvalidInput
 from annotations.selection import (
-    disagreement_priority, diversity_priority, set_selection_policy, text_vector, uncertainty_priority,
+    disagreement_priority, diversity_priority, model_disagreement_priority, set_selection_policy, text_vector,
+    uncertainty_priority,
 )
 from annotations.store import add_candidates, add_prompt, next_item, queue_items, submit_judgement
 from tests.annotations.conftest import ANNOTATORS  # noqa: F401
@@ -24,6 +25,39 @@ def test_disagreement_is_the_share_of_pairs_ordered_differently():
     # a>b, a>c, b>c against b>a, b>c, a>c... pairs (a,b) disputed, (a,c) agreed, (b,c) agreed: 1/3
     assert disagreement_priority([[[a], [b], [c]], [[b], [a], [c]]]) == pytest.approx(1 / 3)
     assert disagreement_priority([[[a], [b]], [[a, b]]]) == 1.0  # a tie against a preference is a dispute
+
+
+def test_model_disagreement_is_the_share_of_pairs_reward_model_and_policy_order_differently():
+    scores = [3.0, 2.0, 1.0]  # the reward model: a > b > c
+    assert model_disagreement_priority(scores, [0.3, 0.2, 0.1]) == 0.0  # the policy agrees on every pair
+    assert model_disagreement_priority(scores, [0.1, 0.2, 0.3]) == 1.0  # on none
+    # policy: b > a > c. (a,b) disputed, (a,c) and (b,c) agreed: 1/3
+    assert model_disagreement_priority(scores, [0.2, 0.3, 0.1]) == pytest.approx(1 / 3)
+    assert model_disagreement_priority(scores, [0.2, 0.2, 0.1]) == pytest.approx(1 / 3)  # a tie against a preference
+    assert model_disagreement_priority(scores, [0.0, 0.0, 0.0]) is None  # the base live: no view of its own
+    assert model_disagreement_priority(scores, [0.3, None, 0.1]) is None
+    assert model_disagreement_priority([3.0, None, 1.0], [0.3, 0.2, 0.1]) is None
+
+
+def test_items_where_reward_model_and_policy_disagree_come_first(db, users):
+    def scored(text, scores, implicit):
+        prompt_id, _ = add_prompt(db, text)
+        (item_id,) = queue_items(db, [prompt_id], mode="ranking", k=3, overlap=1)
+        add_candidates(db, item_id, [{"text": f"{text} {i}", "policy_version": "v1", "reward_score": s,
+                                      "reward_version": "rm1", "implicit_reward": r}
+                                     for i, (s, r) in enumerate(zip(scores, implicit))])
+        return item_id
+
+    agreed = scored("Agreed?", [3, 2, 1], [0.3, 0.2, 0.1])
+    split = scored("Split?", [3, 2, 1], [0.2, 0.3, 0.1])
+    opposed = scored("Opposed?", [3, 2, 1], [0.1, 0.2, 0.3])
+    unknown = scored("No implicit rewards?", [3, 2, 1], [None, None, None])
+    set_selection_policy(db, "model_disagreement")
+    assert dict(db.execute("SELECT id, priority FROM items").fetchall()) == pytest.approx(
+        {agreed: 0.0, split: 1 / 3, opposed: 1.0, unknown: None})
+    assert [next_item(db, users[name])["id"] for name in ("ann", "bob", "cat")] == [opposed, split, agreed]
+    assert db.execute("SELECT implicit_reward FROM candidates WHERE item_id = ? ORDER BY id", [opposed]).fetchall() \
+        == [(0.1,), (0.2,), (0.3,)]  # as given, stored
 
 
 def test_diversity_is_one_minus_the_closest_judged_prompt():

@@ -1,6 +1,7 @@
 """The live reward model scores an item's answers while it is prefetched (app/reward_scores.py),
 and under the uncertainty selection policy the item whose answers it can least tell apart is
-served first."""
+served first; under model disagreement the server also gives each answer its implicit reward
+under the live policy, and the item where the two order the answers most differently comes first."""
 
 from __future__ import annotations
 
@@ -86,3 +87,46 @@ def test_without_suggestions_the_uncertainty_policy_or_a_reward_model_nothing_is
     fill(ctx, scorer, ["No reward model?"])  # served all the same, after scored items
     assert ctx.db().execute("SELECT count(*) FROM candidates WHERE reward_score IS NOT NULL").fetchone()[0] == 0
     assert store.count_items(ctx.db(), "ready") == 2
+
+
+def test_under_model_disagreement_each_answer_gets_its_implicit_reward_under_the_live_policy(scored_ctx,
+                                                                                           tiny_model_dir, tmp_path):
+    import torch
+
+    from align.evaluate import answer_logprobs
+    from align.models import load_policy, load_tokenizer, using_version
+    from annotations.selection import model_disagreement_priority
+    from tests.app.test_hot_swap import save_tiny_adapter
+
+    ctx, scorer = scored_ctx
+    db = ctx.db()
+    store.set_setting(db, "answer_instruction", "")  # the prompt as stored is the prompt the model was asked
+    set_selection_policy(db, "model_disagreement")
+    base_ids = fill(ctx, scorer, ["Asked of the base?"])
+    assert db.execute("SELECT implicit_reward FROM candidates").fetchall() == [(None,)] * 3  # base: no view of its own
+    assert db.execute("SELECT priority FROM items WHERE id = ?", base_ids).fetchone()[0] is None
+
+    path = save_tiny_adapter(tiny_model_dir, tmp_path / "v1")
+    ctx.server.load_adapter("v1", path)
+    ctx.server.set_live("v1")
+    try:
+        ids = fill(ctx, scorer, ["First question?", "Second question?"])
+    finally:
+        ctx.server.set_live("base")
+        ctx.server.unload_adapter("v1")
+    policy, tokenizer = load_policy(tiny_model_dir, {"v1": path}), load_tokenizer(tiny_model_dir)
+    for item_id in ids:
+        messages = store.get_prompt(db, store.item_prompt_id(db, item_id))["messages"]
+        rows = db.execute("SELECT text, policy_version, reward_score, implicit_reward FROM candidates"
+                          " WHERE item_id = ? ORDER BY id", [item_id]).fetchall()
+        texts = [r[0] for r in rows]
+        assert {r[1] for r in rows} == {"v1"}
+        with torch.no_grad(), using_version(policy, "v1"):
+            mine = answer_logprobs(policy, tokenizer, [messages] * 3, texts)
+        with torch.no_grad(), using_version(policy, "base"):
+            base = answer_logprobs(policy, tokenizer, [messages] * 3, texts)
+        assert [r[3] for r in rows] == pytest.approx((mine - base).tolist(), abs=1e-3)
+        assert any(abs(r[3]) > 1e-3 for r in rows)  # the adapter moved the policy
+        expected = model_disagreement_priority([r[2] for r in rows], [r[3] for r in rows])
+        assert db.execute("SELECT priority, selection FROM items WHERE id = ?", [item_id]).fetchone() \
+            == (pytest.approx(expected), "model_disagreement")
