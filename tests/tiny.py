@@ -62,3 +62,40 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# PPO on the tiny model (tests/align/test_ppo.py, bench/ppo_tiny.py): questions, a model taught to
+# answer them with the corpus sentences, and the rule-based reward.
+PPO_QUESTIONS = ["Say something.", "Tell me a sentence.", "What do you think?", "Answer me."]
+PPO_PROMPTS = [[{"role": "user", "content": q}] for q in PPO_QUESTIONS]
+
+
+def teach_sentences(model, tokenizer, steps: int = 100):
+    """From random weights to a model that answers any question with one of the corpus sentences
+    (each about equally likely), so that PPO has behaviour to shift."""
+    import torch
+
+    sentences = sorted(set(CORPUS))
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": s}], tokenize=False
+        )
+        for q in PPO_QUESTIONS for s in sentences
+    ]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def says_yes(prompts, responses):
+    """The rule-based reward: 1 for an answer that holds "yes", else 0."""
+    import torch
+
+    return torch.tensor([float("yes" in response) for response in responses])

@@ -21,7 +21,7 @@ from align.ppo import (
     value_loss,
     whiten,
 )
-from tests.tiny import CORPUS, build_model, build_tokenizer
+from tests.tiny import PPO_PROMPTS, build_model, build_tokenizer, says_yes, teach_sentences
 
 
 def tensor(rows) -> torch.Tensor:
@@ -189,8 +189,7 @@ SMALL = PPOConfig(
     steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-2,
     lora_r=4, lora_alpha=8,
 )
-QUESTIONS = ["Say something.", "Tell me a sentence.", "What do you think?", "Answer me."]
-PROMPTS = [[{"role": "user", "content": q}] for q in QUESTIONS]
+PROMPTS = PPO_PROMPTS
 
 
 @pytest.fixture(autouse=True)
@@ -320,33 +319,13 @@ def test_train_ppo_rejects_model_without_adapter(tokenizer):
         train_ppo(build_model(tokenizer), tokenizer, PROMPTS, length_reward, SMALL)
 
 
-def teach_sentences(model, tokenizer, steps: int = 100):
-    """From random weights to a model that answers any question with one of the corpus sentences
-    (each about equally likely), so that PPO has behaviour to shift."""
-    sentences = sorted(set(CORPUS))
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}, {"role": "assistant", "content": s}], tokenize=False
-        )
-        for q in QUESTIONS for s in sentences
-    ]
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def says_yes(prompts, responses):
-    return torch.tensor([float("yes" in response) for response in responses])
-
-
-def test_ppo_raises_rule_based_reward_on_tiny_model(tokenizer):
+def test_ppo_reaches_trls_score_on_the_rule_based_reward(tokenizer):
+    """Within the same 30 steps of 16 rollouts, rankloop's PPO reaches the score TRL 1.12's
+    PPOTrainer reaches on this task with the same LoRA, settings and reward (`python -m bench
+    --only ppo_tiny`, seeds 0-5). TRL's last five steps averaged 0.944 over its seeds, with a
+    standard deviation of 0.032 from run to run (0.90-0.975): a run of rankloop must land where a
+    run of TRL lands, at least 0.944 - 2 x 0.032 = 0.88, and its 3-step running mean must reach
+    0.9 (TRL: after 7-11 steps; rankloop 8-12)."""
     model = build_model(tokenizer)
     teach_sentences(model, tokenizer)  # one sentence in six starts with "yes"
     config = PPOConfig(
@@ -355,6 +334,7 @@ def test_ppo_raises_rule_based_reward_on_tiny_model(tokenizer):
     )
     history = train_ppo(attach_lora(model, config), tokenizer, PROMPTS, says_yes, config)
     scores = [m["score"] for m in history]
-    first, last = sum(scores[:3]) / 3, sum(scores[-5:]) / 5
-    # Measured over seeds 0-11: the first three steps average 0.17-0.38, the last five 0.89-1.0.
-    assert last >= first + 0.3 and last >= 0.75, scores
+    running = [sum(scores[max(0, i - 2): i + 1]) / len(scores[max(0, i - 2): i + 1]) for i in range(len(scores))]
+    assert sum(scores[:3]) / 3 <= 0.5, scores  # it starts where the taught model is: "yes" one answer in six or so
+    assert max(running) >= 0.9, scores
+    assert sum(scores[-5:]) / 5 >= 0.88, scores
