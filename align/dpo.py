@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from align.training import (
     WEIGHT,
+    budget_activations,
     Progress,
     TrainingOptions,
     as_dataset,
@@ -239,4 +240,5 @@ def build_dpo_trainer(base_path: Path, train_rows: Sequence[dict], config: DPORo
         peft_config=peft_config,
         data_collator=collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
     )
+    budget_activations(trainer, config.activation_budget_mib)
     return trainer, tokenizer

@@ -25,6 +25,8 @@ import torch
 
 from align.training import (
     WEIGHT,
+    ActivationBudget,
+    budget_activations,
     KeepWeights,
     Progress,
     TrainingOptions,
@@ -152,6 +154,7 @@ def build_kto_trainer(base_path: Path, train_rows: Sequence[dict], config: KTORo
         peft_config=peft_config,
         data_collator=make_unpaired_collator(tokenizer.pad_token_id, config.max_length, config.truncation_side),
     )
+    budget_activations(trainer, config.activation_budget_mib)
     return trainer, tokenizer
 
 
@@ -159,7 +162,7 @@ def _weighted_kto_trainer():
     """WeightedKTOTrainer, made on first use: TRL is imported then."""
     from trl import KTOTrainer
 
-    class WeightedKTOTrainer(KeepWeights, KTOTrainer):
+    class WeightedKTOTrainer(ActivationBudget, KeepWeights, KTOTrainer):
         """TRL's KTOTrainer with per-example loss weights (see the module's docstring).
 
         TRL 1.16 reduces inline, in `_compute_loss`: the loss is mean_i(c_i * loss_i), c_i the

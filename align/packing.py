@@ -34,7 +34,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from align.dpo import BATCH_LOSS_TYPES, pair_losses, refuse_weights_of_batch_losses
-from align.training import WEIGHT, KeepWeights, example_weights, truncate, weighted_mean, without_weights
+from align.training import (
+    WEIGHT, ActivationBudget, KeepWeights, example_weights, truncate, weighted_mean, without_weights,
+)
 
 PACKED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 IGNORE = -100
@@ -177,7 +179,7 @@ def top_layers_only(model, start: int):
         decoder.layers = layers
 
 
-class WeightedDPOTrainer(KeepWeights, DPOTrainer):
+class WeightedDPOTrainer(ActivationBudget, KeepWeights, DPOTrainer):
     """TRL's DPOTrainer with per-pair loss weights (see the module's docstring).
 
     TRL 1.16 averages the per-pair losses inline, in `_compute_loss`, with nothing to override

@@ -32,6 +32,8 @@ import torch
 from align.models import check_vocabulary, load_tokenizer
 from align.training import (
     WEIGHT,
+    ActivationBudget,
+    budget_activations,
     KeepWeights,
     Progress,
     TrainingOptions,
@@ -210,6 +212,7 @@ def build_reward_trainer(base_path: Path, train_rows: Sequence[dict], config: Re
         data_collator=collator,
         peft_config=lora_config(config, "SEQ_CLS", modules_to_save=["score"], model=model),
     )
+    budget_activations(trainer, config.activation_budget_mib)
     return trainer, tokenizer
 
 
@@ -287,7 +290,7 @@ def _reward_trainers():
     """(WeightedRewardTrainer, PackedRewardTrainer), made on first use: TRL is imported then."""
     from trl import RewardTrainer
 
-    class WeightedRewardTrainer(KeepWeights, RewardTrainer):
+    class WeightedRewardTrainer(ActivationBudget, KeepWeights, RewardTrainer):
         """TRL's RewardTrainer with per-pair loss weights: the same loss, margin, centring and
         metrics, each pair's loss weighed by its "weight" (the metrics stay unweighted)."""
 

@@ -28,6 +28,8 @@ import torch
 
 from align.training import (
     WEIGHT,
+    ActivationBudget,
+    budget_activations,
     KeepWeights,
     Progress,
     TrainingOptions,
@@ -146,6 +148,7 @@ def build_sft_trainer(base_path: Path, train_rows: Sequence[dict], config: SFTRo
         peft_config=peft_config,
         data_collator=with_weights(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)),
     )
+    budget_activations(trainer, config.activation_budget_mib)
     return trainer, tokenizer
 
 
@@ -159,7 +162,7 @@ def _weighted_sft_trainer():
     """WeightedSFTTrainer, made on first use: TRL is imported then."""
     from trl import SFTTrainer
 
-    class WeightedSFTTrainer(KeepWeights, SFTTrainer):
+    class WeightedSFTTrainer(ActivationBudget, KeepWeights, SFTTrainer):
         """TRL's SFTTrainer (its plain negative log-likelihood) with per-answer weights given to
         every token of the answer (see the module's docstring), metrics as TRL's.
 

@@ -75,7 +75,15 @@ class TrainingOptions:
                           "lowest adapted layer, so a step costs much less (see docs/benchmarks.md)."},
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 20% slower."}
+        default=False, metadata={"help": "Recompute activations in the backward pass for every batch: less memory, "
+                                         "about 20% slower. Without it, `activation_budget_mib` decides per batch."}
+    )
+    activation_budget_mib: int = field(
+        default=2048,
+        metadata={"help": "MiB of activations a batch may keep for its backward pass (estimated from the model's "
+                          "width and the batch's tokens). A batch that needs more recomputes just enough of its "
+                          "lowest trained layers in the backward pass to fit: long batches cost some time instead "
+                          "of memory. 0: no limit."},
     )
     precision: str = field(
         default="auto",
@@ -120,6 +128,9 @@ class TrainingOptions:
                              "use 'auto' or 'fp32' here.")
         if self.lora_top_layers < 0:
             raise ValueError(f"lora_top_layers must be 0 (all layers) or positive, got {self.lora_top_layers}.")
+        if self.activation_budget_mib < 0:
+            raise ValueError(
+                f"activation_budget_mib must be 0 (no limit) or positive, got {self.activation_budget_mib}.")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (torch's default) or positive, got {self.threads}.")
 
@@ -314,6 +325,85 @@ def with_weights(collate: Callable[[list[dict]], dict]) -> Callable[[list[dict]]
         return {**collate(examples), WEIGHT: example_weights(examples)}
 
     return collate_with_weights
+
+
+# ---------------------------------------------------------------- activation memory
+
+ACTIVATION_BYTES = 4  # activations are fp32 here (under bf16 autocast many still are): a bound, not a guess low
+
+
+def activation_bytes_per_token(config) -> int:
+    """Bytes one token's activations take in one decoder layer during training, as autograd keeps
+    them for the backward pass: about ten hidden-sized and four intermediate-sized vectors (norms,
+    q/k/v, attention output, residuals, LoRA inputs; gate, up, activation, product). Measured on
+    SmolLM2-135M with LoRA on every linear layer: 44 KB per token per layer against 47.6 KB
+    from this formula (docs/performance.md, "Memory")."""
+    return ACTIVATION_BYTES * (10 * config.hidden_size + 4 * config.intermediate_size)
+
+
+def trained_layers(model) -> list:
+    """The decoder layers that keep activations for the backward pass: from the lowest one with
+    a trainable parameter (LoRA on the top layers only: back-propagation stops there) to the top."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+                 len(layers))
+    return layers[first:]
+
+
+def layers_to_recompute(tokens: int, layers: int, per_token: int, hidden_size: int, budget: int) -> int:
+    """How many of `layers` trained layers must recompute their activations in the backward
+    pass (keeping only their input, `hidden_size` values per token) so that a batch of `tokens`
+    keeps at most `budget` bytes; all of them when even that does not fit."""
+    keep, recompute = tokens * per_token, tokens * ACTIVATION_BYTES * hidden_size
+    if not budget or layers * keep <= budget:
+        return 0
+    for n in range(1, layers + 1):
+        if (layers - n) * keep + n * recompute <= budget:
+            return n
+    return layers
+
+
+def budget_activations(trainer, budget_mib: int) -> None:
+    """Give `trainer` (an `ActivationBudget` trainer) its activation budget: its layers can then
+    recompute, batch by batch, as many layers as the batch needs (none for most batches)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    trainer.activation_budget_bytes = budget_mib * 2**20
+    if trainer.activation_budget_bytes and not trainer.args.gradient_checkpointing:
+        for layer in trained_layers(trainer.model):
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+            layer.gradient_checkpointing = False
+
+
+def batch_tokens(inputs: dict) -> int:
+    """Token positions a training batch runs through the model with gradients (padding
+    included): every `*input_ids` tensor but KTO's reference (KL) completions."""
+    return sum(value.numel() for key, value in inputs.items()
+               if key.endswith("input_ids") and not key.startswith("KL") and isinstance(value, torch.Tensor))
+
+
+class ActivationBudget:
+    """Mixin for TRL trainers: a batch whose activations would exceed the budget recomputes its
+    lowest trained layers in the backward pass (the fewest that make it fit), the others keep
+    theirs (`budget_activations` sets it up). `recomputed` counts the batches that did."""
+
+    activation_budget_bytes = 0
+    recomputed = 0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.activation_budget_bytes and not self.args.gradient_checkpointing:
+            layers = trained_layers(self.model)
+            config = self.model.config
+            n = layers_to_recompute(batch_tokens(inputs), len(layers), activation_bytes_per_token(config),
+                                    config.hidden_size, self.activation_budget_bytes)
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i < n
+            self.recomputed += n > 0
+        return super().training_step(model, inputs, *args, **kwargs)
 
 
 class KeepWeights:
