@@ -1,7 +1,15 @@
 """Memory: peak RSS of the app serving the live version with its parent loaded (the arena's
 pair), both merged into serving copies (adapters on all layers: the largest copies), and
 prefetching 4 items (K=4, ~500-token prompts), and of the worker during a DPO round, on the
-default model. Baseline: a process that only loads the base model and answers once."""
+default model. Baseline: a process that only loads the base model and answers once.
+
+Then the worker during a round of every method at its documented recipe (docs/training.md:
+`RECIPES`), on a store holding only the longest real pairs, so that every batch is as long as
+the recipe lets one be: the peak a full round reaches when its longest batch comes (a
+reward-model round of the recipe reached 13.3 GB at step 165 of 224 before the activation
+budget). Each round runs 2 steps, then its evaluation and registration as usual (the
+evaluation's own peak is part of the figure); the PPO round trains against the reward model
+the rm round made, promoted for it."""
 
 from __future__ import annotations
 
@@ -111,6 +119,73 @@ def _worker_peak(home: Path, base_path: Path, quick: bool) -> float:
     return peak
 
 
+# docs/training.md, "The pipeline that works" (rm, sft, dpo) and the methods' defaults (kto, ppo)
+RECIPES = {
+    "rm": ["epochs=2", "max_length=384", "threads=2"],
+    "sft": ["sft_data=chosen", "parent=base", "max_length=256", "eval_prompts=48", "threads=2"],
+    "dpo": ["max_length=256", "learning_rate=2e-4", "eval_prompts=48", "threads=2"],
+    "kto": ["threads=2"],
+    "ppo": ["threads=2"],
+}
+LONGEST_PAIRS = 96
+
+
+def _longest_store(home: Path) -> Path:
+    """A store of the LONGEST_PAIRS longest real pairs (their own hash split: about a tenth held out)."""
+    import gzip
+
+    from annotations import open_db
+    from annotations.formats import import_file
+
+    data = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
+    lines = sorted(gzip.open(data, "rt").read().splitlines(), key=len, reverse=True)[:LONGEST_PAIRS]
+    (home / "longest.jsonl").write_text("\n".join(lines) + "\n")
+    db = open_db(home / "rankloop.db")
+    import_file(db, home / "longest.jsonl", "hh")
+    db.close()
+    return home / "rankloop.db"
+
+
+def _round_peak(db_path: Path, base_path: Path, method: str, settings: list[str]) -> dict:
+    """Peak RSS (MiB) of `python -m align round --method METHOD` with `settings`, and its seconds."""
+    command = [sys.executable, "-m", "align", "--db", str(db_path), "round", "--method", method, "--base",
+               str(base_path)] + [part for kv in settings for part in ("--set", kv)]
+    log = open(db_path.parent / f"{method}.log", "w+b")
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
+                               stderr=subprocess.STDOUT)
+    peak = 0.0
+    while process.poll() is None:
+        try:
+            peak = max(peak, peak_rss_mib(process.pid))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.1)
+    if process.wait() != 0:
+        log.seek(0)
+        raise RuntimeError(f"the {method} round failed: {log.read().decode(errors='replace')[-2000:]}")
+    return {"peak_mib": round(peak), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def method_peaks(base_path: Path, quick: bool = False) -> dict[str, dict]:
+    """Each method's worker peak at its recipe, 2 steps on the longest pairs."""
+    from annotations import model_versions, open_db
+
+    db_path = _longest_store(Path(tempfile.mkdtemp(prefix="rankloop-memory-methods-")))
+    peaks = {}
+    for method, recipe in RECIPES.items():
+        steps = ["steps=2"] if method == "ppo" else ["max_steps=2"]
+        peaks[method] = {**_round_peak(db_path, base_path, method, recipe + steps), "recipe": recipe}
+        if method == "rm":  # the PPO round trains against it, and the gates judge with it
+            db = open_db(db_path)
+            if model_versions.get_live_version(db, "reward") is None:
+                model_versions.promote(db, model_versions.list_versions(db, "reward")[0]["version"])
+            db.close()
+        if quick:
+            break
+    return peaks
+
+
 def run(base_path: Path, quick: bool = False) -> list[Result]:
     home = Path(tempfile.mkdtemp(prefix="rankloop-memory-"))
     adapters = {name: str(make_adapter(base_path, home / "versions" / name, seed=i))
@@ -120,6 +195,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
     started = time.perf_counter()
     worker_home = Path(tempfile.mkdtemp(prefix="rankloop-memory-worker-"))
     worker_peak = _worker_peak(worker_home, base_path, quick)
+    methods = method_peaks(base_path, quick)
     return [
         Result(name="memory_app", metric="peak RSS, app (live + parent loaded)", value=app["peak_mib"],
                baseline=baseline, baseline_label="base model alone, one answer", unit="MiB", target="≤ 2.5 GiB",
@@ -128,4 +204,9 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         Result(name="memory_worker", metric="peak RSS, worker during a DPO round", value=worker_peak,
                baseline=baseline, baseline_label="base model alone, one answer", unit="MiB", target="≤ 6 GiB",
                details={"dpo_round_seconds": round(time.perf_counter() - started, 1)}),
+        Result(name="memory_methods", metric=f"peak RSS, worker, the worst method at its documented recipe "
+                                             f"({LONGEST_PAIRS} longest real pairs, 2 steps + evaluation)",
+               value=max(m["peak_mib"] for m in methods.values()), baseline=baseline,
+               baseline_label="base model alone, one answer", unit="MiB", target="≤ 6 GiB for every method",
+               details={"methods": methods, "activation_budget_mib": 1536}),
     ]
