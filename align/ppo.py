@@ -219,6 +219,10 @@ class PPOConfig:
     lora_target_modules: str | list[str] = option(
         "all-linear", "Modules the adapter wraps: a list of names, or 'all-linear' (used by attach_lora)."
     )
+    activation_budget_mib: int = option(
+        1536, "MiB of activations a minibatch may keep for its backward pass; one that needs more (long prompts) "
+        "recomputes just enough of its lowest layers in the backward pass. 0: no limit."
+    )
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "lora_r"):
@@ -228,7 +232,7 @@ class PPOConfig:
         for name in (*positive, "cliprange_value"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)}.")
-        for name in ("kl_coef", "vf_coef"):
+        for name in ("kl_coef", "vf_coef", "activation_budget_mib"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more (0 turns it off), got {getattr(self, name)}.")
         for name in ("gamma", "lam"):
@@ -527,6 +531,13 @@ def train_ppo(
     if isinstance(reward, nn.Module):
         reward.eval()
 
+    # the layers that keep activations for the backward pass, and what a token costs in each
+    from align.training import activation_bytes_per_token, layers_to_recompute, recompute_layers, trained_layers
+
+    layers = trained_layers(policy)
+    per_token = activation_bytes_per_token(policy.config)
+    budget = config.activation_budget_mib * 2**20
+
     batches = iterate_prompt_batches(prompts, config.batch_size, config.seed + rank)
     history = []
     for step in range(1, config.steps + 1):
@@ -545,6 +556,8 @@ def train_ppo(
             order = torch.randperm(config.batch_size, device=device)
             for start in range(0, config.batch_size, config.mini_batch_size):
                 rows = order[start:start + config.mini_batch_size]
+                recompute_layers(layers, layers_to_recompute(rollouts.input_ids[rows].numel(), len(layers), per_token,
+                                                             policy.config.hidden_size, budget))
                 logprobs, values, _ = forward_response(
                     policy, value_head, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_length, config.temperature,
@@ -561,6 +574,7 @@ def train_ppo(
                     average_gradients(trainable, state)
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
+                recompute_layers(layers, 0)  # sampling must not checkpoint (it would drop the KV cache)
                 updates.append([p_loss.item(), v_loss.item(), p_clipfrac.item(), v_clipfrac.item()])
 
         # 3. What happened.

@@ -365,6 +365,22 @@ def layers_to_recompute(tokens: int, layers: int, per_token: int, hidden_size: i
     return layers
 
 
+def recompute_layers(layers: list, n: int) -> None:
+    """For a model in eval mode (PPO's policy: no dropout noise between its passes): make the
+    lowest `n` of `layers` recompute their activations in the backward pass, the others keep
+    theirs; `n=0` puts them all back. A layer checkpoints only in training mode, so a
+    recomputing layer is put in it by itself (`layer.training`, not `layer.train()`): the
+    modules inside it, dropouts included, keep their own eval flags."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for i, layer in enumerate(layers):
+        if i < n and getattr(layer, "_gradient_checkpointing_func", None) is None:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        layer.gradient_checkpointing = layer.training = i < n
+
+
 def budget_activations(trainer, budget_mib: int) -> None:
     """Give `trainer` (an `ActivationBudget` trainer) its activation budget: its layers can then
     recompute, batch by batch, as many layers as the batch needs (none for most batches)."""

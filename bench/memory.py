@@ -125,7 +125,7 @@ RECIPES = {
     "sft": ["sft_data=chosen", "parent=base", "max_length=256", "eval_prompts=48", "threads=2"],
     "dpo": ["max_length=256", "learning_rate=2e-4", "eval_prompts=48", "threads=2"],
     "kto": ["threads=2"],
-    "ppo": ["threads=2"],
+    "ppo": [],
 }
 LONGEST_PAIRS = 96
 

@@ -77,3 +77,33 @@ def test_a_negative_budget_is_refused():
 
     with pytest.raises(ValueError, match="activation_budget_mib must be 0"):
         RewardConfig(activation_budget_mib=-1)
+
+
+def test_ppo_minibatches_over_the_budget_recompute_and_train_the_same(monkeypatch):
+    import torch.utils.checkpoint
+
+    from align.ppo import PPOConfig, attach_lora, train_ppo
+    from tests.tiny import PPO_PROMPTS, build_model, build_tokenizer, says_yes
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    tokenizer = build_tokenizer()
+
+    def run(budget_mib: float):
+        config = PPOConfig(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6,
+                           learning_rate=1e-2, lora_r=4, lora_alpha=8)
+        config.activation_budget_mib = budget_mib  # below a MiB: what a tiny model's minibatch needs
+        policy = attach_lora(build_model(tokenizer), config)
+        history = train_ppo(policy, tokenizer, PPO_PROMPTS, says_yes, config)
+        layers = trained_layers(policy)
+        assert not any(layer.gradient_checkpointing or layer.training for layer in layers)  # put back after
+        return history, {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+
+    expected_history, expected = run(0)
+    assert not calls
+    history, weights = run(1e-4)  # 105 bytes: every layer of every minibatch recomputes
+    assert len(calls) == 2 * 2 * 2 * 2  # steps x epochs x minibatches x layers
+    assert [m["score"] for m in history] == [m["score"] for m in expected_history]
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
