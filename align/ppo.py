@@ -220,7 +220,7 @@ class PPOConfig:
         "all-linear", "Modules the adapter wraps: a list of names, or 'all-linear' (used by attach_lora)."
     )
     activation_budget_mib: int = option(
-        1536, "MiB of activations a minibatch may keep for its backward pass; one that needs more (long prompts) "
+        1024, "MiB of activations a minibatch may keep for its backward pass; one that needs more (long prompts) "
         "recomputes just enough of its lowest layers in the backward pass. 0: no limit."
     )
 

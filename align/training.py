@@ -79,7 +79,7 @@ class TrainingOptions:
                                          "about 20% slower. Without it, `activation_budget_mib` decides per batch."}
     )
     activation_budget_mib: int = field(
-        default=1536,
+        default=1024,
         metadata={"help": "MiB of activations a batch may keep for its backward pass (estimated from the model's "
                           "width and the batch's tokens). A batch that needs more recomputes just enough of its "
                           "lowest trained layers in the backward pass to fit: long batches cost some time instead "

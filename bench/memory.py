@@ -208,5 +208,5 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
                                              f"({LONGEST_PAIRS} longest real pairs, 2 steps + evaluation)",
                value=max(m["peak_mib"] for m in methods.values()), baseline=baseline,
                baseline_label="base model alone, one answer", unit="MiB", target="≤ 6 GiB for every method",
-               details={"methods": methods, "activation_budget_mib": 1536}),
+               details={"methods": methods, "activation_budget_mib": 1024}),
     ]
