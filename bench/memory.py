@@ -103,9 +103,14 @@ def _worker_peak(home: Path, base_path: Path, quick: bool) -> float:
     command = [sys.executable, "-m", "align", "--db", str(home / "rankloop.db"), "round", "--method", "dpo",
                "--base", str(base_path), "--set", f"max_steps={steps}", "--set", "eval_pairs=16",
                "--set", "eval_prompts=4", "--set", "threads=2"]  # otherwise the product's DPO defaults
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    log = open(home / "round.log", "w+b")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return _peak_of(command, home / "round.log", "the DPO round")
+
+
+def _peak_of(command: list[str], log_path: Path, what: str) -> float:
+    """Run `command` (its output to `log_path`) and return its peak RSS in MiB."""
+    log = open(log_path, "w+b")
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
+                               stderr=subprocess.STDOUT)
     peak = 0.0
     while process.poll() is None:  # VmHWM only grows: the last reading is the peak (to within 0.1 s)
         try:
@@ -115,7 +120,7 @@ def _worker_peak(home: Path, base_path: Path, quick: bool) -> float:
         time.sleep(0.1)
     if process.wait() != 0:
         log.seek(0)
-        raise RuntimeError(f"the DPO round failed: {log.read().decode(errors='replace')[-2000:]}")
+        raise RuntimeError(f"{what} failed: {log.read().decode(errors='replace')[-2000:]}")
     return peak
 
 
@@ -150,20 +155,8 @@ def _round_peak(db_path: Path, base_path: Path, method: str, settings: list[str]
     """Peak RSS (MiB) of `python -m align round --method METHOD` with `settings`, and its seconds."""
     command = [sys.executable, "-m", "align", "--db", str(db_path), "round", "--method", method, "--base",
                str(base_path)] + [part for kv in settings for part in ("--set", kv)]
-    log = open(db_path.parent / f"{method}.log", "w+b")
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
-                               stderr=subprocess.STDOUT)
-    peak = 0.0
-    while process.poll() is None:
-        try:
-            peak = max(peak, peak_rss_mib(process.pid))
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(0.1)
-    if process.wait() != 0:
-        log.seek(0)
-        raise RuntimeError(f"the {method} round failed: {log.read().decode(errors='replace')[-2000:]}")
+    peak = _peak_of(command, db_path.parent / f"{method}.log", f"the {method} round")
     return {"peak_mib": round(peak), "seconds": round(time.perf_counter() - started, 1)}
 
 

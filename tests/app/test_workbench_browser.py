@@ -34,6 +34,19 @@ def next_shown(page, previous: int | None = None) -> int:
     return wait_until(lambda: (item := item_shown(page)) and item != previous and item, timeout=90, interval=0.2,
                       message="the next item on the page")
 
+def save_setting(app, browser, setting: str, choice: str):
+    """As the admin: pick `choice` in the settings field `setting`, save, and wait for "Saved."; the page."""
+    from tests.app.conftest import ADMIN
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    browser_login(page, app.url, *ADMIN)
+    page.get_by_role("tab", name="Admin").click()
+    page.locator(f"#{setting}").get_by_text(choice).click()
+    page.locator("#save-settings").click()
+    wait_until(lambda: "Saved." in page.inner_text("#settings-status"), timeout=30, message="saved")
+    return page
+
+
 
 def test_an_unreadable_ranking_is_refused_beside_the_controls_and_the_page_stays_usable(ranking_app, browser):
     page = browser.new_page()
@@ -377,17 +390,10 @@ def test_the_annotate_page_works_in_a_narrow_window_and_shows_where_the_keyboard
 
 def test_changing_k_says_which_queued_items_keep_the_old_one_and_requeues_them_on_request(tmp_path, tiny_model_dir,
                                                                                          browser):
-    from tests.app.conftest import ADMIN
-
     app = start_app(tmp_path, tiny_model_dir, mode="pairwise", k=2, prompts=2)
     try:
         db = app.db()
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        browser_login(page, app.url, *ADMIN)
-        page.get_by_role("tab", name="Admin").click()
-        page.locator("#setting-mode").get_by_text("ranking").click()
-        page.locator("#save-settings").click()
-        wait_until(lambda: "Saved." in page.inner_text("#settings-status"), timeout=30, message="saved")
+        page = save_setting(app, browser, "setting-mode", "ranking")
         status = page.inner_text("#settings-status")
         assert "2 unjudged item(s) already queued keep their earlier mode, K or overlap" in status
         page.locator("#requeue-items").click()
@@ -398,5 +404,18 @@ def test_changing_k_says_which_queued_items_keep_the_old_one_and_requeues_them_o
         modes = db.execute("SELECT mode, k, count(*) FROM items WHERE status != 'retired' GROUP BY mode, k").fetchall()
         assert dict(((m, k), n) for m, k, n in modes) == {("ranking", 4): 2 - held, **({("pairwise", 2): held}
                                                                                        if held else {})}
+    finally:
+        app.close()
+
+
+def test_an_admin_chooses_model_disagreement_and_the_queue_follows_it(tmp_path, tiny_model_dir, browser):
+    from annotations.selection import selection_policy
+
+    app = start_app(tmp_path, tiny_model_dir, mode="pairwise", k=2, prompts=2)
+    try:
+        page = save_setting(app, browser, "setting-selection", "model_disagreement:")
+        assert "implicit reward order the answers differently first" in page.inner_text("#settings-status")
+        page.close()
+        assert selection_policy(app.db()) == "model_disagreement"
     finally:
         app.close()
