@@ -9,6 +9,8 @@ accuracies) with confidence intervals, means with standard errors, and when n is
   Ties count half a win: `successes` may be a half-integer, and the interval is the Beta
   quantile at that real value (conservative, since ties make the outcome less variable).
 - `mean_interval`: the mean of per-item values and its standard error (normal interval).
+- `paired_difference`: the difference of two accuracies measured on the same cases, with the
+  standard error of a paired comparison (only the cases the two disagree on carry information).
 - `MIN_TRUSTWORTHY_N`: below it every figure is shown flagged as too few to trust.
 
 Pure Python (no numpy, no scipy): the regularised incomplete beta function by its continued
@@ -115,6 +117,27 @@ def mean_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENC
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     return {"mean": mean, "se": se, "low": mean - z * se, "high": mean + z * se, "n": n,
             "too_few": n < MIN_TRUSTWORTHY_N}
+
+
+def paired_difference(a_correct: Sequence[bool], b_correct: Sequence[bool],
+                      confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """Accuracy of A minus accuracy of B on the same n cases, with its standard error and normal
+    interval. With b cases only A gets right and c only B gets right, the difference is
+    (b - c) / n and its standard error sqrt(b + c - (b - c)^2 / n) / n: the paired (McNemar)
+    estimate, much tighter than two independent intervals when the two mostly agree."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"the two sides were scored on {len(a_correct)} and {len(b_correct)} cases")
+    n = len(a_correct)
+    if n == 0:
+        return {"difference": None, "se": None, "low": None, "high": None, "n": 0, "a_only": 0, "b_only": 0,
+                "too_few": True}
+    a_only = sum(1 for a, b in zip(a_correct, b_correct) if a and not b)
+    b_only = sum(1 for a, b in zip(a_correct, b_correct) if b and not a)
+    difference = (a_only - b_only) / n
+    se = math.sqrt(max(0.0, a_only + b_only - (a_only - b_only) ** 2 / n)) / n
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    return {"difference": difference, "se": se, "low": difference - z * se, "high": difference + z * se, "n": n,
+            "a_only": a_only, "b_only": b_only, "too_few": n < MIN_TRUSTWORTHY_N}
 
 
 def describe(figure: dict, what: str = "win_rate", digits: int = 2) -> str:

@@ -15,7 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 NAMES_OUT = "RANKLOOP_BENCH_NAMES_OUT"
 BENCHMARKS = ("candidates", "completeness", "next_item", "hot_swap", "memory", "load", "dpo", "reward", "scoring",
               "turnaround", "ppo", "ppo_tiny")
-ON_REQUEST = ("loop",)  # the closed-loop simulation (hours): `python -m bench --only loop`
+ON_REQUEST = ("loop", "selection")  # the closed-loop simulations (hours): `python -m bench --only loop`
 
 
 def main(argv=None) -> int:

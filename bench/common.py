@@ -40,6 +40,20 @@ class Result:
         return {**asdict(self), "ratio": round(self.ratio, 2)}
 
 
+def accuracy_comparison(ours: list[bool], reference: list[bool]) -> dict:
+    """Two sides' held-out accuracies on the same pairs, each with its exact interval, and the
+    paired difference (rankloop minus reference) with its interval and what it says."""
+    from annotations.intervals import accuracy, paired_difference
+
+    difference = paired_difference(ours, reference)
+    verdict = ("more accurate" if difference["low"] > 0 else "less accurate" if difference["high"] < 0
+               else "as accurate within the interval")
+    rounded = lambda figure: {k: round(v, 3) if isinstance(v, float) else v for k, v in figure.items()}  # noqa: E731
+    return {"rankloop_accuracy": rounded(accuracy(sum(ours), len(ours))),
+            "reference_accuracy": rounded(accuracy(sum(reference), len(reference))),
+            "difference": rounded(difference), "verdict": f"rankloop {verdict}"}
+
+
 def percentile(values, q: float) -> float:
     values = sorted(values)
     if not values:

@@ -16,7 +16,7 @@ from annotations.gate import (
     save_gate_settings,
     verdict_line,
 )
-from annotations.intervals import proportion_interval, regularized_beta
+from annotations.intervals import paired_difference, proportion_interval, regularized_beta
 
 # ---------------------------------------------------------------- the statistics
 
@@ -37,6 +37,23 @@ def test_exact_interval_matches_known_clopper_pearson_values():
     assert proportion_interval(5, 10) == pytest.approx((0.187086, 0.812914), abs=1e-6)
     assert proportion_interval(0, 10) == pytest.approx((0.0, 0.308497), abs=1e-6)
     assert proportion_interval(7, 10, one_sided=True) == pytest.approx((0.393376, 1.0), abs=1e-6)
+
+
+def test_paired_difference_worked_by_hand():
+    # 100 cases: 15 only A gets right, 5 only B, 60 both, 20 neither
+    a = [True] * 15 + [False] * 5 + [True] * 60 + [False] * 20
+    b = [False] * 15 + [True] * 5 + [True] * 60 + [False] * 20
+    figure = paired_difference(a, b)
+    # (15 - 5) / 100 = 0.10; se = sqrt(20 - 10^2 / 100) / 100 = sqrt(19) / 100; z = 1.959964
+    assert figure["difference"] == pytest.approx(0.10)
+    assert figure["se"] == pytest.approx(0.0435890, abs=1e-6)
+    assert (figure["low"], figure["high"]) == pytest.approx((0.014567, 0.185433), abs=1e-5)
+    assert (figure["a_only"], figure["b_only"], figure["n"], figure["too_few"]) == (15, 5, 100, False)
+
+
+def test_paired_difference_refuses_sides_scored_on_different_cases():
+    with pytest.raises(ValueError, match="3 and 2 cases"):
+        paired_difference([True, False, True], [True, False])
 
 
 def test_interval_of_no_data_is_everything():
