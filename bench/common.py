@@ -43,7 +43,7 @@ class Result:
 def accuracy_comparison(ours: list[bool], reference: list[bool]) -> dict:
     """Two sides' held-out accuracies on the same pairs, each with its exact interval, and the
     paired difference (rankloop minus reference) with its interval and what it says."""
-    from annotations.intervals import accuracy, paired_difference
+    from annotations.intervals import accuracy, describe, paired_difference
 
     difference = paired_difference(ours, reference)
     verdict = ("more accurate" if difference["low"] > 0 else "less accurate" if difference["high"] < 0
@@ -51,7 +51,11 @@ def accuracy_comparison(ours: list[bool], reference: list[bool]) -> dict:
     rounded = lambda figure: {k: round(v, 3) if isinstance(v, float) else v for k, v in figure.items()}  # noqa: E731
     return {"rankloop_accuracy": rounded(accuracy(sum(ours), len(ours))),
             "reference_accuracy": rounded(accuracy(sum(reference), len(reference))),
-            "difference": rounded(difference), "verdict": f"rankloop {verdict}"}
+            "difference": rounded(difference), "verdict": f"rankloop {verdict}",
+            "quality": f"accuracy on {len(ours)} unseen pairs {describe(accuracy(sum(ours), len(ours)), 'accuracy')} vs "
+                       f"{describe(accuracy(sum(reference), len(reference)), 'accuracy').split(', n=')[0]}; paired "
+                       f"difference {difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]: "
+                       f"{verdict}"}
 
 
 def percentile(values, q: float) -> float:
@@ -113,13 +117,16 @@ def write_doc(data: dict) -> None:
         "What each figure measures, the levers tried, what helped and what did not: "
         "[performance.md](performance.md).",
         "",
-        "| benchmark | metric | rankloop | baseline | ratio | target | measured |",
-        "|---|---|---|---|---|---|---|",
+        "A speed ratio counts only at equal quality: the quality column gives each side's, with its interval or "
+        "standard error, where the benchmark measures one.",
+        "",
+        "| benchmark | metric | rankloop | baseline | ratio | quality (rankloop vs baseline) | target | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, f in figures.items():
         lines.append(f"| {name} | {f['metric']} | {f['value']:.3g} {f['unit']} | {f['baseline']:.3g} {f['unit']} "
-                     f"({f['baseline_label']}) | {f['ratio']}× | {f['target']} | "
-                     f"{f.get('measured', 'an earlier run (git log bench/results.json)')} |")
+                     f"({f['baseline_label']}) | {f['ratio']}× | {f.get('details', {}).get('quality', '—')} | "
+                     f"{f['target']} | {f.get('measured', 'an earlier run (git log bench/results.json)')} |")
     lines.append("")
     for name, f in figures.items():
         if f.get("details"):

@@ -167,6 +167,9 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         value=mine["steps_to_level"]["mean"], baseline=reference["steps_to_level"]["mean"],
         baseline_label="TRL 1.12 PPOTrainer, same LoRA, settings and reward", unit="steps", higher_is_better=False,
         target="as many steps as TRL or fewer (within the standard errors), the same final score",
-        details={"rankloop": mine, "trl": reference, "settings": settings, "seeds": seeds,
+        details={"quality": f"score of the last five steps {mine['last_five_score']['mean']:.3f} ± "
+                            f"{mine['last_five_score']['se']:.3f} vs {reference['last_five_score']['mean']:.3f} ± "
+                            f"{reference['last_five_score']['se']:.3f} (mean ± SE, {len(seeds)} seeds)",
+                 "rankloop": mine, "trl": reference, "settings": settings, "seeds": seeds,
                  "reproduce": "python -m bench --only ppo_tiny", "source": str(Path(__file__).relative_to(REPO))},
     )]

@@ -15,14 +15,18 @@ temperature that makes two of them agree as often as people do on hh-rlhf).
    and each is ranked. An item gets the same judgement in both arms (each prompt's simulated
    person has its own seeded random stream), so the arms differ only in which items were
    served.
-3. Per arm, from the base: a reward model on all its pairs (seed + selected, the reward-model
-   round's defaults) and a DPO round on the same pairs (its defaults).
+3. Per arm, from the base: a reward model on all its pairs (seed + selected; the reward-model
+   round's defaults but one epoch, as in the loop) and a DPO round on the same pairs (its
+   defaults). Both at 256 tokens.
 4. Verdicts, on prompts neither arm saw:
    - the reward model's gold accuracy: on `eval_prompts` prompts with K=4 base answers, every
      pair of answers the gold model orders (answers differ), whether the arm's reward model
      orders it the same way; exact intervals, and the paired difference between the arms;
-   - the policy's gold win rate over the base on `judge_prompts` prompts (the loop's judging
-     prompts), with its interval.
+   - the policy's gold win rate over the base on `judge_prompts` prompts (the first of the
+     loop's judging prompts), with its interval.
+
+The sizes are small (two cores: about 20 s of training per pair for both models of both arms,
+and some 500 sampled answers), so the intervals are wide; `FULL` sets them.
 
 Run: `python -m bench --only selection` (about an hour on 2 cores; `--quick` is a smoke run).
 Seed: SEED. Results: bench/selection.json and docs/selection-results.md.
@@ -39,7 +43,7 @@ from pathlib import Path
 from bench.common import REPO, Result
 from bench.loop import K, MAX_LENGTH, SEED, _gold, _hh, _judging_answers, _win_rate
 
-FULL = {"seed_items": 16, "pool_items": 64, "select_items": 32, "eval_prompts": 40, "judge_prompts": 100,
+FULL = {"seed_items": 12, "pool_items": 48, "select_items": 24, "eval_prompts": 30, "judge_prompts": 60,
         "gold_pairs": None}
 QUICK = {"seed_items": 3, "pool_items": 6, "select_items": 3, "eval_prompts": 3, "judge_prompts": 4,
          "gold_pairs": 24, "max_steps": 2}
@@ -196,7 +200,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         seed_judged = len(arm.judge(None, gold_scores, temperature))
     seed_rows = arms["oldest"].rows()
     assert seed_rows == arms["uncertainty"].rows(), "the two arms' seed rounds differ"
-    train_reward_model(base_path, seed_rows, RewardConfig(**training), work / "rm0")
+    train_reward_model(base_path, seed_rows, RewardConfig(**training, epochs=1), work / "rm0")
     rm0, _ = load_reward_model(base_path, work / "rm0")
     rm0_scores = dict(zip(pool_idx, _scores(rm0, tokenizer, [used[i] for i in pool_idx],
                                            [answers[i] for i in pool_idx])))
@@ -213,7 +217,7 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
         arm.queue(order, used, answers, rm0_scores)
         served = arm.judge(sizes["select_items"], gold_scores, temperature)
         rows = arm.rows()
-        train_reward_model(base_path, rows, RewardConfig(**training), work / f"rm-{policy}")
+        train_reward_model(base_path, rows, RewardConfig(**training, epochs=1), work / f"rm-{policy}")
         rm, _ = load_reward_model(base_path, work / f"rm-{policy}")
         with torch.no_grad():
             correct[policy] = reward_correct(rm, tokenizer, eval_rows, 8, MAX_LENGTH)
