@@ -28,7 +28,8 @@ temperature that makes two of them agree as often as people do on hh-rlhf).
 The sizes are small (two cores: about 20 s of training per pair for both models of both arms,
 and some 500 sampled answers), so the intervals are wide; `FULL` sets them.
 
-Run: `python -m bench --only selection` (about an hour on 2 cores; `--quick` is a smoke run).
+Run: `python -m bench --only selection` (over an hour on 2 cores, most of it sampling answers to the long
+hh prompts; `--quick` is a smoke run of about 10 minutes).
 Seed: SEED. Results: bench/selection.json and docs/selection-results.md.
 """
 
