@@ -3,7 +3,6 @@ and reward model, select and hash the exact data it trains on, and record all of
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 

@@ -40,6 +40,17 @@ class Result:
         return {**asdict(self), "ratio": round(self.ratio, 2)}
 
 
+def epoch_details(quality: dict, pairs: int, ours_s: float, trl_pairs: int, trl_s: float, config,
+                  keys: tuple[str, ...]) -> dict:
+    """The details of a time-to-an-epoch row against TRL: both accuracies (`accuracy_comparison`),
+    each side's pairs per second (TRL may skip pairs), and the rankloop settings that ran."""
+    return {**quality, "trl_pairs_trained": trl_pairs, "rankloop_pairs_per_s": round(pairs / ours_s, 2),
+            "trl_pairs_per_s": round(trl_pairs / trl_s, 2),
+            "rankloop_config": {k: getattr(config, k) for k in
+                                ("batch_size", "gradient_accumulation_steps", "lora_top_layers", "lora_r", "packed",
+                                 "precision", "learning_rate", "max_length", *keys)}}
+
+
 def accuracy_comparison(ours: list[bool], reference: list[bool]) -> dict:
     """Two sides' held-out accuracies on the same pairs, each with its exact interval, and the
     paired difference (rankloop minus reference) with its interval and what it says."""

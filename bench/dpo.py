@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, Result, accuracy_comparison
+from bench.common import REPO, Result, accuracy_comparison, epoch_details
 
 MAX_LENGTH = 256
 BATCH = 4
@@ -123,9 +123,5 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
                                  f"{BATCH} per step), accuracy on {len(heldout)} unseen pairs",
         value=ours_s, baseline=trl_s, baseline_label="TRL 1.16 DPOTrainer defaults, full fine-tune",
         unit="s", higher_is_better=False, target="faster, at least as accurate within the paired interval",
-        details={**quality, "trl_pairs_trained": trl_pairs, "rankloop_pairs_per_s": round(len(train) / ours_s, 2),
-                 "trl_pairs_per_s": round(trl_pairs / trl_s, 2),
-                 "rankloop_config": {k: getattr(config, k) for k in (
-                     "batch_size", "gradient_accumulation_steps", "lora_top_layers", "lora_r", "packed", "precision",
-                     "precompute_ref_log_probs", "learning_rate", "max_length")}},
+        details=epoch_details(quality, len(train), ours_s, trl_pairs, trl_s, config, ("precompute_ref_log_probs",)),
     )]

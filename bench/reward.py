@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Result, accuracy_comparison
+from bench.common import Result, accuracy_comparison, epoch_details
 from bench.dpo import MAX_LENGTH, _pairs
 
 BATCH = 8
@@ -87,9 +87,5 @@ def run(base_path: Path, quick: bool = False) -> list[Result]:
                                           f"{MAX_LENGTH}, {BATCH} per step), accuracy on {len(heldout)} unseen pairs",
         value=ours_s, baseline=trl_s, baseline_label="TRL 1.16 RewardTrainer defaults, full fine-tune",
         unit="s", higher_is_better=False, target="faster, at least as accurate within the paired interval",
-        details={**quality, "trl_pairs_trained": trl_pairs, "rankloop_pairs_per_s": round(len(train) / ours_s, 2),
-                 "trl_pairs_per_s": round(trl_pairs / trl_s, 2),
-                 "rankloop_config": {k: getattr(config, k) for k in (
-                     "batch_size", "gradient_accumulation_steps", "lora_top_layers", "lora_r", "packed", "precision",
-                     "learning_rate", "max_length", "epochs")}},
+        details=epoch_details(quality, len(train), ours_s, trl_pairs, trl_s, config, ("epochs",)),
     )]
